@@ -1,0 +1,189 @@
+//! The admin HTTP API: health of the agent itself, metrics, and what it knows.
+//!
+//! - `GET /live`: 200 while the process runs.
+//! - `GET /ready`: 200 once every listener is bound and our instance is
+//!   registered; 503 with the reason while starting or draining.
+//! - `GET /metrics`: Prometheus text format.
+//! - `GET /v1/services`: every discovered service, its instances and status,
+//!   and each upstream listener's routable endpoints.
+//! - `GET /v1/self`: our registration (registry, lease, last keep-alive).
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::AgentState;
+
+pub struct Admin {
+    listener: TcpListener,
+    state: Arc<AgentState>,
+}
+
+impl Admin {
+    pub fn new(listener: TcpListener, state: Arc<AgentState>) -> Self {
+        Admin { listener, state }
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        continue;
+                    }
+                },
+            };
+            let state = self.state.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(route(&state, request)) }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    result = connection => if let Err(e) = result {
+                        tracing::debug!(error = %e, "admin connection failed");
+                    }
+                }
+            });
+        }
+    }
+}
+
+type Body = Full<Bytes>;
+
+fn route(state: &AgentState, request: Request<Incoming>) -> Response<Body> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    match request.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" => match not_ready_reason(state) {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(reason) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("{reason}\n")),
+        },
+        "/metrics" => {
+            let mut response = Response::new(Body::from(state.prometheus.render()));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        "/v1/services" => json_response(services(state)),
+        "/v1/self" => json_response(self_view(state)),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn not_ready_reason(state: &AgentState) -> Option<&'static str> {
+    if state.draining.load(Ordering::Relaxed) {
+        return Some("draining");
+    }
+    if !state.listeners_bound.load(Ordering::Relaxed) {
+        return Some("starting: listeners not bound");
+    }
+    match &state.registration {
+        Some(registration)
+            if !registration
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .registered =>
+        {
+            Some("not registered")
+        }
+        _ => None,
+    }
+}
+
+fn services(state: &AgentState) -> serde_json::Value {
+    let services: Vec<_> = state
+        .services
+        .iter()
+        .map(|service| {
+            json!({
+                "name": service.name,
+                "watch_up": service.watch_up(),
+                "updated_at": service.updated_at().map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                "instances": *service.instances(),
+            })
+        })
+        .collect();
+    let upstreams: Vec<_> = state
+        .upstreams
+        .iter()
+        .map(|upstream| {
+            let snapshot = upstream.pool.snapshot();
+            let endpoints: Vec<_> = snapshot
+                .endpoints()
+                .iter()
+                .map(|e| {
+                    json!({
+                        "id": e.instance.id,
+                        "address": e.instance.authority(),
+                        "active_connections": e.stats.active.load(Ordering::Relaxed),
+                        "total_connections": e.stats.total.load(Ordering::Relaxed),
+                        "consecutive_failures": e.stats.consecutive_failures.load(Ordering::Relaxed),
+                    })
+                })
+                .collect();
+            json!({
+                "service": upstream.config.service,
+                "listen": upstream.listen.to_string(),
+                "protocol": "tcp",
+                "strategy": upstream.config.strategy.name(),
+                "tags": upstream.config.tags,
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    json!({ "services": services, "upstreams": upstreams })
+}
+
+fn self_view(state: &AgentState) -> serde_json::Value {
+    let registration = state
+        .registration
+        .as_ref()
+        .map(|r| r.lock().unwrap_or_else(|p| p.into_inner()).clone());
+    json!({
+        "node": state.node,
+        "ready": not_ready_reason(state).is_none(),
+        "draining": state.draining.load(Ordering::Relaxed),
+        "registration": registration,
+    })
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Body> {
+    let mut response = Response::new(Body::from(body.to_owned()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json_response(value: serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(Body::from(value.to_string()));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}

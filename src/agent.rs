@@ -1,0 +1,260 @@
+//! Wires the parts together and owns the order of startup and shutdown.
+//!
+//! Start: bind the admin API and every listener (a taken port fails here),
+//! start discovery, then register. Stop: deregister first, wait `drain_delay`
+//! so peers see us leave, stop accepting, let open connections finish up to
+//! `drain_timeout`, cut the rest, return.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::Admin;
+use crate::balance::Filter;
+use crate::config::{Config, ServiceConfig, UpstreamConfig};
+use crate::discovery::{Discovery, Pool, ServiceState};
+use crate::proxy::TcpProxy;
+use crate::registration::{Registration, SharedState};
+use crate::registry::{self, Instance, Registry, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot listen on {addr} for {what}: {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot install the metrics recorder: {0}")]
+    Metrics(String),
+}
+
+/// What the admin API reads.
+pub struct AgentState {
+    pub node: String,
+    pub listeners_bound: AtomicBool,
+    pub draining: AtomicBool,
+    pub registration: Option<SharedState>,
+    pub services: Vec<Arc<ServiceState>>,
+    pub upstreams: Vec<UpstreamView>,
+    pub prometheus: PrometheusHandle,
+}
+
+pub struct UpstreamView {
+    pub config: UpstreamConfig,
+    pub listen: SocketAddr,
+    pub pool: Arc<Pool>,
+}
+
+/// A bound agent, ready to [`run`](Agent::run).
+pub struct Agent {
+    config: Config,
+    state: Arc<AgentState>,
+    admin: Admin,
+    admin_addr: SocketAddr,
+    proxies: Vec<TcpProxy>,
+    discoveries: Vec<Discovery>,
+    registration: Option<Registration>,
+}
+
+impl Agent {
+    /// Binds the admin API and every listener. Nothing is announced yet.
+    pub async fn bind(config: Config) -> Result<Agent, AgentError> {
+        let prometheus = crate::metrics::install().map_err(AgentError::Metrics)?;
+        let registry = registry::from_config(&config.registry);
+
+        let admin_listener = TcpListener::bind(config.agent.admin)
+            .await
+            .map_err(|source| AgentError::Bind {
+                what: "the admin API".into(),
+                addr: config.agent.admin,
+                source,
+            })?;
+        let admin_addr = local_addr(&admin_listener, config.agent.admin);
+
+        let mut pools_by_service: BTreeMap<String, Vec<Arc<Pool>>> = BTreeMap::new();
+        let mut proxies = Vec::new();
+        let mut upstreams = Vec::new();
+        for upstream in &config.upstreams {
+            let pool = Arc::new(Pool::new(Filter {
+                tags: upstream.tags.clone(),
+            }));
+            pools_by_service
+                .entry(upstream.service.clone())
+                .or_default()
+                .push(pool.clone());
+            let proxy = TcpProxy::bind(upstream.clone(), pool.clone())
+                .await
+                .map_err(|source| AgentError::Bind {
+                    what: format!("upstream {}", upstream.service),
+                    addr: upstream.listen,
+                    source,
+                })?;
+            let listen = proxy.local_addr().unwrap_or(upstream.listen);
+            upstreams.push(UpstreamView {
+                config: upstream.clone(),
+                listen,
+                pool,
+            });
+            proxies.push(proxy);
+        }
+
+        let mut services = Vec::new();
+        let mut discoveries = Vec::new();
+        for (name, pools) in pools_by_service {
+            let service = Arc::new(ServiceState::new(name));
+            services.push(service.clone());
+            discoveries.push(Discovery::new(registry.clone(), service, pools));
+        }
+
+        let registration = config
+            .service
+            .as_ref()
+            .map(|service| registration(registry.clone(), service, &config));
+        let state = Arc::new(AgentState {
+            node: config.agent.node.clone(),
+            listeners_bound: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            registration: registration.as_ref().map(Registration::state),
+            services,
+            upstreams,
+            prometheus,
+        });
+        Ok(Agent {
+            admin: Admin::new(admin_listener, state.clone()),
+            admin_addr,
+            config,
+            state,
+            proxies,
+            discoveries,
+            registration,
+        })
+    }
+
+    /// Where the admin API listens (the real port when configured as `:0`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Where each upstream listens, in configuration order.
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.state.upstreams.iter().map(|u| u.listen).collect()
+    }
+
+    /// Runs until `shutdown` resolves, then shuts down in order and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Agent {
+            config,
+            state,
+            admin,
+            proxies,
+            discoveries,
+            registration,
+            ..
+        } = self;
+
+        let admin_stop = CancellationToken::new();
+        let admin_task = tokio::spawn(admin.run(admin_stop.clone()));
+
+        let discovery_stop = CancellationToken::new();
+        let mut discovery_tasks = JoinSet::new();
+        for discovery in discoveries {
+            discovery_tasks.spawn(discovery.run(discovery_stop.clone()));
+        }
+
+        let stop_accepting = CancellationToken::new();
+        let cut = CancellationToken::new();
+        let connections = TaskTracker::new();
+        let mut accept_tasks = JoinSet::new();
+        for proxy in proxies {
+            accept_tasks.spawn(proxy.run(stop_accepting.clone(), connections.clone(), cut.clone()));
+        }
+
+        let registration_stop = CancellationToken::new();
+        let registration_task =
+            registration.map(|r| tokio::spawn(r.run(registration_stop.clone())));
+        tracing::info!(node = %config.agent.node, registry = config.registry.backend.kind(), "squire running");
+
+        shutdown.await;
+        tracing::info!(drain_delay = ?config.agent.drain_delay, drain_timeout = ?config.agent.drain_timeout, "shutting down");
+        state.draining.store(true, Ordering::Relaxed);
+
+        registration_stop.cancel();
+        if let Some(task) = registration_task {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "registration task failed");
+            }
+        }
+        tokio::time::sleep(config.agent.drain_delay).await;
+
+        stop_accepting.cancel();
+        while accept_tasks.join_next().await.is_some() {}
+        connections.close();
+        let open = connections.len();
+        if open > 0 {
+            tracing::info!(open, "waiting for open connections to finish");
+        }
+        if tokio::time::timeout(config.agent.drain_timeout, connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = connections.len(),
+                "drain timeout reached; closing the remaining connections"
+            );
+            cut.cancel();
+            connections.wait().await;
+        }
+
+        discovery_stop.cancel();
+        while discovery_tasks.join_next().await.is_some() {}
+        admin_stop.cancel();
+        if let Err(e) = admin_task.await {
+            tracing::error!(error = %e, "admin task failed");
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// Binds, then runs until `shutdown`: the whole agent in one call.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    Agent::bind(config).await?.run(shutdown).await;
+    Ok(())
+}
+
+fn registration(
+    registry: Arc<dyn Registry>,
+    service: &ServiceConfig,
+    config: &Config,
+) -> Registration {
+    let instance = Instance {
+        name: service.name.clone(),
+        id: service.id.clone(),
+        host: service.host.clone(),
+        port: service.port,
+        tags: service.tags.clone(),
+        metadata: service.metadata.clone(),
+        version: service.version.clone(),
+        weight: service.weight,
+        // Until health checks decide, a registered instance is healthy.
+        status: Status::Healthy,
+    };
+    Registration::new(
+        registry,
+        instance,
+        config.registry.ttl,
+        config.registry.timeout,
+    )
+}
+
+fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(configured)
+}

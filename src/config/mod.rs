@@ -1,0 +1,753 @@
+//! `agent.toml`: loading, validation, and the validated [`Config`].
+//!
+//! Two layers. [`raw`] mirrors the file with every field optional; [`validate`]
+//! checks all of it in one pass and collects every problem with its dotted
+//! path (`upstream.gate.connect_timeout: ...`) so a user fixes a file in one
+//! round instead of one error per run. Unknown keys are problems too (found
+//! with `serde_ignored`, so all of them are reported, not just the first).
+//! What comes out has defaults applied and no optional fields left except
+//! where absence means something (no `[service]`: a consumer-only squire).
+
+mod raw;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use crate::balance::Strategy;
+use raw::{RawAgent, RawConfig, RawRegistry, RawService, RawUpstream};
+
+/// The validated configuration of one squire.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub registry: RegistryConfig,
+    /// The local service this squire announces; `None` for a squire that only
+    /// discovers and proxies.
+    pub service: Option<ServiceConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node: String,
+    pub admin: SocketAddr,
+    /// A `tracing` filter directive; `RUST_LOG` overrides it.
+    pub log: String,
+    pub log_format: LogFormat,
+    pub drain_delay: Duration,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Lifetime of our registration without a refresh; refreshed every ttl/3.
+    pub ttl: Duration,
+    /// Bound on every single registry call.
+    pub timeout: Duration,
+    pub backend: RegistryBackend,
+}
+
+#[derive(Debug, Clone)]
+pub enum RegistryBackend {
+    Local { dir: PathBuf },
+    Etcd(EtcdConfig),
+}
+
+impl RegistryBackend {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RegistryBackend::Local { .. } => "local",
+            RegistryBackend::Etcd(_) => "etcd",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// `host:port` or `http://host:port`.
+    pub endpoints: Vec<String>,
+    /// Key prefix without a trailing slash, e.g. `/services`.
+    pub prefix: String,
+    pub credentials: Option<(String, Secret)>,
+}
+
+/// A value that must never reach a log line: `Debug` prints `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub id: String,
+    pub host: String,
+    pub port: u16,
+    pub tags: Vec<String>,
+    pub version: String,
+    pub weight: u32,
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub service: String,
+    pub listen: SocketAddr,
+    pub protocol: Protocol,
+    pub strategy: Strategy,
+    /// Only instances carrying every one of these tags.
+    pub tags: Vec<String>,
+    pub connect_timeout: Duration,
+    /// Further connect attempts after the first, each on another instance.
+    pub retries: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+}
+
+/// One thing wrong with the file: where, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.reason)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("not valid TOML: {0}")]
+    Syntax(String),
+    #[error("{} problem(s) in the configuration:\n{}", .0.len(), ProblemList(.0))]
+    Invalid(Vec<Problem>),
+}
+
+impl ConfigError {
+    /// The problems found, empty for read and syntax errors.
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid(problems) => problems,
+            _ => &[],
+        }
+    }
+}
+
+struct ProblemList<'a>(&'a [Problem]);
+
+impl fmt::Display for ProblemList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "  {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+pub const DEFAULT_PREFIX: &str = "/services";
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let mut problems = Problems::default();
+        let raw = read_sections(table, &mut problems);
+        let config = validate(raw, &mut problems);
+        if problems.0.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems.0))
+        }
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn push(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+/// Deserializes each section on its own so one section's type error does not
+/// hide another's, and records every unknown key with its full path.
+fn read_sections(table: toml::Table, problems: &mut Problems) -> RawConfig {
+    let mut raw = RawConfig::default();
+    for (key, value) in table {
+        match key.as_str() {
+            "agent" => raw.agent = section(&key, value, problems).unwrap_or_default(),
+            "registry" => raw.registry = section(&key, value, problems).unwrap_or_default(),
+            // A section that failed to deserialize is left out rather than
+            // defaulted, so its type error is not followed by bogus "required"s.
+            "service" => raw.service = section(&key, value, problems),
+            "upstream" => match value {
+                toml::Value::Array(items) => {
+                    for (i, item) in items.into_iter().enumerate() {
+                        let path = format!("upstream[{i}]");
+                        raw.upstream.extend(section(&path, item, problems));
+                    }
+                }
+                _ => problems.push("upstream", "must be an array of tables ([[upstream]])"),
+            },
+            _ => problems.push(key, "unknown key"),
+        }
+    }
+    raw
+}
+
+fn section<T: DeserializeOwned>(
+    path: &str,
+    value: toml::Value,
+    problems: &mut Problems,
+) -> Option<T> {
+    let mut unknown = Vec::new();
+    let mut record = |p: serde_ignored::Path<'_>| unknown.push(p.to_string());
+    let ignored = serde_ignored::Deserializer::new(value, &mut record);
+    let result: Result<T, _> = serde_path_to_error::deserialize(ignored);
+    for key in unknown {
+        problems.push(format!("{path}.{key}"), "unknown key");
+    }
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let inner = e.path().to_string();
+            let at = if inner == "." {
+                path.to_owned()
+            } else {
+                format!("{path}.{inner}")
+            };
+            problems.push(at, e.into_inner().message().to_owned());
+            None
+        }
+    }
+}
+
+fn validate(raw: RawConfig, problems: &mut Problems) -> Config {
+    let agent = validate_agent(raw.agent, problems);
+    let registry = validate_registry(raw.registry, problems);
+    let service = raw.service.map(|s| validate_service(s, problems));
+    let mut listens = HashSet::new();
+    let upstreams = raw
+        .upstream
+        .into_iter()
+        .enumerate()
+        .map(|(i, u)| validate_upstream(i, u, &mut listens, problems))
+        .collect();
+    if listens.contains(&agent.admin) {
+        problems.push(
+            "agent.admin",
+            format!("{} is also an upstream listen address", agent.admin),
+        );
+    }
+    Config {
+        agent,
+        registry,
+        service,
+        upstreams,
+    }
+}
+
+fn validate_agent(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
+    let node = match raw.node {
+        Some(node) if node.trim().is_empty() => {
+            problems.push("agent.node", "must not be empty");
+            node
+        }
+        Some(node) => node,
+        None => hostname(),
+    };
+    let admin = socket_addr(
+        "agent.admin",
+        raw.admin.as_deref().unwrap_or(DEFAULT_ADMIN),
+        problems,
+    );
+    let log = raw.log.unwrap_or_else(|| "info".to_owned());
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log) {
+        problems.push("agent.log", format!("not a log filter: {e}"));
+    }
+    let log_format = match raw.log_format.as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            problems.push(
+                "agent.log_format",
+                format!("unknown format {other:?}; expected \"text\" or \"json\""),
+            );
+            LogFormat::Text
+        }
+    };
+    AgentConfig {
+        node,
+        admin,
+        log,
+        log_format,
+        drain_delay: duration("agent.drain_delay", raw.drain_delay, "2s", problems),
+        drain_timeout: duration("agent.drain_timeout", raw.drain_timeout, "30s", problems),
+    }
+}
+
+fn validate_registry(mut raw: RawRegistry, problems: &mut Problems) -> RegistryConfig {
+    let ttl = duration("registry.ttl", raw.ttl.take(), "10s", problems);
+    if ttl < Duration::from_secs(2) {
+        problems.push(
+            "registry.ttl",
+            "must be at least 2s (etcd's shortest lease)",
+        );
+    } else if ttl.subsec_nanos() != 0 {
+        problems.push(
+            "registry.ttl",
+            "must be whole seconds (lease TTLs are in seconds)",
+        );
+    }
+    let timeout = duration("registry.timeout", raw.timeout.take(), "5s", problems);
+    if timeout.is_zero() {
+        problems.push("registry.timeout", "must be greater than zero");
+    }
+    let kind = raw.kind.as_deref().unwrap_or("local");
+    let misplaced = |problems: &mut Problems, key: &str, set: bool, belongs: &str| {
+        if set {
+            problems.push(
+                format!("registry.{key}"),
+                format!("only applies to kind = {belongs:?}"),
+            );
+        }
+    };
+    let backend = match kind {
+        "local" => {
+            misplaced(problems, "endpoints", raw.endpoints.is_some(), "etcd");
+            misplaced(problems, "prefix", raw.prefix.is_some(), "etcd");
+            misplaced(problems, "username", raw.username.is_some(), "etcd");
+            misplaced(problems, "password", raw.password.is_some(), "etcd");
+            let dir = match raw.dir {
+                Some(dir) if dir.is_empty() => {
+                    problems.push("registry.dir", "must not be empty");
+                    PathBuf::from(dir)
+                }
+                Some(dir) => PathBuf::from(dir),
+                None => default_local_dir(),
+            };
+            RegistryBackend::Local { dir }
+        }
+        "etcd" => {
+            misplaced(problems, "dir", raw.dir.is_some(), "local");
+            RegistryBackend::Etcd(validate_etcd(raw, problems))
+        }
+        "consul" => {
+            problems.push(
+                "registry.kind",
+                "\"consul\" is not supported yet; use \"local\" or \"etcd\"",
+            );
+            RegistryBackend::Local {
+                dir: default_local_dir(),
+            }
+        }
+        other => {
+            problems.push(
+                "registry.kind",
+                format!("unknown kind {other:?}; expected \"local\" or \"etcd\""),
+            );
+            RegistryBackend::Local {
+                dir: default_local_dir(),
+            }
+        }
+    };
+    RegistryConfig {
+        ttl,
+        timeout,
+        backend,
+    }
+}
+
+fn validate_etcd(raw: RawRegistry, problems: &mut Problems) -> EtcdConfig {
+    let endpoints = raw
+        .endpoints
+        .unwrap_or_else(|| vec!["http://127.0.0.1:2379".to_owned()]);
+    if endpoints.is_empty() {
+        problems.push("registry.endpoints", "must list at least one endpoint");
+    }
+    for (i, endpoint) in endpoints.iter().enumerate() {
+        let path = format!("registry.endpoints[{i}]");
+        if endpoint.starts_with("https://") {
+            problems.push(path, "TLS to etcd is not supported yet; use http://");
+            continue;
+        }
+        let authority = endpoint.strip_prefix("http://").unwrap_or(endpoint);
+        let valid = authority.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !valid {
+            problems.push(
+                path,
+                format!("{endpoint:?} is not host:port or http://host:port"),
+            );
+        }
+    }
+    let prefix = raw.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
+    let prefix = prefix.trim_end_matches('/').to_owned();
+    if !prefix.starts_with('/') {
+        problems.push("registry.prefix", "must start with '/'");
+    }
+    let credentials = match (raw.username, raw.password) {
+        (Some(user), Some(password)) => Some((user, Secret::new(password))),
+        (None, None) => None,
+        (Some(_), None) => {
+            problems.push("registry.password", "required when username is set");
+            None
+        }
+        (None, Some(_)) => {
+            problems.push("registry.username", "required when password is set");
+            None
+        }
+    };
+    EtcdConfig {
+        endpoints,
+        prefix,
+        credentials,
+    }
+}
+
+fn validate_service(raw: RawService, problems: &mut Problems) -> ServiceConfig {
+    let name = required("service.name", raw.name, problems);
+    check_name("service.name", &name, problems);
+    let host = required("service.host", raw.host, problems);
+    if host.contains(char::is_whitespace) {
+        problems.push("service.host", "must not contain whitespace");
+    }
+    let port = match raw.port {
+        Some(port) => u16::try_from(port)
+            .ok()
+            .filter(|p| *p > 0)
+            .unwrap_or_else(|| {
+                problems.push("service.port", format!("{port} is not a port (1-65535)"));
+                0
+            }),
+        None => {
+            problems.push("service.port", "required");
+            0
+        }
+    };
+    let id = match raw.id {
+        Some(id) => {
+            check_name("service.id", &id, problems);
+            id
+        }
+        None => format!("{name}-{host}-{port}"),
+    };
+    let weight = match raw.weight {
+        None => 100,
+        Some(w) => u32::try_from(w).unwrap_or_else(|_| {
+            problems.push(
+                "service.weight",
+                format!("{w} is out of range (0-{})", u32::MAX),
+            );
+            100
+        }),
+    };
+    ServiceConfig {
+        name,
+        id,
+        host,
+        port,
+        tags: raw.tags.unwrap_or_default(),
+        version: raw.version.unwrap_or_else(|| "1.0.0".to_owned()),
+        weight,
+        metadata: raw.metadata.unwrap_or_default(),
+    }
+}
+
+fn validate_upstream(
+    index: usize,
+    raw: RawUpstream,
+    listens: &mut HashSet<SocketAddr>,
+    problems: &mut Problems,
+) -> UpstreamConfig {
+    let base = match raw.service.as_deref() {
+        Some(name) if !name.is_empty() => format!("upstream.{name}"),
+        _ => format!("upstream[{index}]"),
+    };
+    let at = |key: &str| format!("{base}.{key}");
+    let service = required(&at("service"), raw.service, problems);
+    check_name(&at("service"), &service, problems);
+    let listen = match raw.listen {
+        Some(listen) => socket_addr(&at("listen"), &listen, problems),
+        None => {
+            problems.push(at("listen"), "required");
+            unspecified()
+        }
+    };
+    if listen.port() != 0 && !listens.insert(listen) {
+        problems.push(
+            at("listen"),
+            format!("{listen} is used by another upstream"),
+        );
+    }
+    let protocol = match raw.protocol.as_deref() {
+        None | Some("tcp") => Protocol::Tcp,
+        Some("http") => {
+            problems.push(at("protocol"), "\"http\" is not supported yet; use \"tcp\"");
+            Protocol::Tcp
+        }
+        Some(other) => {
+            problems.push(
+                at("protocol"),
+                format!("unknown protocol {other:?}; expected \"tcp\""),
+            );
+            Protocol::Tcp
+        }
+    };
+    let strategy = match raw.strategy.as_deref() {
+        None => Strategy::RoundRobin,
+        Some(name) => Strategy::from_name(name).unwrap_or_else(|reason| {
+            problems.push(at("strategy"), reason);
+            Strategy::RoundRobin
+        }),
+    };
+    let connect_timeout = duration(&at("connect_timeout"), raw.connect_timeout, "1s", problems);
+    if connect_timeout.is_zero() {
+        problems.push(at("connect_timeout"), "must be greater than zero");
+    }
+    let retries = match raw.retries {
+        None => 2,
+        Some(r) => u32::try_from(r)
+            .ok()
+            .filter(|r| *r <= 16)
+            .unwrap_or_else(|| {
+                problems.push(at("retries"), format!("{r} is out of range (0-16)"));
+                0
+            }),
+    };
+    UpstreamConfig {
+        service,
+        listen,
+        protocol,
+        strategy,
+        tags: raw.tags.unwrap_or_default(),
+        connect_timeout,
+        retries,
+    }
+}
+
+fn required(path: &str, value: Option<String>, problems: &mut Problems) -> String {
+    match value {
+        Some(v) if !v.is_empty() => v,
+        Some(v) => {
+            problems.push(path, "must not be empty");
+            v
+        }
+        None => {
+            problems.push(path, "required");
+            String::new()
+        }
+    }
+}
+
+/// Service names and ids become registry keys and file names: keep them to a
+/// safe alphabet.
+fn check_name(path: &str, value: &str, problems: &mut Problems) {
+    if value.is_empty() {
+        return; // reported by `required`
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
+    {
+        problems.push(
+            path,
+            format!("{value:?} contains {bad:?}; use letters, digits and - _ . :"),
+        );
+    } else if value.starts_with('.') {
+        problems.push(path, format!("{value:?} must not start with '.'"));
+    }
+}
+
+fn duration(path: &str, value: Option<String>, default: &str, problems: &mut Problems) -> Duration {
+    let text = value.as_deref().unwrap_or(default);
+    humantime::parse_duration(text).unwrap_or_else(|e| {
+        problems.push(
+            path,
+            format!("{text:?} is not a duration ({e}); write e.g. \"5s\" or \"250ms\""),
+        );
+        humantime::parse_duration(default).unwrap_or_default()
+    })
+}
+
+fn socket_addr(path: &str, text: &str, problems: &mut Problems) -> SocketAddr {
+    text.parse().unwrap_or_else(|_| {
+        problems.push(
+            path,
+            format!("{text:?} is not an address like 127.0.0.1:7001"),
+        );
+        unspecified()
+    })
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+fn hostname() -> String {
+    gethostname::gethostname()
+        .into_string()
+        .unwrap_or_else(|raw| raw.to_string_lossy().into_owned())
+}
+
+/// `$XDG_RUNTIME_DIR/squire` when the session has one, else
+/// `/tmp/squire-registry`: a place every squire of this user on the host finds.
+pub fn default_local_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("squire"),
+        _ => PathBuf::from("/tmp/squire-registry"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::from_toml(text) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems().iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let config = Config::from_toml("").expect("empty file is valid");
+        assert_eq!(config.agent.admin.to_string(), DEFAULT_ADMIN);
+        assert_eq!(config.registry.ttl, Duration::from_secs(10));
+        assert!(matches!(
+            config.registry.backend,
+            RegistryBackend::Local { .. }
+        ));
+        assert!(config.service.is_none());
+        assert!(config.upstreams.is_empty());
+    }
+
+    #[test]
+    fn service_id_defaults_to_name_host_port() {
+        let config =
+            Config::from_toml("[service]\nname = \"logic\"\nhost = \"10.0.0.5\"\nport = 8001\n")
+                .expect("valid");
+        let service = config.service.expect("service section");
+        assert_eq!(service.id, "logic-10.0.0.5-8001");
+        assert_eq!(service.weight, 100);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let found = problems(
+            r#"
+            bogus = 1
+            [agent]
+            drain_delay = "soon"
+            intreval = "5s"
+            [registry]
+            kind = "etcd"
+            ttl = "1s"
+            dir = "/tmp/x"
+            [service]
+            name = "a/b"
+            port = 70000
+            [[upstream]]
+            service = "gate"
+            listen = "nowhere"
+            strategy = "fastest"
+            retries = -1
+            [[upstream]]
+            listen = 5
+            "#,
+        );
+        let expected = [
+            "bogus: unknown key",
+            "agent.intreval: unknown key",
+            "agent.drain_delay: \"soon\" is not a duration",
+            "registry.ttl: must be at least 2s",
+            "registry.dir: only applies to kind = \"local\"",
+            "service.name: \"a/b\" contains '/'",
+            "service.host: required",
+            "service.port: 70000 is not a port",
+            "upstream.gate.listen: \"nowhere\" is not an address",
+            "upstream.gate.strategy: unknown strategy \"fastest\"",
+            "upstream.gate.retries: -1 is out of range",
+            "upstream[1].listen: invalid type: integer `5`, expected a string",
+        ];
+        for want in expected {
+            assert!(
+                found.iter().any(|p| p.starts_with(want)),
+                "missing {want:?} in {found:#?}"
+            );
+        }
+        assert_eq!(found.len(), expected.len(), "{found:#?}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let config = Config::from_toml(
+            "[registry]\nkind = \"etcd\"\nusername = \"u\"\npassword = \"hunter2\"\n",
+        )
+        .expect("valid");
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn prefix_is_normalized() {
+        let config =
+            Config::from_toml("[registry]\nkind = \"etcd\"\nprefix = \"/game/\"\n").expect("valid");
+        let RegistryBackend::Etcd(etcd) = config.registry.backend else {
+            panic!("etcd backend expected");
+        };
+        assert_eq!(etcd.prefix, "/game");
+    }
+}

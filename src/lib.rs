@@ -1,0 +1,36 @@
+//! squire: a per-host sidecar for game-server fleets.
+//!
+//! One squire runs next to each game process. It registers the local service
+//! into a registry and keeps it registered, discovers the other services by
+//! watching the registry, and proxies localhost ports to live instances of
+//! them.
+//!
+//! # Layout
+//!
+//! - [`config`]: `agent.toml`, validated in one pass that reports every problem.
+//! - [`agent`]: wires the tasks together; owns startup and shutdown order.
+//! - [`registry`]: the backend seam (`etcd`, `local`) and the instance format.
+//! - [`registration`]: keeps our instance registered through outages and lease loss.
+//! - [`discovery`]: registry watches turned into endpoint snapshots.
+//! - [`balance`]: snapshots, per-endpoint stats and the strategies that pick.
+//! - [`proxy`]: the localhost listeners that forward to picked endpoints.
+//! - [`admin`]: `/live`, `/ready`, `/metrics`, `/v1/services`, `/v1/self`.
+//! - [`metrics`]: every metric name in one place.
+//! - [`backoff`]: jittered exponential backoff for the retry loops.
+//!
+//! [`run`] takes the shutdown trigger as a parameter, so a test (or another
+//! program) can start and stop a whole agent in-process.
+
+pub mod admin;
+pub mod agent;
+pub mod backoff;
+pub mod balance;
+pub mod config;
+pub mod discovery;
+pub mod metrics;
+pub mod proxy;
+pub mod registration;
+pub mod registry;
+
+pub use agent::{run, Agent, AgentError};
+pub use config::{Config, ConfigError};

@@ -1,0 +1,115 @@
+//! Every metric squire exports, named in one place.
+//!
+//! The recorder is process-global (the `metrics` facade), installed once by
+//! [`install`]; several agents in one process (the integration tests) share
+//! it, told apart by their labels.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Successful registrations, first ones and re-registrations. Labels: registry.
+pub const REGISTRATIONS: &str = "squire_registrations_total";
+/// Registrations made again because the lease was lost. Labels: registry.
+pub const LEASE_REGRANTS: &str = "squire_lease_regrants_total";
+/// Failed registration attempts. Labels: registry.
+pub const REGISTRATION_FAILURES: &str = "squire_registration_failures_total";
+/// Failed lease refreshes. Labels: registry.
+pub const KEEPALIVE_FAILURES: &str = "squire_keepalive_failures_total";
+/// 1 while our instance is registered. Labels: registry.
+pub const REGISTERED: &str = "squire_registered";
+/// Watches restarted after an error (each one re-lists). Labels: service.
+pub const WATCH_RESTARTS: &str = "squire_watch_restarts_total";
+/// 1 while the watch of a service is established. Labels: service.
+pub const WATCH_UP: &str = "squire_watch_up";
+/// Registry entries skipped because their value did not parse. Labels: service.
+pub const ENTRIES_SKIPPED: &str = "squire_registry_entries_skipped_total";
+/// Instances known per service and status. Labels: service, status.
+pub const ENDPOINTS: &str = "squire_endpoints";
+/// Connections accepted by an upstream listener. Labels: upstream, listen.
+pub const TCP_ACCEPTED: &str = "squire_tcp_connections_accepted_total";
+/// Connections open through an upstream listener. Labels: upstream, listen.
+pub const TCP_ACTIVE: &str = "squire_tcp_connections_active";
+/// Client connections closed without reaching an upstream. Labels: upstream, listen, reason.
+pub const TCP_FAILED: &str = "squire_tcp_connections_failed_total";
+/// Connect attempts that failed (each retry counts). Labels: upstream, listen.
+pub const CONNECT_FAILURES: &str = "squire_upstream_connect_failures_total";
+/// Bytes from clients to upstream instances. Labels: upstream, listen.
+pub const BYTES_IN: &str = "squire_tcp_received_bytes_total";
+/// Bytes from upstream instances to clients. Labels: upstream, listen.
+pub const BYTES_OUT: &str = "squire_tcp_sent_bytes_total";
+/// Time to connect to an upstream instance. Labels: upstream, listen.
+pub const CONNECT_SECONDS: &str = "squire_upstream_connect_duration_seconds";
+
+const CONNECT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process) and returns the
+/// handle that renders `/metrics`.
+pub fn install() -> Result<PrometheusHandle, String> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(CONNECT_SECONDS.to_owned()), CONNECT_BUCKETS)
+                .map_err(|e| e.to_string())?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
+            describe();
+            Ok(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        REGISTRATIONS,
+        "Successful registrations, first ones and re-registrations"
+    );
+    describe_counter!(
+        LEASE_REGRANTS,
+        "Registrations made again because the lease was lost"
+    );
+    describe_counter!(REGISTRATION_FAILURES, "Failed registration attempts");
+    describe_counter!(KEEPALIVE_FAILURES, "Failed lease refreshes");
+    describe_gauge!(REGISTERED, "1 while our instance is registered");
+    describe_counter!(WATCH_RESTARTS, "Registry watches restarted after an error");
+    describe_gauge!(
+        WATCH_UP,
+        "1 while the registry watch of a service is established"
+    );
+    describe_counter!(
+        ENTRIES_SKIPPED,
+        "Registry entries skipped because their value did not parse"
+    );
+    describe_gauge!(ENDPOINTS, "Instances known per service and status");
+    describe_counter!(TCP_ACCEPTED, "Connections accepted by an upstream listener");
+    describe_gauge!(TCP_ACTIVE, "Connections open through an upstream listener");
+    describe_counter!(
+        TCP_FAILED,
+        "Client connections closed without reaching an upstream"
+    );
+    describe_counter!(
+        CONNECT_FAILURES,
+        "Failed connect attempts to upstream instances"
+    );
+    describe_counter!(
+        BYTES_IN,
+        Unit::Bytes,
+        "Bytes from clients to upstream instances"
+    );
+    describe_counter!(
+        BYTES_OUT,
+        Unit::Bytes,
+        "Bytes from upstream instances to clients"
+    );
+    describe_histogram!(
+        CONNECT_SECONDS,
+        Unit::Seconds,
+        "Time to connect to an upstream instance"
+    );
+}

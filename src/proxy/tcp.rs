@@ -1,0 +1,256 @@
+//! The TCP listener: accept, pick, connect (with retries on other instances),
+//! then copy bytes both ways until either side is done.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Gauge, Histogram};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::ProxyError;
+use crate::balance::{ActiveGuard, Balancer};
+use crate::config::UpstreamConfig;
+use crate::discovery::Pool;
+use crate::metrics as m;
+
+pub struct TcpProxy {
+    listener: TcpListener,
+    upstream: Arc<Upstream>,
+}
+
+struct Upstream {
+    config: UpstreamConfig,
+    pool: Arc<Pool>,
+    balancer: Balancer,
+    metrics: UpstreamMetrics,
+}
+
+/// Metric handles resolved once per listener, not per connection.
+struct UpstreamMetrics {
+    accepted: Counter,
+    active: Gauge,
+    connect_failures: Counter,
+    connect_seconds: Histogram,
+    bytes_in: Counter,
+    bytes_out: Counter,
+}
+
+impl UpstreamMetrics {
+    fn new(config: &UpstreamConfig, listen: SocketAddr) -> Self {
+        let labels = [
+            ("upstream", config.service.clone()),
+            ("listen", listen.to_string()),
+        ];
+        UpstreamMetrics {
+            accepted: metrics::counter!(m::TCP_ACCEPTED, &labels),
+            active: metrics::gauge!(m::TCP_ACTIVE, &labels),
+            connect_failures: metrics::counter!(m::CONNECT_FAILURES, &labels),
+            connect_seconds: metrics::histogram!(m::CONNECT_SECONDS, &labels),
+            bytes_in: metrics::counter!(m::BYTES_IN, &labels),
+            bytes_out: metrics::counter!(m::BYTES_OUT, &labels),
+        }
+    }
+}
+
+impl TcpProxy {
+    /// Binds the listener now, so a taken port fails startup, not later.
+    pub async fn bind(config: UpstreamConfig, pool: Arc<Pool>) -> io::Result<Self> {
+        let listener = TcpListener::bind(config.listen).await?;
+        let listen = listener.local_addr()?;
+        let upstream = Upstream {
+            balancer: Balancer::new(config.strategy),
+            metrics: UpstreamMetrics::new(&config, listen),
+            config,
+            pool,
+        };
+        Ok(TcpProxy {
+            listener,
+            upstream: Arc::new(upstream),
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts until `stop_accepting`, spawning each connection on
+    /// `connections`; a connection still open when `cut` fires is closed.
+    pub async fn run(
+        self,
+        stop_accepting: CancellationToken,
+        connections: TaskTracker,
+        cut: CancellationToken,
+    ) {
+        let service = &self.upstream.config.service;
+        loop {
+            let accepted = tokio::select! {
+                _ = stop_accepting.cancelled() => break,
+                a = self.listener.accept() => a,
+            };
+            let (client, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause instead of
+                    // spinning, the condition usually clears.
+                    tracing::warn!(upstream = %service, error = %e, "accept failed");
+                    tokio::select! {
+                        _ = stop_accepting.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    }
+                }
+            };
+            self.upstream.metrics.accepted.increment(1);
+            let upstream = self.upstream.clone();
+            let cut = cut.clone();
+            connections.spawn(async move {
+                tokio::select! {
+                    _ = cut.cancelled() => {}
+                    _ = upstream.serve(client, peer) => {}
+                }
+            });
+        }
+        tracing::debug!(upstream = %service, "stopped accepting");
+    }
+}
+
+impl Upstream {
+    async fn serve(&self, client: TcpStream, peer: SocketAddr) {
+        let service = &self.config.service;
+        if let Err(e) = client.set_nodelay(true) {
+            tracing::debug!(upstream = %service, error = %e, "cannot set TCP_NODELAY on the client side");
+        }
+        let (server, _endpoint) = match self.connect().await {
+            Ok(connected) => connected,
+            Err(e) => {
+                metrics::counter!(m::TCP_FAILED, "upstream" => service.clone(), "listen" => self.config.listen.to_string(), "reason" => e.reason()).increment(1);
+                tracing::warn!(upstream = %service, client = %peer, error = %e, "closing client connection");
+                return;
+            }
+        };
+        let _active = ActiveConnection::new(&self.metrics.active);
+        let mut client = Metered::new(client, self.metrics.bytes_in.clone());
+        let mut server = Metered::new(server, self.metrics.bytes_out.clone());
+        // copy_bidirectional forwards a half-close: when one side stops
+        // sending, the other side's write half is shut down and bytes keep
+        // flowing the other way until that side is done too.
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+            tracing::debug!(upstream = %service, client = %peer, error = %e, "connection ended with an error");
+        }
+    }
+
+    /// Connects to a picked endpoint, trying another one on each failure, up
+    /// to `retries` more times.
+    async fn connect(&self) -> Result<(TcpStream, ActiveGuard), ProxyError> {
+        let snapshot = self.pool.snapshot();
+        let timeout = self.config.connect_timeout;
+        let mut tried = Vec::new();
+        let mut last_error = None;
+        for _ in 0..=self.config.retries {
+            let Some(index) = self.balancer.pick(&snapshot, &tried) else {
+                break;
+            };
+            tried.push(index);
+            let endpoint = &snapshot.endpoints()[index];
+            let authority = endpoint.instance.authority();
+            let started = Instant::now();
+            let error = match tokio::time::timeout(timeout, TcpStream::connect(authority.as_str()))
+                .await
+            {
+                Ok(Ok(stream)) => {
+                    self.metrics
+                        .connect_seconds
+                        .record(started.elapsed().as_secs_f64());
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(endpoint = %authority, error = %e, "cannot set TCP_NODELAY on the upstream side");
+                    }
+                    return Ok((stream, endpoint.stats.open()));
+                }
+                Ok(Err(source)) => ProxyError::Connect {
+                    endpoint: authority,
+                    source,
+                },
+                Err(_) => ProxyError::ConnectTimeout {
+                    endpoint: authority,
+                    after: timeout,
+                },
+            };
+            endpoint.stats.connect_failed();
+            self.metrics.connect_failures.increment(1);
+            tracing::debug!(upstream = %self.config.service, error = %error, "connect attempt failed");
+            last_error = Some(error);
+        }
+        Err(last_error.unwrap_or_else(|| ProxyError::NoHealthyEndpoint {
+            service: self.config.service.clone(),
+        }))
+    }
+}
+
+/// Holds the active-connections gauge up for as long as it lives, also when
+/// the connection is cut at the drain deadline.
+struct ActiveConnection(Gauge);
+
+impl ActiveConnection {
+    fn new(gauge: &Gauge) -> Self {
+        gauge.increment(1.0);
+        ActiveConnection(gauge.clone())
+    }
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// A stream that counts the bytes read from it.
+struct Metered<S> {
+    inner: S,
+    read: Counter,
+}
+
+impl<S> Metered<S> {
+    fn new(inner: S, read: Counter) -> Self {
+        Metered { inner, read }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.read.increment(n as u64);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,265 @@
+//! The registry seam: where instances are announced and discovered.
+//!
+//! Three backends implement [`Registry`]: [`etcd`] (leases and watches),
+//! [`local`] (files in a directory shared by the squires on one host), and
+//! later consul. A backend only moves data; the loops that survive outages
+//! live in [`crate::registration`] and [`crate::discovery`] and treat every
+//! backend the same way:
+//!
+//! - [`Registry::register`] writes our instance under a fresh lease and
+//!   returns that [`Lease`]; the caller refreshes it every ttl/3 and on
+//!   [`RegistryError::LeaseLost`] registers again.
+//! - [`Registry::watch`] yields the full current set of one service first,
+//!   then changes. On any error the caller drops the watch and calls `watch`
+//!   again, which re-lists: a gap is never trusted.
+
+pub mod etcd;
+pub mod local;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{RegistryBackend, RegistryConfig};
+
+/// One announced instance of a service: the JSON value stored in the
+/// registry, the same shape as Knight Server's `ServiceInfo`. Fields are in
+/// that order; unknown fields are ignored on read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub name: String,
+    pub id: String,
+    pub host: String,
+    pub port: u16,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Absent in entries written by registrants without health checks, which
+    /// are taken as healthy (as Consul treats a service with no checks).
+    #[serde(default = "default_status")]
+    pub status: Status,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+fn default_status() -> Status {
+    Status::Healthy
+}
+
+impl Instance {
+    /// Parses a registry value. The error text says what was wrong, for the
+    /// log line and the skipped-entry counter.
+    pub fn from_json(bytes: &[u8]) -> Result<Instance, String> {
+        let instance: Instance = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if instance.host.is_empty() || instance.port == 0 {
+            return Err("host and port must be set".to_owned());
+        }
+        Ok(instance)
+    }
+
+    pub fn to_json(&self) -> String {
+        // Serializing plain strings, numbers and string maps cannot fail.
+        serde_json::to_string(self).expect("instance serializes")
+    }
+
+    /// `host:port`, with brackets around an IPv6 host.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// What an instance says of itself. Only `healthy` instances get new
+/// connections; `draining` ones keep their existing connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Unknown,
+    Healthy,
+    Unhealthy,
+    Critical,
+    Draining,
+}
+
+impl Status {
+    pub const ALL: [Status; 5] = [
+        Status::Unknown,
+        Status::Healthy,
+        Status::Unhealthy,
+        Status::Critical,
+        Status::Draining,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Unknown => "unknown",
+            Status::Healthy => "healthy",
+            Status::Unhealthy => "unhealthy",
+            Status::Critical => "critical",
+            Status::Draining => "draining",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One key under a service's prefix and what it holds. A value that does not
+/// parse is carried as `Err` so discovery can skip, log and count it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub key: String,
+    pub value: Result<Instance, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// The complete current set of the service; replaces all that was known.
+    Reset(Vec<Entry>),
+    /// Changes since the previous event, in order.
+    Changes(Vec<Change>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Put(Entry),
+    Delete { key: String },
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry could not be reached or did not answer in time.
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+    /// Our lease is gone (expired, revoked, or the registry forgot it): the
+    /// registration must be written again under a new lease.
+    #[error("lease lost: {0}")]
+    LeaseLost(String),
+    /// The registry ended a watch (compaction, auth); re-list and watch again.
+    #[error("watch canceled: {0}")]
+    WatchCanceled(String),
+    /// The registry refused the request (permissions, bad credentials, bad
+    /// arguments); retrying soon will not help, an operator must act.
+    #[error("registry refused the request: {0}")]
+    Rejected(String),
+}
+
+impl RegistryError {
+    /// Whether retrying soon may succeed. The backoff loops use this alone to
+    /// pick their delay: a rejected request waits the longest delay.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, RegistryError::Rejected(_))
+    }
+}
+
+/// A registry backend. See the module doc for the contract.
+#[async_trait]
+pub trait Registry: Send + Sync + 'static {
+    /// `"etcd"`, `"local"`, ...: for logs, metrics and `/v1/self`.
+    fn kind(&self) -> &'static str;
+
+    /// Where it is: endpoints or directory, for `/v1/self`.
+    fn target(&self) -> String;
+
+    /// Writes `instance` under a new lease.
+    async fn register(&self, instance: &Instance) -> Result<Box<dyn Lease>, RegistryError>;
+
+    /// Watches one service: first event is [`WatchEvent::Reset`].
+    async fn watch(&self, service: &str) -> Result<Box<dyn Watch>, RegistryError>;
+}
+
+/// Our registration, alive while it is refreshed.
+#[async_trait]
+pub trait Lease: Send {
+    /// The backend's id of this lease, for `/v1/self`.
+    fn id(&self) -> String;
+
+    /// Refreshes the lease. `Err(LeaseLost)` means register again.
+    async fn keep_alive(&mut self) -> Result<(), RegistryError>;
+
+    /// Rewrites the instance (e.g. a status change) under the same lease.
+    async fn update(&mut self, instance: &Instance) -> Result<(), RegistryError>;
+
+    /// Removes the registration now, so peers see us leave at once. A lease
+    /// that is already gone is success.
+    async fn revoke(self: Box<Self>) -> Result<(), RegistryError>;
+}
+
+#[async_trait]
+pub trait Watch: Send {
+    async fn next(&mut self) -> Result<WatchEvent, RegistryError>;
+}
+
+/// Builds the backend the configuration names. Connecting is lazy: an
+/// unreachable registry shows up as errors in the loops, not here.
+pub fn from_config(config: &RegistryConfig) -> Arc<dyn Registry> {
+    match &config.backend {
+        RegistryBackend::Local { dir } => {
+            Arc::new(local::LocalRegistry::new(dir.clone(), config.ttl))
+        }
+        RegistryBackend::Etcd(etcd) => Arc::new(etcd::EtcdRegistry::new(
+            etcd.clone(),
+            config.ttl,
+            config.timeout,
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_json_has_the_service_info_shape() {
+        let instance = Instance {
+            name: "logic".into(),
+            id: "logic-10.0.0.5-8001".into(),
+            host: "10.0.0.5".into(),
+            port: 8001,
+            tags: vec!["game".into()],
+            metadata: BTreeMap::from([("zone".into(), "a".into())]),
+            version: "1.0.0".into(),
+            weight: 100,
+            status: Status::Healthy,
+        };
+        assert_eq!(
+            instance.to_json(),
+            r#"{"name":"logic","id":"logic-10.0.0.5-8001","host":"10.0.0.5","port":8001,"tags":["game"],"metadata":{"zone":"a"},"version":"1.0.0","weight":100,"status":"healthy"}"#
+        );
+        assert_eq!(
+            Instance::from_json(instance.to_json().as_bytes()),
+            Ok(instance)
+        );
+    }
+
+    #[test]
+    fn minimal_and_extended_values_parse() {
+        let minimal =
+            Instance::from_json(br#"{"name":"a","id":"a1","host":"h","port":1,"extra":true}"#)
+                .expect("unknown fields are ignored");
+        assert_eq!(minimal.status, Status::Healthy);
+        assert_eq!(minimal.weight, 100);
+        assert!(Instance::from_json(b"not json").is_err());
+        assert!(Instance::from_json(
+            br#"{"name":"a","id":"a1","host":"h","port":1,"status":"weird"}"#
+        )
+        .is_err());
+        assert!(Instance::from_json(br#"{"name":"a","id":"a1","host":"","port":1}"#).is_err());
+    }
+}
