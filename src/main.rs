@@ -74,14 +74,22 @@ fn main() -> ExitCode {
 }
 
 fn config_failure(path: &std::path::Path, error: &ConfigError) -> ExitCode {
-    eprintln!("squire: {}: {error}", path.display());
+    match error {
+        // Already names the file.
+        ConfigError::Read { .. } => eprintln!("squire: {error}"),
+        _ => eprintln!("squire: {}: {error}", path.display()),
+    }
     ExitCode::from(EXIT_CONFIG)
 }
 
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.agent.log));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let stderr = std::io::stderr();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&stderr));
     match config.agent.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -234,7 +234,7 @@ fn read_sections(table: toml::Table, problems: &mut Problems) -> RawConfig {
             "upstream" => match value {
                 toml::Value::Array(items) => {
                     for (i, item) in items.into_iter().enumerate() {
-                        let path = format!("upstream[{i}]");
+                        let path = upstream_path(i, item.get("service").and_then(|s| s.as_str()));
                         raw.upstream.extend(section(&path, item, problems));
                     }
                 }
@@ -267,7 +267,12 @@ fn section<T: DeserializeOwned>(
             } else {
                 format!("{path}.{inner}")
             };
-            problems.push(at, e.into_inner().message().to_owned());
+            // Say "an integer", not Rust's "i64".
+            let message = e
+                .into_inner()
+                .message()
+                .replace("expected i64", "expected an integer");
+            problems.push(at, message);
             None
         }
     }
@@ -461,8 +466,15 @@ fn validate_service(raw: RawService, problems: &mut Problems) -> ServiceConfig {
     let name = required("service.name", raw.name, problems);
     check_name("service.name", &name, problems);
     let host = required("service.host", raw.host, problems);
-    if host.contains(char::is_whitespace) {
-        problems.push("service.host", "must not contain whitespace");
+    let hostname = |h: &str| {
+        h.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    };
+    if !host.is_empty() && host.parse::<std::net::IpAddr>().is_err() && !hostname(&host) {
+        problems.push(
+            "service.host",
+            format!("{host:?} is not an IP address or a host name"),
+        );
     }
     let port = match raw.port {
         Some(port) => u16::try_from(port)
@@ -512,10 +524,7 @@ fn validate_upstream(
     listens: &mut HashSet<SocketAddr>,
     problems: &mut Problems,
 ) -> UpstreamConfig {
-    let base = match raw.service.as_deref() {
-        Some(name) if !name.is_empty() => format!("upstream.{name}"),
-        _ => format!("upstream[{index}]"),
-    };
+    let base = upstream_path(index, raw.service.as_deref());
     let at = |key: &str| format!("{base}.{key}");
     let service = required(&at("service"), raw.service, problems);
     check_name(&at("service"), &service, problems);
@@ -575,6 +584,14 @@ fn validate_upstream(
         tags: raw.tags.unwrap_or_default(),
         connect_timeout,
         retries,
+    }
+}
+
+/// `upstream.gate` when the upstream names its service, else `upstream[0]`.
+fn upstream_path(index: usize, service: Option<&str>) -> String {
+    match service {
+        Some(name) if !name.is_empty() => format!("upstream.{name}"),
+        _ => format!("upstream[{index}]"),
     }
 }
 

@@ -27,6 +27,8 @@ pub struct TcpProxy {
 
 struct Upstream {
     config: UpstreamConfig,
+    /// The bound address (the configured one may have port 0).
+    listen: SocketAddr,
     pool: Arc<Pool>,
     balancer: Balancer,
     metrics: UpstreamMetrics,
@@ -67,6 +69,7 @@ impl TcpProxy {
         let upstream = Upstream {
             balancer: Balancer::new(config.strategy),
             metrics: UpstreamMetrics::new(&config, listen),
+            listen,
             config,
             pool,
         };
@@ -129,7 +132,7 @@ impl Upstream {
         let (server, _endpoint) = match self.connect().await {
             Ok(connected) => connected,
             Err(e) => {
-                metrics::counter!(m::TCP_FAILED, "upstream" => service.clone(), "listen" => self.config.listen.to_string(), "reason" => e.reason()).increment(1);
+                metrics::counter!(m::TCP_FAILED, "upstream" => service.clone(), "listen" => self.listen.to_string(), "reason" => e.reason()).increment(1);
                 tracing::warn!(upstream = %service, client = %peer, error = %e, "closing client connection");
                 return;
             }

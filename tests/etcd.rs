@@ -1,0 +1,320 @@
+//! End to end against a real etcd: registration, lease loss, discovery,
+//! proxying, and what happens while etcd is down.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use etcd_client::GetOptions;
+use support::{eventually, session, Backend, Etcd, TestAgent, DEADLINE};
+
+/// An agent config on `etcd` with a unique `prefix`; `service` announces
+/// `name` at `addr`, `upstream` proxies a service from 127.0.0.1:0.
+fn config(
+    etcd: &Etcd,
+    prefix: &str,
+    service: Option<(&str, std::net::SocketAddr)>,
+    upstream: Option<&str>,
+) -> String {
+    let mut toml = format!(
+        r#"
+        [agent]
+        admin = "127.0.0.1:0"
+        drain_delay = "0s"
+        drain_timeout = "2s"
+        [registry]
+        kind = "etcd"
+        endpoints = ["{}"]
+        prefix = "{prefix}"
+        ttl = "3s"
+        timeout = "2s"
+        "#,
+        etcd.endpoint()
+    );
+    if let Some((name, addr)) = service {
+        toml += &format!(
+            r#"
+            [service]
+            name = "{name}"
+            id = "{name}-1"
+            host = "{}"
+            port = {}
+            tags = ["game"]
+            version = "1.0.0"
+            metadata = {{ zone = "a" }}
+            "#,
+            addr.ip(),
+            addr.port()
+        );
+    }
+    if let Some(name) = upstream {
+        toml += &format!(
+            r#"
+            [[upstream]]
+            service = "{name}"
+            listen = "127.0.0.1:0"
+            connect_timeout = "500ms"
+            retries = 1
+            "#
+        );
+    }
+    toml
+}
+
+async fn value(etcd: &Etcd, key: &str) -> Option<(String, i64)> {
+    let mut client = etcd.client().await;
+    let response = client.get(key, None).await.ok()?;
+    response
+        .kvs()
+        .first()
+        .map(|kv| (String::from_utf8_lossy(kv.value()).into_owned(), kv.lease()))
+}
+
+#[tokio::test]
+async fn registration_is_the_exact_json_under_a_lease_and_leaves_at_once() {
+    let etcd = Etcd::start().await;
+    let addr = "127.0.0.1:7000".parse().expect("addr");
+    let agent = TestAgent::start(&config(&etcd, "/reg", Some(("battle", addr)), None)).await;
+
+    let key = "/reg/battle/battle-1";
+    eventually("the key in etcd", DEADLINE, || async {
+        value(&etcd, key).await.is_some()
+    })
+    .await;
+    let (json, lease) = value(&etcd, key).await.expect("key present");
+    assert_eq!(
+        json,
+        r#"{"name":"battle","id":"battle-1","host":"127.0.0.1","port":7000,"tags":["game"],"metadata":{"zone":"a"},"version":"1.0.0","weight":100,"status":"healthy"}"#
+    );
+    assert_ne!(lease, 0, "the key is attached to a lease");
+    let ttl = etcd
+        .client()
+        .await
+        .lease_time_to_live(lease, None)
+        .await
+        .expect("lease ttl")
+        .granted_ttl();
+    assert_eq!(ttl, 3);
+    eventually("/ready", DEADLINE, || async {
+        agent.get("/ready").await.0 == 200
+    })
+    .await;
+    let this = agent.json("/v1/self").await;
+    assert_eq!(this["registration"]["registry"], "etcd");
+    assert_eq!(this["registration"]["lease"], format!("{lease:x}"));
+
+    agent.stop().await;
+    assert!(
+        value(&etcd, key).await.is_none(),
+        "the lease is revoked on shutdown"
+    );
+}
+
+#[tokio::test]
+async fn a_revoked_lease_is_replaced_within_one_keep_alive() {
+    let etcd = Etcd::start().await;
+    let addr = "127.0.0.1:7001".parse().expect("addr");
+    let agent = TestAgent::start(&config(&etcd, "/revoke", Some(("logic", addr)), None)).await;
+    let key = "/revoke/logic/logic-1";
+    eventually("the key in etcd", DEADLINE, || async {
+        value(&etcd, key).await.is_some()
+    })
+    .await;
+    let (_, old_lease) = value(&etcd, key).await.expect("key present");
+
+    etcd.client()
+        .await
+        .lease_revoke(old_lease)
+        .await
+        .expect("revoke behind the agent's back");
+    let revoked = Instant::now();
+    assert!(
+        value(&etcd, key).await.is_none(),
+        "revoking removed the key"
+    );
+    eventually("the key to come back", DEADLINE, || async {
+        value(&etcd, key)
+            .await
+            .is_some_and(|(_, lease)| lease != old_lease)
+    })
+    .await;
+    // ttl 3s: a keep-alive every second, so the loss is seen within a second.
+    let took = revoked.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "took {took:?}, more than one keep-alive"
+    );
+    let this = agent.json("/v1/self").await;
+    assert_eq!(this["registration"]["registrations"], 2);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_peer_proxies_to_an_announced_instance_and_stops_when_it_leaves() {
+    let etcd = Etcd::start().await;
+    let backend = Backend::start("A").await;
+    let a = TestAgent::start(&config(&etcd, "/proxy", Some(("echo", backend.addr)), None)).await;
+    let b = TestAgent::start(&config(&etcd, "/proxy", None, Some("echo"))).await;
+
+    eventually("B to see A", DEADLINE, || async {
+        b.routable().await == ["echo-1"]
+    })
+    .await;
+    let (greeting, echoed, farewell) = session(b.listen(), b"hello through squire")
+        .await
+        .expect("session");
+    assert_eq!(greeting, "A");
+    assert_eq!(echoed, b"hello through squire");
+    assert_eq!(
+        farewell, "bye 20\n",
+        "the half-close reached the backend and its reply came back"
+    );
+    let listen = b.listen().to_string();
+    let sent = b
+        .metric(&format!(
+            "squire_tcp_received_bytes_total{{upstream=\"echo\",listen=\"{listen}\"}}"
+        ))
+        .await;
+    assert_eq!(sent, Some(20.0));
+
+    a.stop().await;
+    eventually("B to drop A", DEADLINE, || async {
+        b.routable().await.is_empty()
+    })
+    .await;
+    let before = backend
+        .connections
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let greeting = support::greeting(b.listen()).await.expect("connect to B");
+    assert_eq!(greeting, "", "B closes the client: nothing to route to");
+    assert_eq!(
+        backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        before
+    );
+    let failed = b
+        .metric(&format!(
+            "squire_tcp_connections_failed_total{{upstream=\"echo\",listen=\"{listen}\",reason=\"no_healthy_endpoint\"}}"
+        ))
+        .await;
+    assert_eq!(failed, Some(1.0), "{}", b.get("/metrics").await.1);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn an_etcd_outage_keeps_routes_and_registration_recovers() {
+    let mut etcd = Etcd::start().await;
+    let backend = Backend::start("A").await;
+    let a = TestAgent::start(&config(
+        &etcd,
+        "/outage",
+        Some(("room", backend.addr)),
+        None,
+    ))
+    .await;
+    let b = TestAgent::start(&config(&etcd, "/outage", None, Some("room"))).await;
+    eventually("B to see A", DEADLINE, || async {
+        b.routable().await == ["room-1"]
+    })
+    .await;
+
+    etcd.kill();
+    eventually("B's watch to notice", DEADLINE, || async {
+        b.json("/v1/services").await["services"][0]["watch_up"] == false
+    })
+    .await;
+    eventually("A's keep-alive to fail", DEADLINE, || async {
+        !a.json("/v1/self").await["registration"]["last_error"].is_null()
+    })
+    .await;
+    for _ in 0..5 {
+        let (greeting, _, farewell) = session(b.listen(), b"still here")
+            .await
+            .expect("session while etcd is down");
+        assert_eq!(greeting, "A", "B serves from its last snapshot");
+        assert_eq!(farewell, "bye 10\n");
+    }
+    eventually("an outage longer than the 3s ttl", DEADLINE, || async {
+        let this = a.json("/v1/self").await;
+        this["registration"]["last_keep_alive"]
+            .as_str()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|since| since > Duration::from_millis(3500))
+    })
+    .await;
+
+    let outage_ended = std::time::SystemTime::now();
+    etcd.restart().await;
+    let key = "/outage/room/room-1";
+    eventually("A registered again", DEADLINE, || async {
+        let this = a.json("/v1/self").await;
+        let registration = &this["registration"];
+        let refreshed_since = registration["last_keep_alive"]
+            .as_str()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .is_some_and(|t| t > outage_ended);
+        registration["registered"] == true && refreshed_since && value(&etcd, key).await.is_some()
+    })
+    .await;
+    eventually("B's watch back", DEADLINE, || async {
+        b.json("/v1/services").await["services"][0]["watch_up"] == true
+    })
+    .await;
+    assert_eq!(b.routable().await, ["room-1"]);
+    let (greeting, _, _) = session(b.listen(), b"after")
+        .await
+        .expect("session after the outage");
+    assert_eq!(greeting, "A");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_garbage_value_is_skipped_and_counted() {
+    let etcd = Etcd::start().await;
+    let backend = Backend::start("good").await;
+    let mut client = etcd.client().await;
+    client
+        .put("/garbage/shop/bad-1", "not json at all", None)
+        .await
+        .expect("put");
+    client
+        .put("/garbage/shop/bad-2", r#"{"name":"shop"}"#, None)
+        .await
+        .expect("put");
+    let good = format!(
+        r#"{{"name":"shop","id":"shop-1","host":"127.0.0.1","port":{},"status":"healthy"}}"#,
+        backend.addr.port()
+    );
+    client
+        .put("/garbage/shop/shop-1", good, None)
+        .await
+        .expect("put");
+
+    let b = TestAgent::start(&config(&etcd, "/garbage", None, Some("shop"))).await;
+    eventually("the good instance", DEADLINE, || async {
+        b.routable().await == ["shop-1"]
+    })
+    .await;
+    let skipped = "squire_registry_entries_skipped_total{service=\"shop\"}";
+    assert_eq!(b.metric(skipped).await, Some(2.0));
+
+    client
+        .put("/garbage/shop/bad-3", "[1,2", None)
+        .await
+        .expect("put");
+    eventually("the third to be counted", DEADLINE, || async {
+        b.metric(skipped).await == Some(3.0)
+    })
+    .await;
+    let (greeting, _, _) = session(b.listen(), b"x").await.expect("still routing");
+    assert_eq!(greeting, "good");
+    let listing = client
+        .get("/garbage/shop/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("get");
+    assert_eq!(listing.kvs().len(), 4, "squire never touches other entries");
+    b.stop().await;
+}

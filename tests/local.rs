@@ -1,0 +1,164 @@
+//! The embedded registry: squires on one host find each other through a
+//! shared directory, and the agent's shutdown drains connections.
+
+mod support;
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use support::{eventually, session, Backend, TestAgent, DEADLINE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn config(
+    dir: &Path,
+    service: Option<(&str, std::net::SocketAddr)>,
+    upstream: Option<&str>,
+    drain_timeout: &str,
+) -> String {
+    let mut toml = format!(
+        r#"
+        [agent]
+        admin = "127.0.0.1:0"
+        drain_delay = "0s"
+        drain_timeout = "{drain_timeout}"
+        [registry]
+        kind = "local"
+        dir = "{}"
+        ttl = "3s"
+        "#,
+        dir.display()
+    );
+    if let Some((name, addr)) = service {
+        toml += &format!(
+            "[service]\nname = \"{name}\"\nhost = \"{}\"\nport = {}\n",
+            addr.ip(),
+            addr.port()
+        );
+    }
+    if let Some(name) = upstream {
+        toml += &format!("[[upstream]]\nservice = \"{name}\"\nlisten = \"127.0.0.1:0\"\n");
+    }
+    toml
+}
+
+#[tokio::test]
+async fn two_agents_on_one_host_find_each_other() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backend = Backend::start("gate-A").await;
+    let a = TestAgent::start(&config(
+        dir.path(),
+        Some(("gate", backend.addr)),
+        None,
+        "1s",
+    ))
+    .await;
+    let b = TestAgent::start(&config(dir.path(), None, Some("gate"), "1s")).await;
+    let id = format!("gate-127.0.0.1-{}", backend.addr.port());
+
+    eventually("B to see A", DEADLINE, || async {
+        b.routable().await == [id.clone()]
+    })
+    .await;
+    let (greeting, echoed, farewell) = session(b.listen(), b"ping").await.expect("session");
+    assert_eq!(
+        (greeting.as_str(), echoed.as_slice(), farewell.as_str()),
+        ("gate-A", &b"ping"[..], "bye 4\n")
+    );
+    eventually("A ready", DEADLINE, || async {
+        a.get("/ready").await.0 == 200
+    })
+    .await;
+
+    a.stop().await;
+    eventually("B to drop A", DEADLINE, || async {
+        b.routable().await.is_empty()
+    })
+    .await;
+    assert!(!dir.path().join("gate").join(format!("{id}.json")).exists());
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn stale_and_malformed_files_are_not_routed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backend = Backend::start("lobby").await;
+    let service_dir = dir.path().join("lobby");
+    std::fs::create_dir_all(&service_dir).expect("mkdir");
+    // A squire that crashed: its lease runs out shortly and is never renewed.
+    let expires = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+        + 700;
+    let record = format!(
+        r#"{{"expires_at_ms":{expires},"instance":{{"name":"lobby","id":"lobby-crashed","host":"127.0.0.1","port":{}}}}}"#,
+        backend.addr.port()
+    );
+    std::fs::write(service_dir.join("lobby-crashed.json"), record).expect("write record");
+    std::fs::write(service_dir.join("junk.json"), "{ not json").expect("write junk");
+
+    let b = TestAgent::start(&config(dir.path(), None, Some("lobby"), "1s")).await;
+    eventually("the live entry", DEADLINE, || async {
+        b.routable().await == ["lobby-crashed"]
+    })
+    .await;
+    assert_eq!(
+        b.metric("squire_registry_entries_skipped_total{service=\"lobby\"}")
+            .await,
+        Some(1.0)
+    );
+    eventually("the entry to expire", DEADLINE, || async {
+        b.routable().await.is_empty()
+    })
+    .await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_drains_open_connections_then_cuts_at_the_deadline() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backend = Backend::start("chat").await;
+    let a = TestAgent::start(&config(
+        dir.path(),
+        Some(("chat", backend.addr)),
+        None,
+        "1s",
+    ))
+    .await;
+    let mut b = TestAgent::start(&config(dir.path(), None, Some("chat"), "1s")).await;
+    eventually("B to see A", DEADLINE, || async {
+        b.routable().await.len() == 1
+    })
+    .await;
+
+    let mut open = TcpStream::connect(b.listen()).await.expect("connect");
+    let mut greeting = [0u8; 5];
+    open.read_exact(&mut greeting).await.expect("greeting");
+    assert_eq!(&greeting, b"chat\n");
+
+    b.begin_stop();
+    eventually("B to stop accepting", DEADLINE, || async {
+        TcpStream::connect(b.listen()).await.is_err()
+    })
+    .await;
+    // The established connection still carries bytes both ways while draining.
+    open.write_all(b"during drain")
+        .await
+        .expect("write while draining");
+    let mut echoed = [0u8; 12];
+    open.read_exact(&mut echoed)
+        .await
+        .expect("echo while draining");
+    assert_eq!(&echoed, b"during drain");
+
+    // drain_timeout is 1s: the connection is cut then, and B finishes.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, open.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "cut at the drain deadline: {read:?}"
+    );
+    b.stop().await;
+    a.stop().await;
+}

@@ -1,0 +1,348 @@
+//! Shared helpers for the integration tests: a real etcd on free loopback
+//! ports, tiny real backends, an in-process agent, and waiting on conditions
+//! with a deadline instead of sleeping.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How long any condition may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Polls `condition` until it holds, failing the test after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A free loopback port: bound, read, released.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A real etcd server (Debian's `etcd-server`) on free loopback ports with a
+/// temporary data directory, killed on drop.
+pub struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+impl Etcd {
+    pub async fn start() -> Etcd {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut etcd = Etcd {
+            child: None,
+            dir,
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        etcd.spawn().await;
+        etcd
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub async fn client(&self) -> etcd_client::Client {
+        let options = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(5));
+        etcd_client::Client::connect([self.endpoint()], Some(options))
+            .await
+            .expect("etcd client")
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill(); // already exited is fine
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same ports and data directory.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    async fn spawn(&mut self) {
+        let data = self.dir.path().join("data");
+        let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log file");
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(&data)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start etcd: install it with `apt-get install -y etcd-server`");
+        self.child = Some(child);
+        let endpoint = self.endpoint();
+        eventually("etcd to serve", DEADLINE, || {
+            let endpoint = endpoint.clone();
+            async move {
+                let options =
+                    etcd_client::ConnectOptions::new().with_timeout(Duration::from_millis(500));
+                match etcd_client::Client::connect([endpoint], Some(options)).await {
+                    Ok(mut c) => c.get("probe", None).await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TCP backend: greets each connection with `{name}\n`, echoes what it
+/// receives, and after the client's EOF says `bye {bytes}\n` and closes. The
+/// last line proves a half-close crossed the proxy both ways.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let addr = listener.local_addr().expect("backend addr");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counter = connections.clone();
+        let greeting = format!("{name}\n");
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let greeting = greeting.clone();
+                tokio::spawn(async move {
+                    stream.write_all(greeting.as_bytes()).await?;
+                    let mut total = 0;
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let n = stream.read(&mut buf).await?;
+                        if n == 0 {
+                            break;
+                        }
+                        total += n;
+                        stream.write_all(&buf[..n]).await?;
+                    }
+                    stream
+                        .write_all(format!("bye {total}\n").as_bytes())
+                        .await?;
+                    stream.shutdown().await
+                });
+            }
+        });
+        Backend {
+            addr,
+            connections,
+            task,
+        }
+    }
+
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One client session through a proxy: reads the greeting, echoes `payload`,
+/// half-closes, and returns (greeting, echoed, farewell).
+pub async fn session(
+    addr: SocketAddr,
+    payload: &[u8],
+) -> std::io::Result<(String, Vec<u8>, String)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let greeting = read_line(&mut stream).await?;
+    stream.write_all(payload).await?;
+    let mut echoed = vec![0u8; payload.len()];
+    stream.read_exact(&mut echoed).await?;
+    stream.shutdown().await?;
+    let mut rest = String::new();
+    stream.read_to_string(&mut rest).await?;
+    Ok((greeting, echoed, rest))
+}
+
+/// Reads the backend's greeting line; empty if the proxy closed the
+/// connection without reaching a backend.
+pub async fn greeting(addr: SocketAddr) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
+    read_line(&mut stream).await
+}
+
+async fn read_line(stream: &mut TcpStream) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while stream.read(&mut byte).await? == 1 {
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// A whole agent running in this process.
+pub struct TestAgent {
+    pub admin: SocketAddr,
+    pub listens: Vec<SocketAddr>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl TestAgent {
+    pub async fn start(toml: &str) -> TestAgent {
+        let config =
+            squire::Config::from_toml(toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
+        let agent = squire::Agent::bind(config).await.expect("agent binds");
+        let admin = agent.admin_addr();
+        let listens = agent.listen_addrs();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(agent.run(async {
+            let _ = stopped.await; // a dropped sender also means stop
+        }));
+        TestAgent {
+            admin,
+            listens,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub fn listen(&self) -> SocketAddr {
+        self.listens[0]
+    }
+
+    /// Triggers shutdown without waiting for it.
+    pub fn begin_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Shuts down and waits until the agent has returned.
+    pub async fn stop(mut self) {
+        self.begin_stop();
+        tokio::time::timeout(DEADLINE, &mut self.task)
+            .await
+            .expect("agent stops within the deadline")
+            .expect("agent task did not panic");
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path).await
+    }
+
+    pub async fn json(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.get(path).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).expect("admin answers JSON")
+    }
+
+    /// The value of one metric line whose name and labels start with `prefix`.
+    pub async fn metric(&self, prefix: &str) -> Option<f64> {
+        let (_, body) = self.get("/metrics").await;
+        body.lines()
+            .find(|line| line.starts_with(prefix))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Ids of the endpoints the first upstream would route to now.
+    pub async fn routable(&self) -> Vec<String> {
+        let services = self.json("/v1/services").await;
+        services["upstreams"][0]["endpoints"]
+            .as_array()
+            .map(|eps| {
+                eps.iter()
+                    .filter_map(|e| e["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// A minimal HTTP/1.1 GET: status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect to admin");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read response");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad response: {response}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
