@@ -149,7 +149,10 @@ fn services(state: &AgentState) -> serde_json::Value {
                 "listen": upstream.listen.to_string(),
                 "protocol": "tcp",
                 "strategy": upstream.config.strategy.name(),
-                "tags": upstream.config.tags,
+                "tags": upstream.config.filter.tags,
+                "version": upstream.config.filter.version,
+                "metadata": upstream.config.filter.metadata,
+                "statuses": upstream.config.filter.statuses,
                 "endpoints": endpoints,
             })
         })

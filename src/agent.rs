@@ -18,7 +18,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
-use crate::balance::Filter;
 use crate::config::{Config, ServiceConfig, UpstreamConfig};
 use crate::discovery::{Discovery, Pool, ServiceState};
 use crate::proxy::TcpProxy;
@@ -84,9 +83,7 @@ impl Agent {
         let mut proxies = Vec::new();
         let mut upstreams = Vec::new();
         for upstream in &config.upstreams {
-            let pool = Arc::new(Pool::new(Filter {
-                tags: upstream.tags.clone(),
-            }));
+            let pool = Arc::new(Pool::new(upstream.filter.clone()));
             pools_by_service
                 .entry(upstream.service.clone())
                 .or_default()

@@ -7,6 +7,7 @@
 //! that adds one instance keeps every other endpoint's counters. A
 //! [`Balancer`] picks from a snapshot synchronously: no lock, no `.await`.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -89,16 +90,46 @@ pub struct Endpoint {
     pub stats: Arc<EndpointStats>,
 }
 
-/// Which instances an upstream may route to.
-#[derive(Debug, Clone, Default)]
+/// Which instances an upstream may route to: the seed's
+/// `discover(tags=..., healthy_only=...)`, applied once per snapshot rebuild.
+#[derive(Debug, Clone)]
 pub struct Filter {
+    /// Statuses that may take new connections (default: healthy only).
+    pub statuses: Vec<Status>,
     /// Every one of these tags must be on the instance.
     pub tags: Vec<String>,
+    /// Exact version, or a prefix when it ends in `*` (`"1.4.*"`).
+    pub version: Option<String>,
+    /// Every one of these pairs must be in the instance's metadata.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Default for Filter {
+    fn default() -> Self {
+        Filter {
+            statuses: vec![Status::Healthy],
+            tags: Vec::new(),
+            version: None,
+            metadata: BTreeMap::new(),
+        }
+    }
 }
 
 impl Filter {
     pub fn admits(&self, instance: &Instance) -> bool {
-        instance.status == Status::Healthy && self.tags.iter().all(|t| instance.tags.contains(t))
+        self.statuses.contains(&instance.status)
+            && self.tags.iter().all(|t| instance.tags.contains(t))
+            && self
+                .version
+                .as_deref()
+                .is_none_or(|want| match want.strip_suffix('*') {
+                    Some(prefix) => instance.version.starts_with(prefix),
+                    None => instance.version == want,
+                })
+            && self
+                .metadata
+                .iter()
+                .all(|(k, v)| instance.metadata.get(k) == Some(v))
     }
 }
 
@@ -249,6 +280,7 @@ mod tests {
         ];
         let filter = Filter {
             tags: vec!["game".into()],
+            ..Filter::default()
         };
         let snapshot = Snapshot::rebuild(&Snapshot::default(), &instances, &filter);
         let ids: Vec<_> = snapshot
@@ -257,6 +289,36 @@ mod tests {
             .map(|e| e.instance.id.as_str())
             .collect();
         assert_eq!(ids, ["a", "e"]);
+        let opted_in = Filter {
+            statuses: vec![Status::Healthy, Status::Draining],
+            ..filter
+        };
+        let snapshot = Snapshot::rebuild(&Snapshot::default(), &instances, &opted_in);
+        assert_eq!(snapshot.len(), 3);
+    }
+
+    #[test]
+    fn version_and_metadata_filters() {
+        let mut a = instance("a", Status::Healthy, &[]);
+        a.version = "1.4.2".into();
+        a.metadata.insert("zone".into(), "eu".into());
+        let mut b = instance("b", Status::Healthy, &[]);
+        b.version = "1.5.0".into();
+        let exact = Filter {
+            version: Some("1.4.2".into()),
+            ..Filter::default()
+        };
+        let prefix = Filter {
+            version: Some("1.*".into()),
+            ..Filter::default()
+        };
+        let zone = Filter {
+            metadata: BTreeMap::from([("zone".into(), "eu".into())]),
+            ..Filter::default()
+        };
+        assert!(exact.admits(&a) && !exact.admits(&b));
+        assert!(prefix.admits(&a) && prefix.admits(&b));
+        assert!(zone.admits(&a) && !zone.admits(&b));
     }
 
     #[test]

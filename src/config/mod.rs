@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::balance::Strategy;
+use crate::balance::{Filter, Strategy};
+use crate::registry::Status;
 use raw::{RawAgent, RawConfig, RawRegistry, RawService, RawUpstream};
 
 /// The validated configuration of one squire.
@@ -120,8 +121,8 @@ pub struct UpstreamConfig {
     pub listen: SocketAddr,
     pub protocol: Protocol,
     pub strategy: Strategy,
-    /// Only instances carrying every one of these tags.
-    pub tags: Vec<String>,
+    /// Which instances may take new connections.
+    pub filter: Filter,
     pub connect_timeout: Duration,
     /// Further connect attempts after the first, each on another instance.
     pub retries: u32,
@@ -562,6 +563,31 @@ fn validate_upstream(
             Strategy::RoundRobin
         }),
     };
+    let statuses = match raw.statuses {
+        None => vec![Status::Healthy],
+        Some(names) => names
+            .iter()
+            .filter_map(|name| match Status::from_name(name) {
+                Some(s @ (Status::Healthy | Status::Warning | Status::Unknown)) => Some(s),
+                _ => {
+                    problems.push(
+                        at("statuses"),
+                        format!("{name:?} cannot take new connections; use \"healthy\", \"warning\" or \"unknown\""),
+                    );
+                    None
+                }
+            })
+            .collect(),
+    };
+    if statuses.is_empty() {
+        problems.push(at("statuses"), "must list at least one status");
+    }
+    let filter = Filter {
+        statuses,
+        tags: raw.tags.unwrap_or_default(),
+        version: raw.version,
+        metadata: raw.metadata.unwrap_or_default(),
+    };
     let connect_timeout = duration(&at("connect_timeout"), raw.connect_timeout, "1s", problems);
     if connect_timeout.is_zero() {
         problems.push(at("connect_timeout"), "must be greater than zero");
@@ -581,7 +607,7 @@ fn validate_upstream(
         listen,
         protocol,
         strategy,
-        tags: raw.tags.unwrap_or_default(),
+        filter,
         connect_timeout,
         retries,
     }

@@ -63,6 +63,9 @@ pub struct RawUpstream {
     pub protocol: Option<String>,
     pub strategy: Option<String>,
     pub tags: Option<Vec<String>>,
+    pub version: Option<String>,
+    pub metadata: Option<BTreeMap<String, String>>,
+    pub statuses: Option<Vec<String>>,
     pub connect_timeout: Option<String>,
     pub retries: Option<i64>,
 }

@@ -82,31 +82,44 @@ impl Instance {
     }
 }
 
-/// What an instance says of itself. Only `healthy` instances get new
-/// connections; `draining` ones keep their existing connections.
+/// What an instance says of itself. By default only `healthy` instances get
+/// new connections (an upstream may also accept `warning` and `unknown`);
+/// `draining` ones keep their existing connections but get no new ones.
+///
+/// squire's own health checks announce `unknown` until `rise` passes, then
+/// `healthy`, `warning` (a check reports degraded service, e.g. an exec check
+/// exiting 1) or `unhealthy` (a check failed `fall` times: Consul's
+/// "critical"). `critical` is read from registrants that use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Unknown,
     Healthy,
+    Warning,
     Unhealthy,
     Critical,
     Draining,
 }
 
 impl Status {
-    pub const ALL: [Status; 5] = [
+    pub const ALL: [Status; 6] = [
         Status::Unknown,
         Status::Healthy,
+        Status::Warning,
         Status::Unhealthy,
         Status::Critical,
         Status::Draining,
     ];
 
+    pub fn from_name(name: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Unknown => "unknown",
             Status::Healthy => "healthy",
+            Status::Warning => "warning",
             Status::Unhealthy => "unhealthy",
             Status::Critical => "critical",
             Status::Draining => "draining",
