@@ -6,7 +6,12 @@
 //! - `GET /metrics`: Prometheus text format.
 //! - `GET /v1/services`: every discovered service, its instances and status,
 //!   and each upstream listener's routable endpoints.
-//! - `GET /v1/self`: our registration (registry, lease, last keep-alive).
+//! - `GET /v1/self`: our registration (registry, lease, last keep-alive, the
+//!   status announced) and every health check's last result.
+//! - `PUT /v1/maintenance?enable=true&reason=...`: announce our instance as
+//!   `draining` (peers open no new connections, existing ones continue);
+//!   `enable=false` returns to the health checks' verdict.
+//!   `GET /v1/maintenance` shows the current setting.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -24,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::AgentState;
+use crate::registry::{Instance, Status};
 
 pub struct Admin {
     listener: TcpListener,
@@ -70,6 +76,9 @@ impl Admin {
 type Body = Full<Bytes>;
 
 fn route(state: &AgentState, request: Request<Incoming>) -> Response<Body> {
+    if request.uri().path() == "/v1/maintenance" {
+        return maintenance(state, &request);
+    }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
@@ -93,6 +102,43 @@ fn route(state: &AgentState, request: Request<Incoming>) -> Response<Body> {
     }
 }
 
+fn maintenance(state: &AgentState, request: &Request<Incoming>) -> Response<Body> {
+    if request.method() == Method::PUT {
+        let mut enable = None;
+        let mut reason = String::new();
+        for (key, value) in form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes()) {
+            match key.as_ref() {
+                "enable" => enable = Some(value.into_owned()),
+                "reason" => reason = value.into_owned(),
+                _ => {}
+            }
+        }
+        match enable.as_deref() {
+            Some("true") => {
+                if reason.is_empty() {
+                    reason = "maintenance mode".to_owned();
+                }
+                tracing::info!(%reason, "maintenance on: announcing draining");
+                state.maintenance.send_replace(Some(reason));
+            }
+            Some("false") => {
+                tracing::info!("maintenance off");
+                state.maintenance.send_replace(None);
+            }
+            _ => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "enable=true or enable=false is required\n",
+                )
+            }
+        }
+    } else if request.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET or PUT\n");
+    }
+    let current = state.maintenance.borrow().clone();
+    json_response(json!({ "enabled": current.is_some(), "reason": current }))
+}
+
 fn not_ready_reason(state: &AgentState) -> Option<&'static str> {
     if state.draining.load(Ordering::Relaxed) {
         return Some("draining");
@@ -114,15 +160,20 @@ fn not_ready_reason(state: &AgentState) -> Option<&'static str> {
 }
 
 fn services(state: &AgentState) -> serde_json::Value {
+    let mut all = HealthSummary::default();
     let services: Vec<_> = state
         .services
         .iter()
         .map(|service| {
+            let instances = service.instances();
+            let summary = HealthSummary::of(&instances);
+            all.add(&summary);
             json!({
                 "name": service.name,
                 "watch_up": service.watch_up(),
                 "updated_at": service.updated_at().map(|t| humantime::format_rfc3339_millis(t).to_string()),
-                "instances": *service.instances(),
+                "summary": summary.to_json(),
+                "instances": *instances,
             })
         })
         .collect();
@@ -157,7 +208,45 @@ fn services(state: &AgentState) -> serde_json::Value {
             })
         })
         .collect();
-    json!({ "services": services, "upstreams": upstreams })
+    json!({ "summary": all.to_json(), "services": services, "upstreams": upstreams })
+}
+
+/// The seed's `get_stats()`: how many instances, how many healthy.
+#[derive(Default)]
+struct HealthSummary {
+    total: usize,
+    healthy: usize,
+}
+
+impl HealthSummary {
+    fn of(instances: &[Instance]) -> Self {
+        HealthSummary {
+            total: instances.len(),
+            healthy: instances
+                .iter()
+                .filter(|i| i.status == Status::Healthy)
+                .count(),
+        }
+    }
+
+    fn add(&mut self, other: &HealthSummary) {
+        self.total += other.total;
+        self.healthy += other.healthy;
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let rate = if self.total == 0 {
+            1.0
+        } else {
+            self.healthy as f64 / self.total as f64
+        };
+        json!({
+            "total": self.total,
+            "healthy": self.healthy,
+            "unhealthy": self.total - self.healthy,
+            "health_rate": rate,
+        })
+    }
 }
 
 fn self_view(state: &AgentState) -> serde_json::Value {
@@ -165,10 +254,20 @@ fn self_view(state: &AgentState) -> serde_json::Value {
         .registration
         .as_ref()
         .map(|r| r.lock().unwrap_or_else(|p| p.into_inner()).clone());
+    let checks = state
+        .health
+        .as_ref()
+        .map(|board| board.reports())
+        .unwrap_or_default();
+    let maintenance = state.maintenance.borrow().clone();
     json!({
         "node": state.node,
         "ready": not_ready_reason(state).is_none(),
         "draining": state.draining.load(Ordering::Relaxed),
+        "status": registration.as_ref().map(|r| r.instance.status),
+        "maintenance": { "enabled": maintenance.is_some(), "reason": maintenance },
+        "health": state.health.as_ref().map(|board| *board.subscribe().borrow()),
+        "checks": checks,
         "registration": registration,
     })
 }
@@ -189,4 +288,47 @@ fn json_response(value: serde_json::Value) -> Response<Body> {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+/// The client side of `PUT /v1/maintenance`, for `squire maintenance`:
+/// returns the agent's answer, or why it could not be had.
+pub async fn set_maintenance(
+    admin: std::net::SocketAddr,
+    enable: bool,
+    reason: Option<&str>,
+) -> Result<String, String> {
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.append_pair("enable", if enable { "true" } else { "false" });
+    if let Some(reason) = reason {
+        query.append_pair("reason", reason);
+    }
+    let uri = format!("/v1/maintenance?{}", query.finish());
+    let stream = tokio::net::TcpStream::connect(admin)
+        .await
+        .map_err(|e| format!("cannot reach the admin API at {admin}: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    let _connection = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(connection));
+    let request = Request::builder()
+        .method(Method::PUT)
+        .uri(uri)
+        .header(hyper::header::HOST, admin.to_string())
+        .body(http_body_util::Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let body = String::from_utf8_lossy(&body).trim().to_owned();
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(format!("{status}: {body}"))
+    }
 }

@@ -1,7 +1,8 @@
 //! Wires the parts together and owns the order of startup and shutdown.
 //!
 //! Start: bind the admin API and every listener (a taken port fails here),
-//! start discovery, then register. Stop: deregister first, wait `drain_delay`
+//! start the health checks and discovery, then register (as `unknown` until
+//! the checks have risen, so peers send nothing before the service is ready). Stop: deregister first, wait `drain_delay`
 //! so peers see us leave, stop accepting, let open connections finish up to
 //! `drain_timeout`, cut the rest, return.
 
@@ -13,6 +14,7 @@ use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,8 +22,9 @@ use tokio_util::task::TaskTracker;
 use crate::admin::Admin;
 use crate::config::{Config, ServiceConfig, UpstreamConfig};
 use crate::discovery::{Discovery, Pool, ServiceState};
+use crate::health::{Health, HealthBoard};
 use crate::proxy::TcpProxy;
-use crate::registration::{Registration, SharedState};
+use crate::registration::{Maintenance, Registration, SharedState};
 use crate::registry::{self, Instance, Registry, Status};
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +37,8 @@ pub enum AgentError {
     },
     #[error("cannot install the metrics recorder: {0}")]
     Metrics(String),
+    #[error("cannot set up the health checks: {0}")]
+    Health(#[from] crate::tls::TlsError),
 }
 
 /// What the admin API reads.
@@ -42,6 +47,9 @@ pub struct AgentState {
     pub listeners_bound: AtomicBool,
     pub draining: AtomicBool,
     pub registration: Option<SharedState>,
+    pub health: Option<Arc<HealthBoard>>,
+    /// Maintenance mode, switched by `PUT /v1/maintenance`.
+    pub maintenance: watch::Sender<Maintenance>,
     pub services: Vec<Arc<ServiceState>>,
     pub upstreams: Vec<UpstreamView>,
     pub prometheus: PrometheusHandle,
@@ -61,6 +69,7 @@ pub struct Agent {
     admin_addr: SocketAddr,
     proxies: Vec<TcpProxy>,
     discoveries: Vec<Discovery>,
+    health: Option<Health>,
     registration: Option<Registration>,
 }
 
@@ -112,15 +121,25 @@ impl Agent {
             discoveries.push(Discovery::new(registry.clone(), service, pools));
         }
 
+        let (maintenance, maintenance_rx) = watch::channel(None);
+        let health = match &config.service {
+            Some(service) => Some(Health::new(&service.checks)?),
+            None => None,
+        };
         let registration = config
             .service
             .as_ref()
-            .map(|service| registration(registry.clone(), service, &config));
+            .zip(health.as_ref())
+            .map(|(service, health)| {
+                registration(registry.clone(), service, &config, health, maintenance_rx)
+            });
         let state = Arc::new(AgentState {
             node: config.agent.node.clone(),
             listeners_bound: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             registration: registration.as_ref().map(Registration::state),
+            health: health.as_ref().map(Health::board),
+            maintenance,
             services,
             upstreams,
             prometheus,
@@ -132,6 +151,7 @@ impl Agent {
             state,
             proxies,
             discoveries,
+            health,
             registration,
         })
     }
@@ -154,12 +174,16 @@ impl Agent {
             admin,
             proxies,
             discoveries,
+            health,
             registration,
             ..
         } = self;
 
         let admin_stop = CancellationToken::new();
         let admin_task = tokio::spawn(admin.run(admin_stop.clone()));
+
+        let health_stop = CancellationToken::new();
+        let health_task = health.map(|h| tokio::spawn(h.run(health_stop.clone())));
 
         let discovery_stop = CancellationToken::new();
         let mut discovery_tasks = JoinSet::new();
@@ -213,6 +237,12 @@ impl Agent {
 
         discovery_stop.cancel();
         while discovery_tasks.join_next().await.is_some() {}
+        health_stop.cancel();
+        if let Some(task) = health_task {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "health task failed");
+            }
+        }
         admin_stop.cancel();
         if let Err(e) = admin_task.await {
             tracing::error!(error = %e, "admin task failed");
@@ -231,6 +261,8 @@ fn registration(
     registry: Arc<dyn Registry>,
     service: &ServiceConfig,
     config: &Config,
+    health: &Health,
+    maintenance: watch::Receiver<Maintenance>,
 ) -> Registration {
     let instance = Instance {
         name: service.name.clone(),
@@ -241,14 +273,17 @@ fn registration(
         metadata: service.metadata.clone(),
         version: service.version.clone(),
         weight: service.weight,
-        // Until health checks decide, a registered instance is healthy.
-        status: Status::Healthy,
+        // Replaced by the health verdict before every write.
+        status: Status::Unknown,
     };
     Registration::new(
         registry,
         instance,
         config.registry.ttl,
         config.registry.timeout,
+        health.board().subscribe(),
+        maintenance,
+        service.deregister_critical_after,
     )
 }
 

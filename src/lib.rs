@@ -27,10 +27,12 @@ pub mod backoff;
 pub mod balance;
 pub mod config;
 pub mod discovery;
+pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod registration;
 pub mod registry;
+pub mod tls;
 
 pub use agent::{run, Agent, AgentError};
 pub use config::{Config, ConfigError};

@@ -1,5 +1,6 @@
 //! The `squire` command: parse, validate, run, map errors to exit codes.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -37,6 +38,27 @@ enum Command {
         #[arg(short, long, default_value = "agent.toml")]
         config: PathBuf,
     },
+    /// Turn maintenance mode on (announce `draining`: peers open no new
+    /// connections, open ones continue) or off (back to the health checks).
+    Maintenance {
+        #[arg(value_enum)]
+        mode: OnOff,
+        /// Why, shown in /v1/self.
+        #[arg(long)]
+        reason: Option<String>,
+        /// The running agent's configuration, to find its admin address.
+        #[arg(short, long, default_value = "agent.toml")]
+        config: PathBuf,
+        /// The admin address, instead of reading it from the configuration.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 fn main() -> ExitCode {
@@ -49,6 +71,45 @@ fn main() -> ExitCode {
             }
             Err(e) => config_failure(&config, &e),
         },
+        Command::Maintenance {
+            mode,
+            reason,
+            config,
+            admin,
+        } => {
+            let admin = match admin {
+                Some(admin) => admin,
+                None => match Config::load(&config) {
+                    Ok(config) => config.agent.admin,
+                    Err(e) => return config_failure(&config, &e),
+                },
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("squire: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let enable = matches!(mode, OnOff::On);
+            match runtime.block_on(squire::admin::set_maintenance(
+                admin,
+                enable,
+                reason.as_deref(),
+            )) {
+                Ok(answer) => {
+                    println!("{answer}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("squire: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config: path } => {
             let config = match Config::load(&path) {
                 Ok(config) => config,

@@ -41,6 +41,29 @@ pub const BYTES_OUT: &str = "squire_tcp_sent_bytes_total";
 /// Time to connect to an upstream instance. Labels: upstream, listen.
 pub const CONNECT_SECONDS: &str = "squire_upstream_connect_duration_seconds";
 
+/// Time one health probe took. Labels: check.
+pub const CHECK_SECONDS: &str = "squire_check_duration_seconds";
+/// Probe results. Labels: check, outcome (passing, warning, critical).
+pub const CHECK_RESULTS: &str = "squire_check_results_total";
+/// Status changes of a check after its thresholds. Labels: check, to.
+pub const CHECK_TRANSITIONS: &str = "squire_check_transitions_total";
+/// 1 for the current status of a check, 0 for the others. Labels: check, status.
+pub const CHECK_STATUS: &str = "squire_check_status";
+/// 1 for the status we announce, 0 for the others. Labels: status.
+pub const ANNOUNCED_STATUS: &str = "squire_announced_status";
+/// Status writes to the registry. Labels: registry.
+pub const STATUS_WRITES: &str = "squire_status_writes_total";
+/// Status changes held back by the write rate limit (a later write carries
+/// the latest). Labels: registry.
+pub const STATUS_WRITES_DEFERRED: &str = "squire_status_writes_deferred_total";
+/// Times our instance was removed for staying unhealthy past
+/// `deregister_critical_after`. Labels: registry.
+pub const CRITICAL_DEREGISTRATIONS: &str = "squire_critical_deregistrations_total";
+
+const CHECK_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 const CONNECT_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
@@ -54,6 +77,8 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(CONNECT_SECONDS.to_owned()), CONNECT_BUCKETS)
+                .map_err(|e| e.to_string())?
+                .set_buckets_for_metric(Matcher::Full(CHECK_SECONDS.to_owned()), CHECK_BUCKETS)
                 .map_err(|e| e.to_string())?
                 .build_recorder();
             let handle = recorder.handle();

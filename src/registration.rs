@@ -1,4 +1,5 @@
-//! Keeps our instance registered, whatever the registry goes through.
+//! Keeps our instance registered, whatever the registry goes through, and
+//! announces the status our health checks and maintenance mode decide.
 //!
 //! One loop: register under a new lease, refresh it every ttl/3, and
 //!
@@ -9,17 +10,28 @@
 //! - on [`RegistryError::LeaseLost`] (revoked, expired while we were cut
 //!   off) register again at once under a new lease, then back off if that
 //!   fails. Registering writes the whole value, so doing it twice is harmless;
+//! - when the wanted status changes, write it, at most as fast as a token
+//!   bucket allows (a flapping service cannot flood the registry). Whatever
+//!   is written is the latest status at the time of the write;
+//! - when the health verdict stays `unhealthy` for `deregister_critical_after`,
+//!   remove the registration, and register again once the verdict recovers;
 //! - on shutdown revoke the lease so peers see us leave at once.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::metrics as m;
-use crate::registry::{Instance, Lease, Registry, RegistryError};
+use crate::registry::{Instance, Lease, Registry, RegistryError, Status};
+
+/// Status writes allowed in a burst, then one per [`WRITE_REFILL`].
+const WRITE_BURST: u32 = 3;
+const WRITE_REFILL: Duration = Duration::from_secs(1);
 
 /// What `/v1/self` shows of our registration.
 #[derive(Debug, Clone, Serialize)]
@@ -27,6 +39,9 @@ pub struct RegistrationState {
     pub registry: &'static str,
     pub target: String,
     pub registered: bool,
+    /// Removed because the instance stayed unhealthy past
+    /// `deregister_critical_after`; registered again when it recovers.
+    pub deregistered_unhealthy: bool,
     pub lease: Option<String>,
     #[serde(serialize_with = "rfc3339")]
     pub registered_at: Option<SystemTime>,
@@ -34,10 +49,14 @@ pub struct RegistrationState {
     pub last_keep_alive: Option<SystemTime>,
     pub last_error: Option<String>,
     pub registrations: u64,
+    /// The instance as last written, with the status the registry holds.
     pub instance: Instance,
 }
 
-fn rfc3339<S: serde::Serializer>(time: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn rfc3339<S: serde::Serializer>(
+    time: &Option<SystemTime>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     match time {
         Some(t) => s.collect_str(&humantime::format_rfc3339_millis(*t)),
         None => s.serialize_none(),
@@ -47,12 +66,28 @@ fn rfc3339<S: serde::Serializer>(time: &Option<SystemTime>, s: S) -> Result<S::O
 /// Shared view of the registration, updated by the loop, read by admin.
 pub type SharedState = Arc<Mutex<RegistrationState>>;
 
+/// Maintenance mode: `Some(reason)` while on.
+pub type Maintenance = Option<String>;
+
 pub struct Registration {
     registry: Arc<dyn Registry>,
     instance: Instance,
     refresh: Duration,
     timeout: Duration,
+    health: watch::Receiver<Status>,
+    maintenance: watch::Receiver<Maintenance>,
+    deregister_unhealthy_after: Option<Duration>,
+    /// Since when the health verdict has been `unhealthy`, across leases.
+    unhealthy_since: Option<Instant>,
+    writes: TokenBucket,
     state: SharedState,
+}
+
+/// How holding one lease ended.
+enum Ended {
+    Shutdown(Box<dyn Lease>),
+    Lost,
+    UnhealthyTooLong(Box<dyn Lease>),
 }
 
 impl Registration {
@@ -61,11 +96,15 @@ impl Registration {
         instance: Instance,
         ttl: Duration,
         timeout: Duration,
+        health: watch::Receiver<Status>,
+        maintenance: watch::Receiver<Maintenance>,
+        deregister_unhealthy_after: Option<Duration>,
     ) -> Self {
         let state = Arc::new(Mutex::new(RegistrationState {
             registry: registry.kind(),
             target: registry.target(),
             registered: false,
+            deregistered_unhealthy: false,
             lease: None,
             registered_at: None,
             last_keep_alive: None,
@@ -78,6 +117,11 @@ impl Registration {
             instance,
             refresh: ttl / 3,
             timeout,
+            health,
+            maintenance,
+            deregister_unhealthy_after,
+            unhealthy_since: None,
+            writes: TokenBucket::new(WRITE_BURST, WRITE_REFILL),
             state,
         }
     }
@@ -86,8 +130,24 @@ impl Registration {
         self.state.clone()
     }
 
+    /// The status to announce now: maintenance wins over the health verdict.
+    fn wanted(&mut self) -> Status {
+        let health = *self.health.borrow_and_update();
+        match health {
+            Status::Unhealthy => {
+                self.unhealthy_since.get_or_insert_with(Instant::now);
+            }
+            _ => self.unhealthy_since = None,
+        }
+        if self.maintenance.borrow_and_update().is_some() {
+            Status::Draining
+        } else {
+            health
+        }
+    }
+
     /// Runs until `shutdown`, then revokes the registration and returns.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let kind = self.registry.kind();
         let mut backoff = Backoff::new(
             Duration::from_millis(200),
@@ -95,6 +155,7 @@ impl Registration {
         );
         let mut lost_before = false;
         loop {
+            self.instance.status = self.wanted();
             let registered = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = self.registry.register(&self.instance) => r,
@@ -118,70 +179,145 @@ impl Registration {
                 metrics::counter!(m::LEASE_REGRANTS, "registry" => kind).increment(1);
             }
             metrics::gauge!(m::REGISTERED, "registry" => kind).set(1.0);
-            tracing::info!(registry = kind, lease = %lease.id(), id = %self.instance.id, "registered");
+            set_announced_gauge(self.instance.status);
+            tracing::info!(registry = kind, lease = %lease.id(), id = %self.instance.id, status = %self.instance.status, "registered");
+            let instance = self.instance.clone();
             self.update(|s| {
                 let now = SystemTime::now();
                 s.registered = true;
+                s.deregistered_unhealthy = false;
                 s.lease = Some(lease.id());
                 s.registered_at = Some(now);
                 s.last_keep_alive = Some(now);
                 s.last_error = None;
                 s.registrations += 1;
+                s.instance = instance;
             });
 
-            match self.keep_alive(lease, &shutdown, &mut backoff).await {
-                Some(lease) => {
+            match self.hold(lease, &shutdown, &mut backoff).await {
+                Ended::Shutdown(lease) => {
                     self.deregister(lease).await;
                     return;
                 }
-                None => {
+                Ended::Lost => {
                     lost_before = true;
                     metrics::gauge!(m::REGISTERED, "registry" => kind).set(0.0);
                     self.update(|s| s.registered = false);
+                }
+                Ended::UnhealthyTooLong(lease) => {
+                    tracing::warn!(registry = kind, id = %self.instance.id, "unhealthy past deregister_critical_after; deregistering until it recovers");
+                    metrics::counter!(m::CRITICAL_DEREGISTRATIONS, "registry" => kind).increment(1);
+                    self.deregister(lease).await;
+                    self.update(|s| s.deregistered_unhealthy = true);
+                    if self.wait_for_recovery(&shutdown).await {
+                        return;
+                    }
+                    lost_before = false;
                 }
             }
         }
     }
 
-    /// Refreshes `lease` until shutdown (returns it, to be revoked) or until it
-    /// is lost (returns `None`).
-    async fn keep_alive(
-        &self,
+    /// Keeps `lease` alive and its status current until shutdown, loss, or
+    /// an unhealthy spell past the limit.
+    async fn hold(
+        &mut self,
         mut lease: Box<dyn Lease>,
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
-    ) -> Option<Box<dyn Lease>> {
+    ) -> Ended {
         let kind = self.registry.kind();
-        let mut delay = self.refresh;
+        let mut next_refresh = Instant::now() + self.refresh;
+        let mut deferred = false;
         loop {
-            if sleep_or_shutdown(delay, shutdown).await {
-                return Some(lease);
+            let wanted = self.wanted();
+            let write_at = (wanted != self.instance.status).then(|| self.writes.ready_at());
+            if write_at.is_some_and(|at| at > Instant::now()) && !deferred {
+                deferred = true;
+                metrics::counter!(m::STATUS_WRITES_DEFERRED, "registry" => kind).increment(1);
             }
-            let refreshed = tokio::select! {
-                _ = shutdown.cancelled() => return Some(lease),
-                r = tokio::time::timeout(self.timeout, lease.keep_alive()) => r
-                    .unwrap_or_else(|_| Err(RegistryError::Unavailable("keep-alive timed out".into()))),
-            };
-            match refreshed {
-                Ok(()) => {
-                    backoff.reset();
-                    delay = self.refresh;
-                    self.update(|s| s.last_keep_alive = Some(SystemTime::now()));
+            let unhealthy_deadline = self
+                .unhealthy_since
+                .zip(self.deregister_unhealthy_after)
+                .map(|(since, after)| since + after);
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ended::Shutdown(lease),
+                _ = sleep_until_some(unhealthy_deadline) => return Ended::UnhealthyTooLong(lease),
+                changed = self.health.changed() => if changed.is_err() {
+                    // The checks are gone only when the agent is stopping.
+                    return Ended::Shutdown(lease);
+                },
+                changed = self.maintenance.changed() => if changed.is_err() {
+                    return Ended::Shutdown(lease);
+                },
+                _ = sleep_until_some(write_at) => {
+                    self.writes.take();
+                    deferred = false;
+                    let mut instance = self.instance.clone();
+                    instance.status = wanted;
+                    match tokio::time::timeout(self.timeout, lease.update(&instance)).await {
+                        Ok(Ok(())) => {
+                            metrics::counter!(m::STATUS_WRITES, "registry" => kind).increment(1);
+                            set_announced_gauge(wanted);
+                            tracing::info!(registry = kind, from = %self.instance.status, to = %wanted, "status announced");
+                            self.instance = instance.clone();
+                            self.update(|s| s.instance = instance);
+                        }
+                        Ok(Err(RegistryError::LeaseLost(reason))) => {
+                            tracing::warn!(registry = kind, %reason, "lease lost while writing status; registering again");
+                            return Ended::Lost;
+                        }
+                        Ok(Err(e)) => {
+                            // Stays pending: retried when the next token comes.
+                            tracing::warn!(registry = kind, error = %e, "status write failed");
+                            self.update(|s| s.last_error = Some(e.to_string()));
+                        }
+                        Err(_) => tracing::warn!(registry = kind, "status write timed out"),
+                    }
                 }
-                Err(RegistryError::LeaseLost(reason)) => {
-                    tracing::warn!(registry = kind, %reason, "lease lost; registering again");
-                    metrics::counter!(m::KEEPALIVE_FAILURES, "registry" => kind).increment(1);
-                    self.update(|s| s.last_error = Some(format!("lease lost: {reason}")));
-                    return None;
+                _ = tokio::time::sleep_until(next_refresh) => {
+                    match tokio::time::timeout(self.timeout, lease.keep_alive()).await
+                        .unwrap_or_else(|_| Err(RegistryError::Unavailable("keep-alive timed out".into())))
+                    {
+                        Ok(()) => {
+                            backoff.reset();
+                            next_refresh = Instant::now() + self.refresh;
+                            self.update(|s| s.last_keep_alive = Some(SystemTime::now()));
+                        }
+                        Err(RegistryError::LeaseLost(reason)) => {
+                            tracing::warn!(registry = kind, %reason, "lease lost; registering again");
+                            metrics::counter!(m::KEEPALIVE_FAILURES, "registry" => kind).increment(1);
+                            self.update(|s| s.last_error = Some(format!("lease lost: {reason}")));
+                            return Ended::Lost;
+                        }
+                        Err(e) => {
+                            metrics::counter!(m::KEEPALIVE_FAILURES, "registry" => kind).increment(1);
+                            // Never wait longer than one refresh period between
+                            // tries, or an outage shorter than the ttl would
+                            // still lose us.
+                            let delay = backoff.next(e.is_retryable()).min(self.refresh);
+                            next_refresh = Instant::now() + delay;
+                            tracing::warn!(registry = kind, error = %e, retry_in = ?delay, "keep-alive failed");
+                            self.update(|s| s.last_error = Some(e.to_string()));
+                        }
+                    }
                 }
-                Err(e) => {
-                    metrics::counter!(m::KEEPALIVE_FAILURES, "registry" => kind).increment(1);
-                    // Never wait longer than one refresh period between tries,
-                    // or an outage shorter than the ttl would still lose us.
-                    delay = backoff.next(e.is_retryable()).min(self.refresh);
-                    tracing::warn!(registry = kind, error = %e, retry_in = ?delay, "keep-alive failed");
-                    self.update(|s| s.last_error = Some(e.to_string()));
-                }
+            }
+        }
+    }
+
+    /// Waits, deregistered, until the health verdict is no longer unhealthy.
+    /// True if shutdown came first.
+    async fn wait_for_recovery(&mut self, shutdown: &CancellationToken) -> bool {
+        loop {
+            if *self.health.borrow_and_update() != Status::Unhealthy {
+                return false;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return true,
+                changed = self.health.changed() => if changed.is_err() {
+                    return true;
+                },
             }
         }
     }
@@ -213,10 +349,101 @@ impl Registration {
     }
 }
 
+fn set_announced_gauge(current: Status) {
+    for status in Status::ALL {
+        let value = if status == current { 1.0 } else { 0.0 };
+        metrics::gauge!(m::ANNOUNCED_STATUS, "status" => status.as_str()).set(value);
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Sleeps for `delay`; true if shutdown came first.
 pub(crate) async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
     tokio::select! {
         _ = shutdown.cancelled() => true,
         _ = tokio::time::sleep(delay) => false,
+    }
+}
+
+/// A token bucket: `burst` tokens, one more every `refill`.
+#[derive(Debug)]
+struct TokenBucket {
+    burst: u32,
+    refill: Duration,
+    tokens: u32,
+    /// When the next token is added (meaningful while below `burst`).
+    next: Instant,
+}
+
+impl TokenBucket {
+    fn new(burst: u32, refill: Duration) -> Self {
+        TokenBucket {
+            burst,
+            refill,
+            tokens: burst,
+            next: Instant::now() + refill,
+        }
+    }
+
+    fn top_up(&mut self) {
+        let now = Instant::now();
+        while self.tokens < self.burst && self.next <= now {
+            self.tokens += 1;
+            self.next += self.refill;
+        }
+        if self.tokens == self.burst {
+            self.next = now + self.refill;
+        }
+    }
+
+    /// When a token is (or will be) available.
+    fn ready_at(&mut self) -> Instant {
+        self.top_up();
+        if self.tokens > 0 {
+            Instant::now()
+        } else {
+            self.next
+        }
+    }
+
+    fn take(&mut self) {
+        self.top_up();
+        self.tokens = self.tokens.saturating_sub(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_bucket_allows_a_burst_then_one_per_refill() {
+        let mut bucket = TokenBucket::new(3, Duration::from_secs(1));
+        let start = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(bucket.ready_at(), start);
+            bucket.take();
+        }
+        assert_eq!(bucket.ready_at(), start + Duration::from_secs(1));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(bucket.ready_at() <= Instant::now());
+        bucket.take();
+        assert_eq!(bucket.ready_at(), start + Duration::from_secs(2));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        for _ in 0..3 {
+            assert!(bucket.ready_at() <= Instant::now());
+            bucket.take();
+        }
+        assert!(
+            bucket.ready_at() > Instant::now(),
+            "never more than the burst"
+        );
     }
 }

@@ -8,6 +8,7 @@
 //! What comes out has defaults applied and no optional fields left except
 //! where absence means something (no `[service]`: a consumer-only squire).
 
+mod check;
 mod raw;
 
 use std::collections::{BTreeMap, HashSet};
@@ -20,7 +21,8 @@ use serde::de::DeserializeOwned;
 
 use crate::balance::{Filter, Strategy};
 use crate::registry::Status;
-use raw::{RawAgent, RawConfig, RawRegistry, RawService, RawUpstream};
+pub use check::{CheckConfig, HttpProbeConfig, ProbeConfig, ProbeTls};
+use raw::{RawAgent, RawCheck, RawConfig, RawRegistry, RawService, RawUpstream};
 
 /// The validated configuration of one squire.
 #[derive(Debug, Clone)]
@@ -105,6 +107,12 @@ impl fmt::Debug for Secret {
 
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
+    /// All must pass for the instance to be announced healthy. None: the
+    /// instance is healthy as soon as it is registered.
+    pub checks: Vec<CheckConfig>,
+    /// An instance unhealthy for this long is removed from the registry until
+    /// it recovers.
+    pub deregister_critical_after: Option<Duration>,
     pub name: String,
     pub id: String,
     pub host: String,
@@ -231,7 +239,13 @@ fn read_sections(table: toml::Table, problems: &mut Problems) -> RawConfig {
             "registry" => raw.registry = section(&key, value, problems).unwrap_or_default(),
             // A section that failed to deserialize is left out rather than
             // defaulted, so its type error is not followed by bogus "required"s.
-            "service" => raw.service = section(&key, value, problems),
+            "service" => {
+                let mut value = value;
+                if let Some(checks) = value.as_table_mut().and_then(|t| t.remove("check")) {
+                    raw.checks = read_checks(checks, problems);
+                }
+                raw.service = section(&key, value, problems);
+            }
             "upstream" => match value {
                 toml::Value::Array(items) => {
                     for (i, item) in items.into_iter().enumerate() {
@@ -245,6 +259,33 @@ fn read_sections(table: toml::Table, problems: &mut Problems) -> RawConfig {
         }
     }
     raw
+}
+
+/// `[[service.check]]` (or a single `[service.check]` table), each named by
+/// its `name` when it has one so problems point at the right check.
+fn read_checks(value: toml::Value, problems: &mut Problems) -> Vec<(String, RawCheck)> {
+    let items = match value {
+        toml::Value::Array(items) => items,
+        table @ toml::Value::Table(_) => vec![table],
+        _ => {
+            problems.push(
+                "service.check",
+                "must be a table or an array of tables ([[service.check]])",
+            );
+            return Vec::new();
+        }
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, item)| {
+            let path = match item.get("name").and_then(|n| n.as_str()) {
+                Some(name) if !name.is_empty() => format!("service.check.{name}"),
+                _ => format!("service.check[{i}]"),
+            };
+            section(&path, item, problems).map(|check| (path, check))
+        })
+        .collect()
 }
 
 fn section<T: DeserializeOwned>(
@@ -282,7 +323,8 @@ fn section<T: DeserializeOwned>(
 fn validate(raw: RawConfig, problems: &mut Problems) -> Config {
     let agent = validate_agent(raw.agent, problems);
     let registry = validate_registry(raw.registry, problems);
-    let service = raw.service.map(|s| validate_service(s, problems));
+    let checks = raw.checks;
+    let service = raw.service.map(|s| validate_service(s, checks, problems));
     let mut listens = HashSet::new();
     let upstreams = raw
         .upstream
@@ -463,7 +505,11 @@ fn validate_etcd(raw: RawRegistry, problems: &mut Problems) -> EtcdConfig {
     }
 }
 
-fn validate_service(raw: RawService, problems: &mut Problems) -> ServiceConfig {
+fn validate_service(
+    raw: RawService,
+    checks: Vec<(String, RawCheck)>,
+    problems: &mut Problems,
+) -> ServiceConfig {
     let name = required("service.name", raw.name, problems);
     check_name("service.name", &name, problems);
     let host = required("service.host", raw.host, problems);
@@ -507,7 +553,30 @@ fn validate_service(raw: RawService, problems: &mut Problems) -> ServiceConfig {
             100
         }),
     };
+    let address = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let checks = check::validate_checks(checks, &address, problems);
+    let deregister_critical_after = raw.deregister_critical_after.map(|text| {
+        let after = duration(
+            "service.deregister_critical_after",
+            Some(text),
+            "1m",
+            problems,
+        );
+        if after.is_zero() {
+            problems.push(
+                "service.deregister_critical_after",
+                "must be greater than zero",
+            );
+        }
+        after
+    });
     ServiceConfig {
+        checks,
+        deregister_critical_after,
         name,
         id,
         host,

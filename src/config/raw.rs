@@ -18,6 +18,10 @@ pub struct RawConfig {
     pub service: Option<RawService>,
     #[serde(default)]
     pub upstream: Vec<RawUpstream>,
+    /// `[[service.check]]`, read apart from `[service]` so each check's
+    /// problems get their own path.
+    #[serde(skip)]
+    pub checks: Vec<(String, RawCheck)>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -54,6 +58,7 @@ pub struct RawService {
     pub version: Option<String>,
     pub weight: Option<i64>,
     pub metadata: Option<BTreeMap<String, String>>,
+    pub deregister_critical_after: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -68,4 +73,36 @@ pub struct RawUpstream {
     pub statuses: Option<Vec<String>>,
     pub connect_timeout: Option<String>,
     pub retries: Option<i64>,
+}
+
+/// One `[[service.check]]` table. Keys of other kinds are reported by
+/// validation, so a check of one kind cannot silently carry another's options.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawCheck {
+    pub name: Option<String>,
+    pub kind: Option<String>,
+    pub address: Option<String>,
+    pub interval: Option<String>,
+    pub unhealthy_interval: Option<String>,
+    pub timeout: Option<String>,
+    pub rise: Option<i64>,
+    pub fall: Option<i64>,
+    // http, https
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub headers: Option<BTreeMap<String, String>>,
+    pub expect_status: Option<Vec<i64>>,
+    pub body_contains: Option<String>,
+    // https
+    pub ca: Option<String>,
+    pub server_name: Option<String>,
+    pub tls_skip_verify: Option<bool>,
+    // tcp
+    pub send: Option<String>,
+    pub expect: Option<String>,
+    // grpc
+    pub grpc_service: Option<String>,
+    // exec
+    pub command: Option<Vec<String>>,
+    pub shell: Option<bool>,
 }

@@ -346,3 +346,111 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// An HTTP/1.1 backend (hyper) whose `/health` answers with a status that a
+/// test can switch; every other path answers 200 `{name}`. It counts
+/// connections and keeps the headers of the last `/health` request.
+pub struct HttpBackend {
+    pub addr: SocketAddr,
+    pub health: Arc<std::sync::atomic::AtomicU16>,
+    pub connections: Arc<AtomicUsize>,
+    pub last_health_headers: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    task: JoinHandle<()>,
+}
+
+impl HttpBackend {
+    pub async fn start(name: &str) -> HttpBackend {
+        use hyper::service::service_fn;
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind http backend");
+        let addr = listener.local_addr().expect("addr");
+        let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let last_health_headers = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (h, c, l) = (
+            health.clone(),
+            connections.clone(),
+            last_health_headers.clone(),
+        );
+        let name = name.to_owned();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                let (h, l, name) = (h.clone(), l.clone(), name.clone());
+                tokio::spawn(async move {
+                    let service =
+                        service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                            let (h, l, name) = (h.clone(), l.clone(), name.clone());
+                            async move {
+                                let (status, body) = if request.uri().path() == "/health" {
+                                    *l.lock().expect("headers lock") = request
+                                        .headers()
+                                        .iter()
+                                        .map(|(k, v)| {
+                                            (k.to_string(), v.to_str().unwrap_or("").to_owned())
+                                        })
+                                        .collect();
+                                    let status = h.load(Ordering::SeqCst);
+                                    (status, format!("health {status}"))
+                                } else {
+                                    (200, name)
+                                };
+                                let mut response = hyper::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::from(body),
+                                ));
+                                *response.status_mut() =
+                                    hyper::StatusCode::from_u16(status).expect("status");
+                                Ok::<_, std::convert::Infallible>(response)
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        HttpBackend {
+            addr,
+            health,
+            connections,
+            last_health_headers,
+            task,
+        }
+    }
+
+    pub fn set_health(&self, status: u16) {
+        self.health.store(status, Ordering::SeqCst);
+    }
+}
+
+impl Drop for HttpBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Sends `GET {path}` on an open HTTP/1.1 keep-alive connection and reads one
+/// response (Content-Length bodies only): returns the body.
+pub async fn http_exchange(stream: &mut TcpStream, path: &str) -> std::io::Result<String> {
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: backend\r\n\r\n").as_bytes())
+        .await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await?;
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
