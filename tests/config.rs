@@ -489,3 +489,26 @@ fn second_signal_during_the_drain_exits_at_once_with_130() {
         agent.running.output()
     );
 }
+
+/// The annotated reference in the README is a file a user may copy: it must
+/// load as it stands.
+#[test]
+fn the_readme_configuration_reference_is_valid() {
+    let readme = fs::read_to_string(root().join("README.md")).expect("README.md");
+    let section = readme
+        .split("## Configuration reference")
+        .nth(1)
+        .expect("a Configuration reference section");
+    let block = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a toml block in it");
+    assert!(
+        block.contains("[[upstream]]") && block.contains("[[service.check]]"),
+        "the whole reference"
+    );
+    if let Err(e) = Config::from_toml(block) {
+        panic!("README reference: {e}");
+    }
+}
