@@ -198,7 +198,7 @@ fn services(state: &AgentState) -> serde_json::Value {
             json!({
                 "service": upstream.config.service,
                 "listen": upstream.listen.to_string(),
-                "protocol": "tcp",
+                "protocol": upstream.config.protocol.name(),
                 "strategy": upstream.config.strategy.name(),
                 "tags": upstream.config.filter.tags,
                 "version": upstream.config.filter.version,

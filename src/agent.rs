@@ -20,10 +20,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
+use crate::config::Protocol;
 use crate::config::{Config, ServiceConfig, UpstreamConfig};
 use crate::discovery::{Discovery, Pool, ServiceState};
 use crate::health::{Health, HealthBoard};
-use crate::proxy::TcpProxy;
+use crate::proxy::http::Route;
+use crate::proxy::Listener;
 use crate::registration::{Maintenance, Registration, SharedState};
 use crate::registry::{self, Instance, Registry, Status};
 
@@ -67,7 +69,7 @@ pub struct Agent {
     state: Arc<AgentState>,
     admin: Admin,
     admin_addr: SocketAddr,
-    proxies: Vec<TcpProxy>,
+    proxies: Vec<Listener>,
     discoveries: Vec<Discovery>,
     health: Option<Health>,
     registration: Option<Registration>,
@@ -92,18 +94,47 @@ impl Agent {
         let mut proxies = Vec::new();
         let mut upstreams = Vec::new();
         for upstream in &config.upstreams {
-            let pool = Arc::new(Pool::new(upstream.filter.clone()));
-            pools_by_service
-                .entry(upstream.service.clone())
-                .or_default()
-                .push(pool.clone());
-            let proxy = TcpProxy::bind(upstream.clone(), pool.clone())
-                .await
-                .map_err(|source| AgentError::Bind {
-                    what: format!("upstream {}", upstream.service),
-                    addr: upstream.listen,
-                    source,
-                })?;
+            let mut pool_for = |service: &str| {
+                let pool = Arc::new(Pool::new(upstream.filter.clone()));
+                pools_by_service
+                    .entry(service.to_owned())
+                    .or_default()
+                    .push(pool.clone());
+                pool
+            };
+            let pool = pool_for(&upstream.service);
+            let proxy = match &upstream.protocol {
+                Protocol::Tcp => Listener::tcp(upstream.clone(), pool.clone()).await,
+                Protocol::Http(http) => {
+                    // The configured routes first, the upstream's own service last.
+                    let mut routes: Vec<Route> = http
+                        .routes
+                        .iter()
+                        .map(|r| {
+                            Route::new(
+                                Some(r.clone()),
+                                r.service.clone(),
+                                pool_for(&r.service),
+                                upstream,
+                                http,
+                            )
+                        })
+                        .collect();
+                    routes.push(Route::new(
+                        None,
+                        upstream.service.clone(),
+                        pool.clone(),
+                        upstream,
+                        http,
+                    ));
+                    Listener::http(upstream.clone(), (**http).clone(), routes).await
+                }
+            }
+            .map_err(|source| AgentError::Bind {
+                what: format!("upstream {}", upstream.service),
+                addr: upstream.listen,
+                source,
+            })?;
             let listen = proxy.local_addr().unwrap_or(upstream.listen);
             upstreams.push(UpstreamView {
                 config: upstream.clone(),

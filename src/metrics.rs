@@ -64,6 +64,26 @@ const CHECK_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// HTTP requests handled. Labels: upstream, service, endpoint, method, status (class).
+pub const HTTP_REQUESTS: &str = "squire_http_requests_total";
+/// Time from a request's arrival to its response headers. Labels: upstream, listen.
+pub const HTTP_SECONDS: &str = "squire_http_request_duration_seconds";
+/// HTTP requests being handled. Labels: upstream, listen.
+pub const HTTP_ACTIVE: &str = "squire_http_requests_active";
+/// Requests answered with an error of squire's own. Labels: upstream, service, kind.
+pub const HTTP_ERRORS: &str = "squire_http_errors_total";
+/// Requests sent again to another instance. Labels: upstream, listen.
+pub const HTTP_RETRIES: &str = "squire_http_retries_total";
+/// Upstream connections opened, and requests that reused one. Labels: upstream, listen, event.
+pub const HTTP_POOL: &str = "squire_http_pool_connections_total";
+/// Client connections refused at max_connections. Labels: upstream, listen.
+pub const HTTP_REJECTED: &str = "squire_http_connections_rejected_total";
+
+const HTTP_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
 const CONNECT_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
@@ -79,6 +99,8 @@ pub fn install() -> Result<PrometheusHandle, String> {
                 .set_buckets_for_metric(Matcher::Full(CONNECT_SECONDS.to_owned()), CONNECT_BUCKETS)
                 .map_err(|e| e.to_string())?
                 .set_buckets_for_metric(Matcher::Full(CHECK_SECONDS.to_owned()), CHECK_BUCKETS)
+                .map_err(|e| e.to_string())?
+                .set_buckets_for_metric(Matcher::Full(HTTP_SECONDS.to_owned()), HTTP_BUCKETS)
                 .map_err(|e| e.to_string())?
                 .build_recorder();
             let handle = recorder.handle();
@@ -131,6 +153,26 @@ fn describe() {
         BYTES_OUT,
         Unit::Bytes,
         "Bytes from upstream instances to clients"
+    );
+    describe_counter!(HTTP_REQUESTS, "HTTP requests handled");
+    describe_histogram!(
+        HTTP_SECONDS,
+        Unit::Seconds,
+        "Time from a request's arrival to its response headers"
+    );
+    describe_gauge!(HTTP_ACTIVE, "HTTP requests being handled");
+    describe_counter!(
+        HTTP_ERRORS,
+        "HTTP requests answered with an error of squire's own"
+    );
+    describe_counter!(HTTP_RETRIES, "HTTP requests sent again to another instance");
+    describe_counter!(
+        HTTP_POOL,
+        "Upstream connections opened, and requests that reused one"
+    );
+    describe_counter!(
+        HTTP_REJECTED,
+        "Client connections refused at max_connections"
     );
     describe_histogram!(
         CONNECT_SECONDS,

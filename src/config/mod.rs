@@ -9,6 +9,7 @@
 //! where absence means something (no `[service]`: a consumer-only squire).
 
 mod check;
+mod http;
 mod raw;
 
 use std::collections::{BTreeMap, HashSet};
@@ -22,6 +23,7 @@ use serde::de::DeserializeOwned;
 use crate::balance::{Filter, Strategy};
 use crate::registry::Status;
 pub use check::{CheckConfig, HttpProbeConfig, ProbeConfig, ProbeTls};
+pub use http::{HttpUpstreamConfig, RouteConfig};
 use raw::{RawAgent, RawCheck, RawConfig, RawRegistry, RawService, RawUpstream};
 
 /// The validated configuration of one squire.
@@ -136,9 +138,19 @@ pub struct UpstreamConfig {
     pub retries: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Protocol {
     Tcp,
+    Http(Box<HttpUpstreamConfig>),
+}
+
+impl Protocol {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http(_) => "http",
+        }
+    }
 }
 
 /// One thing wrong with the file: where, and why.
@@ -590,15 +602,15 @@ fn validate_service(
 
 fn validate_upstream(
     index: usize,
-    raw: RawUpstream,
+    mut raw: RawUpstream,
     listens: &mut HashSet<SocketAddr>,
     problems: &mut Problems,
 ) -> UpstreamConfig {
     let base = upstream_path(index, raw.service.as_deref());
     let at = |key: &str| format!("{base}.{key}");
-    let service = required(&at("service"), raw.service, problems);
+    let service = required(&at("service"), raw.service.take(), problems);
     check_name(&at("service"), &service, problems);
-    let listen = match raw.listen {
+    let listen = match raw.listen.take() {
         Some(listen) => socket_addr(&at("listen"), &listen, problems),
         None => {
             problems.push(at("listen"), "required");
@@ -611,19 +623,20 @@ fn validate_upstream(
             format!("{listen} is used by another upstream"),
         );
     }
-    let protocol = match raw.protocol.as_deref() {
-        None | Some("tcp") => Protocol::Tcp,
-        Some("http") => {
-            problems.push(at("protocol"), "\"http\" is not supported yet; use \"tcp\"");
-            Protocol::Tcp
-        }
+    let is_http = match raw.protocol.as_deref() {
+        None | Some("tcp") => false,
+        Some("http") => true,
         Some(other) => {
             problems.push(
                 at("protocol"),
-                format!("unknown protocol {other:?}; expected \"tcp\""),
+                format!("unknown protocol {other:?}; expected \"tcp\" or \"http\""),
             );
-            Protocol::Tcp
+            false
         }
+    };
+    let protocol = match http::validate(&base, &mut raw, is_http, problems) {
+        Some(http) => Protocol::Http(Box::new(http)),
+        None => Protocol::Tcp,
     };
     let strategy = match raw.strategy.as_deref() {
         None => Strategy::RoundRobin,

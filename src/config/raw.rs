@@ -73,6 +73,27 @@ pub struct RawUpstream {
     pub statuses: Option<Vec<String>>,
     pub connect_timeout: Option<String>,
     pub retries: Option<i64>,
+    // protocol = "http" only
+    pub upstream_protocol: Option<String>,
+    pub request_timeout: Option<String>,
+    pub header_read_timeout: Option<String>,
+    pub max_header_bytes: Option<i64>,
+    pub idle_timeout: Option<String>,
+    pub max_connections: Option<i64>,
+    pub pool_idle_timeout: Option<String>,
+    pub pool_max_idle: Option<i64>,
+    pub rewrite_host: Option<bool>,
+    pub retry_budget: Option<f64>,
+    pub route: Option<Vec<RawRoute>>,
+}
+
+/// `[[upstream.route]]`: requests matching `host` and `path_prefix` go to
+/// `service` instead of the upstream's own.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawRoute {
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    pub service: Option<String>,
 }
 
 /// One `[[service.check]]` table. Keys of other kinds are reported by

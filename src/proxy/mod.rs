@@ -1,15 +1,70 @@
 //! Local listeners that forward to discovered instances.
 //!
-//! Each `[[upstream]]` gets a listener on its localhost address. Connections
+//! Each `[[upstream]]` gets a listener on its localhost address: [`tcp`]
+//! forwards connections, [`http`] forwards requests (over the connections
+//! kept by [`pool`]). Connections
 //! are spawned on one [`TaskTracker`] shared by all listeners, so shutdown can
 //! stop the accept loops, wait for open connections up to the drain deadline,
 //! then cut the rest with one token.
 
+pub mod http;
+pub mod pool;
 pub mod tcp;
 
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use http::HttpProxy;
 pub use tcp::TcpProxy;
+
+use crate::config::{HttpUpstreamConfig, UpstreamConfig};
+use crate::discovery::Pool;
+
+/// One bound upstream listener, of either protocol.
+pub enum Listener {
+    Tcp(TcpProxy),
+    Http(HttpProxy),
+}
+
+impl Listener {
+    pub async fn tcp(config: UpstreamConfig, pool: Arc<Pool>) -> io::Result<Listener> {
+        Ok(Listener::Tcp(TcpProxy::bind(config, pool).await?))
+    }
+
+    pub async fn http(
+        config: UpstreamConfig,
+        http: HttpUpstreamConfig,
+        routes: Vec<http::Route>,
+    ) -> io::Result<Listener> {
+        Ok(Listener::Http(HttpProxy::bind(config, http, routes).await?))
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Listener::Tcp(proxy) => proxy.local_addr(),
+            Listener::Http(proxy) => proxy.local_addr(),
+        }
+    }
+
+    /// Accepts until `stop_accepting`; connections run on `connections` and
+    /// are closed when `cut` fires.
+    pub async fn run(
+        self,
+        stop_accepting: CancellationToken,
+        connections: TaskTracker,
+        cut: CancellationToken,
+    ) {
+        match self {
+            Listener::Tcp(proxy) => proxy.run(stop_accepting, connections, cut).await,
+            Listener::Http(proxy) => proxy.run(stop_accepting, connections, cut).await,
+        }
+    }
+}
 
 /// Why a client connection could not be forwarded.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +78,12 @@ pub enum ProxyError {
         endpoint: String,
         source: std::io::Error,
     },
+    #[error("no route for the request's host and path")]
+    NoRoute,
+    #[error("{endpoint} did not answer in time")]
+    RequestTimeout { endpoint: String },
+    #[error("exchange with {endpoint} failed: {reason}")]
+    Upstream { endpoint: String, reason: String },
 }
 
 impl ProxyError {
@@ -32,6 +93,9 @@ impl ProxyError {
             ProxyError::NoHealthyEndpoint { .. } => "no_healthy_endpoint",
             ProxyError::ConnectTimeout { .. } => "connect_timeout",
             ProxyError::Connect { .. } => "connect_error",
+            ProxyError::NoRoute => "no_route",
+            ProxyError::RequestTimeout { .. } => "request_timeout",
+            ProxyError::Upstream { .. } => "upstream_error",
         }
     }
 }

@@ -1,0 +1,731 @@
+//! The HTTP listener end to end: real hyper backends on loopback, instances
+//! in the embedded registry, a whole agent in-process.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::{eventually, TestAgent, DEADLINE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A backend speaking HTTP/1.1 and h2c: `/` answers its name, `/flaky`
+/// answers 503, `/upload` counts the body's bytes, `/download?n` sends n
+/// bytes, `/ws` switches protocols and echoes. Counts connections and
+/// requests, and keeps each request's version and headers.
+struct Backend {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<(hyper::Version, hyper::HeaderMap)>>>,
+}
+
+impl Backend {
+    async fn start(name: &'static str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (c, r, s) = (connections.clone(), requests.clone(), seen.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                let (r, s) = (r.clone(), s.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        s.lock()
+                            .expect("lock")
+                            .push((request.version(), request.headers().clone()));
+                        handle(name, request)
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Backend {
+            addr,
+            connections,
+            requests,
+            seen,
+        }
+    }
+}
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn handle(
+    name: &'static str,
+    mut request: Request<Incoming>,
+) -> Result<Response<BoxBody>, Infallible> {
+    let full = |status: u16, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
+        *response.status_mut() = StatusCode::from_u16(status).expect("status");
+        Ok(response)
+    };
+    match request.uri().path() {
+        "/flaky" => full(503, format!("{name} is overloaded")),
+        "/upload" => {
+            let mut total = 0usize;
+            let body = request.body_mut();
+            while let Some(frame) = body.frame().await {
+                if let Some(data) = frame.ok().and_then(|f| f.into_data().ok()) {
+                    total += data.len();
+                }
+            }
+            full(200, format!("{name} got {total}"))
+        }
+        "/download" => {
+            let n: usize = request
+                .uri()
+                .query()
+                .and_then(|q| q.parse().ok())
+                .unwrap_or(0);
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let stream = futures_util::stream::iter((0..n.div_ceil(chunk.len())).map(move |i| {
+                let len = chunk.len().min(n - i * chunk.len());
+                Ok::<_, Infallible>(Frame::data(chunk.slice(..len)))
+            }));
+            Ok(Response::new(StreamBody::new(stream).boxed()))
+        }
+        "/ws" => {
+            let upgrade = hyper::upgrade::on(&mut request);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = upgrade.await {
+                    let mut io = TokioIo::new(upgraded);
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = io.read(&mut buf).await {
+                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            let mut response = Response::new(Empty::new().boxed());
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            response
+                .headers_mut()
+                .insert("upgrade", "websocket".parse().expect("value"));
+            response
+                .headers_mut()
+                .insert("connection", "upgrade".parse().expect("value"));
+            Ok(response)
+        }
+        _ => full(200, name.to_owned()),
+    }
+}
+
+/// Announces an instance in the embedded registry the way another squire
+/// would: a record file with a lease that outlives the test.
+fn announce(dir: &Path, service: &str, id: &str, addr: SocketAddr) {
+    let service_dir = dir.join(service);
+    std::fs::create_dir_all(&service_dir).expect("mkdir");
+    let expires = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+        + 600_000;
+    let record = format!(
+        r#"{{"expires_at_ms":{expires},"instance":{{"name":"{service}","id":"{id}","host":"127.0.0.1","port":{}}}}}"#,
+        addr.port()
+    );
+    std::fs::write(service_dir.join(format!("{id}.json")), record).expect("write record");
+}
+
+fn config(dir: &Path, service: &str, extra: &str) -> String {
+    format!(
+        r#"
+        [agent]
+        admin = "127.0.0.1:0"
+        drain_delay = "0s"
+        drain_timeout = "2s"
+        [registry]
+        kind = "local"
+        dir = "{}"
+        ttl = "3s"
+        [[upstream]]
+        service = "{service}"
+        listen = "127.0.0.1:0"
+        protocol = "http"
+        connect_timeout = "500ms"
+        retries = 1
+        {extra}
+        "#,
+        dir.display()
+    )
+}
+
+/// A keep-alive HTTP/1.1 client connection to `addr`.
+async fn h1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(connection.with_upgrades());
+    sender
+}
+
+async fn get(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    path: &str,
+    host: &str,
+) -> (StatusCode, String) {
+    let request = Request::get(path)
+        .header("host", host)
+        .body(Full::default())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn wait_routable(agent: &TestAgent, n: usize) {
+    eventually("endpoints to be routable", DEADLINE, || async {
+        agent.routable().await.len() == n
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn connections_to_the_instance_are_kept_alive_and_reused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let backend = Backend::start("login").await;
+    announce(dir.path(), "login", "login-1", backend.addr);
+    let agent = TestAgent::start(&config(dir.path(), "login", "")).await;
+    wait_routable(&agent, 1).await;
+
+    // 50 requests on 10 client connections: the instance sees one connection.
+    for _ in 0..10 {
+        let mut client = h1(agent.listen()).await;
+        for _ in 0..5 {
+            assert_eq!(
+                get(&mut client, "/", "login.local").await,
+                (StatusCode::OK, "login".into())
+            );
+        }
+    }
+    assert_eq!(backend.requests.load(Ordering::SeqCst), 50);
+    assert_eq!(
+        backend.connections.load(Ordering::SeqCst),
+        1,
+        "one pooled upstream connection"
+    );
+    let listen = agent.listen();
+    let reused = agent
+        .metric(&format!("squire_http_pool_connections_total{{upstream=\"login\",listen=\"{listen}\",event=\"reused\"}}"))
+        .await;
+    assert_eq!(reused, Some(49.0));
+
+    // Headers: hop-by-hop gone, X-Forwarded-* added, Host kept.
+    let mut client = h1(agent.listen()).await;
+    let request = Request::get("/")
+        .header("host", "login.game.local")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("connection", "x-hop")
+        .header("x-hop", "1")
+        .header("x-game", "kept")
+        .body(Full::default())
+        .expect("request");
+    client.send_request(request).await.expect("response");
+    let (_, headers) = backend
+        .seen
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .expect("a request");
+    assert_eq!(headers["host"], "login.game.local");
+    assert_eq!(headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(headers["x-game"], "kept");
+    assert!(!headers.contains_key("x-hop"));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn h2c_from_the_client_and_to_the_instance() {
+    let dir = tempfile::tempdir().expect("dir");
+    let backend = Backend::start("match").await;
+    announce(dir.path(), "match", "match-1", backend.addr);
+    let agent = TestAgent::start(&config(dir.path(), "match", "upstream_protocol = \"h2\"")).await;
+    wait_routable(&agent, 1).await;
+
+    let stream = TcpStream::connect(agent.listen()).await.expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(connection);
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        let request = Request::get("http://match.game.local/")
+            .body(Full::<Bytes>::default())
+            .expect("request");
+        streams.push(sender.send_request(request));
+    }
+    for response in futures_util::future::join_all(streams).await {
+        let response = response.expect("h2 response");
+        assert_eq!(response.version(), hyper::Version::HTTP_2);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(body, "match");
+    }
+    let seen = backend.seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 20);
+    assert!(
+        seen.iter()
+            .all(|(version, _)| *version == hyper::Version::HTTP_2),
+        "h2 to the instance"
+    );
+    assert_eq!(
+        backend.connections.load(Ordering::SeqCst),
+        1,
+        "one multiplexed upstream connection"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_becomes_a_byte_stream() {
+    let dir = tempfile::tempdir().expect("dir");
+    let backend = Backend::start("chat").await;
+    announce(dir.path(), "chat", "chat-1", backend.addr);
+    let agent = TestAgent::start(&config(dir.path(), "chat", "")).await;
+    wait_routable(&agent, 1).await;
+
+    let target = if std::env::var("WS_DIRECT").is_ok() {
+        backend.addr
+    } else {
+        agent.listen()
+    };
+    let mut stream = TcpStream::connect(target).await.expect("connect");
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: chat\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .expect("handshake");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            stream.read(&mut byte).await.expect("read"),
+            1,
+            "response head"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for message in [&b"hello"[..], b"lobby 7 ready", &[0u8, 1, 2, 255]] {
+        stream.write_all(message).await.expect("send");
+        let mut echoed = vec![0u8; message.len()];
+        stream.read_exact(&mut echoed).await.expect("echo");
+        assert_eq!(echoed, message);
+    }
+    agent.stop().await;
+}
+
+/// Peak resident memory of a process, from /proc.
+fn peak_resident_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// Kills the child agent when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_100_mb_body_streams_through_both_ways_in_flat_memory() {
+    // The agent runs as its own process so its memory is its own.
+    let dir = tempfile::tempdir().expect("dir");
+    let backend = Backend::start("shop").await;
+    announce(dir.path(), "shop", "shop-1", backend.addr);
+    let admin: SocketAddr = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .expect("addr");
+    let listen: SocketAddr = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .expect("addr");
+    let config_path = dir.path().join("agent.toml");
+    let text = config(dir.path(), "shop", "")
+        .replace("admin = \"127.0.0.1:0\"", &format!("admin = \"{admin}\""))
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{listen}\""),
+        );
+    std::fs::write(&config_path, text).expect("write config");
+    let child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_squire"))
+            .args(["run", "-c"])
+            .arg(&config_path)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start squire"),
+    );
+    eventually("the agent to route", DEADLINE, || async {
+        match TcpStream::connect(listen).await {
+            Ok(stream) => {
+                let Ok((mut sender, connection)) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+                else {
+                    return false;
+                };
+                tokio::spawn(connection);
+                let request = Request::get("/")
+                    .body(Full::<Bytes>::default())
+                    .expect("request");
+                sender
+                    .send_request(request)
+                    .await
+                    .is_ok_and(|r| r.status() == StatusCode::OK)
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+    let before = peak_resident_kib(child.0.id());
+    const SIZE: usize = 100 * 1024 * 1024;
+
+    // Upload: the client streams 100 MB in 64 KiB frames.
+    let stream = TcpStream::connect(listen).await.expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(connection);
+    let chunk = Bytes::from(vec![b'u'; 64 * 1024]);
+    let frames = futures_util::stream::iter(
+        (0..SIZE / chunk.len()).map(move |_| Ok::<_, Infallible>(Frame::data(chunk.clone()))),
+    );
+    let request = Request::post("/upload")
+        .body(StreamBody::new(frames))
+        .expect("request");
+    let response = sender.send_request(request).await.expect("upload response");
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(body, format!("shop got {SIZE}"));
+
+    // Download: 100 MB back, read frame by frame.
+    let mut client = h1(listen).await;
+    let request = Request::get(format!("/download?{SIZE}"))
+        .body(Full::default())
+        .expect("request");
+    let mut body = client
+        .send_request(request)
+        .await
+        .expect("download response")
+        .into_body();
+    let mut total = 0;
+    while let Some(frame) = body.frame().await {
+        total += frame
+            .expect("frame")
+            .into_data()
+            .map(|d| d.len())
+            .unwrap_or(0);
+    }
+    assert_eq!(total, SIZE);
+
+    let peak = peak_resident_kib(child.0.id());
+    println!(
+        "agent peak resident memory: {before} KiB before, {peak} KiB after moving 2 x 100 MiB"
+    );
+    assert!(
+        peak < before + 16 * 1024,
+        "peak memory grew from {before} to {peak} KiB: something buffered a whole body"
+    );
+}
+
+#[tokio::test]
+async fn retries_go_to_another_instance_only_when_safe() {
+    let dir = tempfile::tempdir().expect("dir");
+    let good = Backend::start("good").await;
+    let overloaded = Backend::start("overloaded").await;
+    announce(dir.path(), "api", "api-1", good.addr);
+    announce(dir.path(), "api", "api-2", overloaded.addr);
+    // A registered instance whose process is gone: nothing listens there.
+    let dead: SocketAddr = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .expect("addr");
+    announce(dir.path(), "api", "api-3", dead);
+    let agent =
+        TestAgent::start(&config(dir.path(), "api", "").replace("retries = 1", "retries = 2"))
+            .await;
+    wait_routable(&agent, 3).await;
+
+    // Connect failures are always retried, whatever the method.
+    let mut client = h1(agent.listen()).await;
+    for _ in 0..9 {
+        let (status, body) = get(&mut client, "/", "api").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body == "good" || body == "overloaded", "{body}");
+        let request = Request::post("/upload")
+            .body(Full::new(Bytes::from_static(b"bid=5")))
+            .expect("request");
+        let response = client.send_request(request).await.expect("post response");
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "a POST is retried after a connect failure"
+        );
+        response.into_body().collect().await.expect("body");
+    }
+
+    // A 503 is retried for a GET (no body, idempotent) ...
+    for _ in 0..6 {
+        let before =
+            overloaded.requests.load(Ordering::SeqCst) + good.requests.load(Ordering::SeqCst);
+        let (status, body) = get(&mut client, "/flaky", "api").await;
+        // Both live instances answer 503 on /flaky: the GET tried both.
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        let after =
+            overloaded.requests.load(Ordering::SeqCst) + good.requests.load(Ordering::SeqCst);
+        assert!(after - before >= 1);
+    }
+    let retried = agent
+        .metric(&format!(
+            "squire_http_retries_total{{upstream=\"api\",listen=\"{}\"}}",
+            agent.listen()
+        ))
+        .await
+        .expect("retries counted");
+    assert!(retried >= 6.0, "{retried}");
+    // ... but never for a POST with a body: one instance, one attempt.
+    for _ in 0..6 {
+        let before =
+            overloaded.requests.load(Ordering::SeqCst) + good.requests.load(Ordering::SeqCst);
+        let request = Request::post("/flaky")
+            .body(Full::new(Bytes::from_static(b"buy=sword")))
+            .expect("request");
+        let response = client.send_request(request).await.expect("post response");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        response.into_body().collect().await.expect("body");
+        let after =
+            overloaded.requests.load(Ordering::SeqCst) + good.requests.load(Ordering::SeqCst);
+        assert_eq!(after - before, 1, "a POST reaches exactly one instance");
+    }
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_get_is_retried_past_a_503_to_a_healthy_instance() {
+    let dir = tempfile::tempdir().expect("dir");
+    let good = Backend::start("good").await;
+    let sick = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let sick_addr = sick.local_addr().expect("addr");
+    let sick_hits = Arc::new(AtomicUsize::new(0));
+    let hits = sick_hits.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = sick.accept().await {
+            let hits = hits.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_request: Request<Incoming>| {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    let mut response = Response::new(Full::new(Bytes::from_static(b"busy")));
+                    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                    async { Ok::<_, Infallible>(response) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    announce(dir.path(), "api", "api-1", good.addr);
+    announce(dir.path(), "api", "api-2", sick_addr);
+    let agent = TestAgent::start(&config(dir.path(), "api", "")).await;
+    wait_routable(&agent, 2).await;
+    let mut client = h1(agent.listen()).await;
+    for _ in 0..10 {
+        assert_eq!(
+            get(&mut client, "/", "api").await,
+            (StatusCode::OK, "good".into())
+        );
+    }
+    assert!(
+        sick_hits.load(Ordering::SeqCst) >= 4,
+        "round robin sent some GETs to the sick one first"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_header_client_is_cut_while_others_are_served() {
+    let dir = tempfile::tempdir().expect("dir");
+    let backend = Backend::start("gate").await;
+    announce(dir.path(), "gate", "gate-1", backend.addr);
+    let agent = TestAgent::start(&config(
+        dir.path(),
+        "gate",
+        "header_read_timeout = \"500ms\"",
+    ))
+    .await;
+    wait_routable(&agent, 1).await;
+
+    let mut slow = TcpStream::connect(agent.listen()).await.expect("connect");
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: gate\r\n")
+        .await
+        .expect("partial head");
+    let started = Instant::now();
+    let mut client = h1(agent.listen()).await;
+    for _ in 0..5 {
+        assert_eq!(
+            get(&mut client, "/", "gate").await.0,
+            StatusCode::OK,
+            "others are served meanwhile"
+        );
+    }
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, slow.read_to_end(&mut rest)).await;
+    let took = started.elapsed();
+    assert!(read.is_ok(), "the slow client was cut");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(5),
+        "cut after {took:?}"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn only_discovered_instances_are_ever_reached() {
+    let dir = tempfile::tempdir().expect("dir");
+    let shop = Backend::start("shop").await;
+    let outsider = Backend::start("outsider").await;
+    announce(dir.path(), "shop", "shop-1", shop.addr);
+    let extra = r#"
+        [[upstream.route]]
+        host = "shop.game.local"
+        service = "shop"
+        [[upstream.route]]
+        path_prefix = "/chat/"
+        service = "chat"
+    "#;
+    let agent = TestAgent::start(&config(dir.path(), "lobby", extra)).await;
+    eventually("shop to be discovered", DEADLINE, || async {
+        agent.json("/v1/services").await["services"]
+            .as_array()
+            .is_some_and(|s| {
+                s.iter().any(|s| {
+                    s["name"] == "shop" && s["instances"].as_array().is_some_and(|i| i.len() == 1)
+                })
+            })
+    })
+    .await;
+
+    let mut client = h1(agent.listen()).await;
+    assert_eq!(
+        get(&mut client, "/", "shop.game.local").await,
+        (StatusCode::OK, "shop".into())
+    );
+    assert_eq!(
+        get(&mut client, "/", "SHOP.game.local:80").await.0,
+        StatusCode::OK,
+        "host match ignores case and port"
+    );
+    // A host nobody announced falls to the listener's own service, which has
+    // no instance: 503, and no connection anywhere.
+    let (status, body) = get(&mut client, "/", &outsider.addr.to_string()).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n")
+    );
+    // An absolute-form target names a destination; it is never used as one.
+    let request = Request::get(format!("http://{}/", outsider.addr))
+        .body(Full::default())
+        .expect("request");
+    let response = client.send_request(request).await.expect("response");
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    response.into_body().collect().await.expect("body");
+    assert_eq!(
+        get(&mut client, "/chat/room/1", "anything").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        outsider.connections.load(Ordering::SeqCst),
+        0,
+        "the proxy never connected to an undiscovered host"
+    );
+    assert_eq!(shop.requests.load(Ordering::SeqCst), 2);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_refused_and_counted() {
+    let dir = tempfile::tempdir().expect("dir");
+    let backend = Backend::start("gate").await;
+    announce(dir.path(), "gate", "gate-1", backend.addr);
+    let agent = TestAgent::start(&config(dir.path(), "gate", "max_connections = 2")).await;
+    wait_routable(&agent, 1).await;
+    let mut first = h1(agent.listen()).await;
+    let mut second = h1(agent.listen()).await;
+    assert_eq!(get(&mut first, "/", "gate").await.0, StatusCode::OK);
+    assert_eq!(get(&mut second, "/", "gate").await.0, StatusCode::OK);
+    let mut third = TcpStream::connect(agent.listen())
+        .await
+        .expect("the kernel accepts");
+    third
+        .write_all(b"GET / HTTP/1.1\r\nHost: gate\r\n\r\n")
+        .await
+        .ok();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, third.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "refused without an answer: {read:?} {rest:?}"
+    );
+    let rejected = agent
+        .metric(&format!(
+            "squire_http_connections_rejected_total{{upstream=\"gate\",listen=\"{}\"}}",
+            agent.listen()
+        ))
+        .await;
+    assert_eq!(rejected, Some(1.0));
+    drop(first);
+    // A slot frees once a connection closes.
+    eventually("a slot to free up", DEADLINE, || async {
+        let mut client = h1(agent.listen()).await;
+        let request = Request::get("/")
+            .header("host", "gate")
+            .body(Full::<Bytes>::default())
+            .expect("request");
+        client.send_request(request).await.is_ok()
+    })
+    .await;
+    agent.stop().await;
+}
