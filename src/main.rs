@@ -116,7 +116,11 @@ fn main() -> ExitCode {
                 Err(e) => return config_failure(&path, &e),
             };
             init_logging(&config);
-            let runtime = match tokio::runtime::Runtime::new() {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if config.agent.threads > 0 {
+                builder.worker_threads(config.agent.threads);
+            }
+            let runtime = match builder.enable_all().build() {
                 Ok(runtime) => runtime,
                 Err(e) => {
                     eprintln!("squire: cannot start the runtime: {e}");

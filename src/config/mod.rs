@@ -46,6 +46,8 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     pub drain_delay: Duration,
     pub drain_timeout: Duration,
+    /// Runtime worker threads; 0 means one per core.
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -394,6 +396,13 @@ fn validate_agent(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
         log_format,
         drain_delay: duration("agent.drain_delay", raw.drain_delay, "2s", problems),
         drain_timeout: duration("agent.drain_timeout", raw.drain_timeout, "30s", problems),
+        threads: match raw.threads {
+            None => 0,
+            Some(n) => usize::try_from(n).ok().filter(|n| *n <= 256).unwrap_or_else(|| {
+                problems.push("agent.threads", format!("{n} is out of range (0-256; 0 = one per core)"));
+                0
+            }),
+        },
     }
 }
 

@@ -32,6 +32,7 @@ pub struct RawAgent {
     pub log_format: Option<String>,
     pub drain_delay: Option<String>,
     pub drain_timeout: Option<String>,
+    pub threads: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
