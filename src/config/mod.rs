@@ -8,6 +8,7 @@
 //! What comes out has defaults applied and no optional fields left except
 //! where absence means something (no `[service]`: a consumer-only squire).
 
+mod consul;
 mod raw;
 
 use std::collections::{BTreeMap, HashSet};
@@ -21,6 +22,8 @@ use serde::de::DeserializeOwned;
 use crate::balance::{Filter, Strategy};
 use crate::registry::Status;
 use raw::{RawAgent, RawConfig, RawRegistry, RawService, RawUpstream};
+
+pub use consul::ConsulConfig;
 
 /// The validated configuration of one squire.
 #[derive(Debug, Clone)]
@@ -63,6 +66,7 @@ pub struct RegistryConfig {
 pub enum RegistryBackend {
     Local { dir: PathBuf },
     Etcd(EtcdConfig),
+    Consul(ConsulConfig),
 }
 
 impl RegistryBackend {
@@ -70,6 +74,7 @@ impl RegistryBackend {
         match self {
             RegistryBackend::Local { .. } => "local",
             RegistryBackend::Etcd(_) => "etcd",
+            RegistryBackend::Consul(_) => "consul",
         }
     }
 }
@@ -283,6 +288,9 @@ fn validate(raw: RawConfig, problems: &mut Problems) -> Config {
     let agent = validate_agent(raw.agent, problems);
     let registry = validate_registry(raw.registry, problems);
     let service = raw.service.map(|s| validate_service(s, problems));
+    if let (RegistryBackend::Consul(_), Some(service)) = (&registry.backend, &service) {
+        consul::check_service(service, problems);
+    }
     let mut listens = HashSet::new();
     let upstreams = raw
         .upstream
@@ -375,6 +383,9 @@ fn validate_registry(mut raw: RawRegistry, problems: &mut Problems) -> RegistryC
             misplaced(problems, "prefix", raw.prefix.is_some(), "etcd");
             misplaced(problems, "username", raw.username.is_some(), "etcd");
             misplaced(problems, "password", raw.password.is_some(), "etcd");
+            for key in consul::keys_set(&raw) {
+                misplaced(problems, key, true, "consul");
+            }
             let dir = match raw.dir {
                 Some(dir) if dir.is_empty() => {
                     problems.push("registry.dir", "must not be empty");
@@ -387,21 +398,23 @@ fn validate_registry(mut raw: RawRegistry, problems: &mut Problems) -> RegistryC
         }
         "etcd" => {
             misplaced(problems, "dir", raw.dir.is_some(), "local");
+            for key in consul::keys_set(&raw) {
+                misplaced(problems, key, true, "consul");
+            }
             RegistryBackend::Etcd(validate_etcd(raw, problems))
         }
         "consul" => {
-            problems.push(
-                "registry.kind",
-                "\"consul\" is not supported yet; use \"local\" or \"etcd\"",
-            );
-            RegistryBackend::Local {
-                dir: default_local_dir(),
-            }
+            misplaced(problems, "dir", raw.dir.is_some(), "local");
+            misplaced(problems, "endpoints", raw.endpoints.is_some(), "etcd");
+            misplaced(problems, "prefix", raw.prefix.is_some(), "etcd");
+            misplaced(problems, "username", raw.username.is_some(), "etcd");
+            misplaced(problems, "password", raw.password.is_some(), "etcd");
+            RegistryBackend::Consul(consul::validate(raw, problems))
         }
         other => {
             problems.push(
                 "registry.kind",
-                format!("unknown kind {other:?}; expected \"local\" or \"etcd\""),
+                format!("unknown kind {other:?}; expected \"local\", \"etcd\" or \"consul\""),
             );
             RegistryBackend::Local {
                 dir: default_local_dir(),

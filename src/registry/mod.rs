@@ -2,7 +2,7 @@
 //!
 //! Three backends implement [`Registry`]: [`etcd`] (leases and watches),
 //! [`local`] (files in a directory shared by the squires on one host), and
-//! later consul. A backend only moves data; the loops that survive outages
+//! [`consul`] (the agent API: a TTL check, blocking queries). A backend only moves data; the loops that survive outages
 //! live in [`crate::registration`] and [`crate::discovery`] and treat every
 //! backend the same way:
 //!
@@ -13,6 +13,7 @@
 //!   then changes. On any error the caller drops the watch and calls `watch`
 //!   again, which re-lists: a gap is never trusted.
 
+pub mod consul;
 pub mod etcd;
 pub mod local;
 
@@ -228,6 +229,11 @@ pub fn from_config(config: &RegistryConfig) -> Arc<dyn Registry> {
         }
         RegistryBackend::Etcd(etcd) => Arc::new(etcd::EtcdRegistry::new(
             etcd.clone(),
+            config.ttl,
+            config.timeout,
+        )),
+        RegistryBackend::Consul(consul) => Arc::new(consul::ConsulRegistry::new(
+            consul,
             config.ttl,
             config.timeout,
         )),
