@@ -501,23 +501,43 @@ impl Api {
             .as_ref()
             .map_err(|e| RegistryError::Rejected(e.clone()))?;
         let what = format!("{method} {}", path.split('?').next().unwrap_or(&path));
-        let mut request = Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.address));
-        if let Some(token) = &self.token {
-            request = request.header("X-Consul-Token", token.clone());
-        }
-        if body.is_some() {
-            request = request.header(CONTENT_TYPE, "application/json");
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| RegistryError::Rejected(format!("{what}: {e}")))?;
+        let body = body.map(Bytes::from);
+        let build = || {
+            let mut request = Request::builder()
+                .method(method.clone())
+                .uri(format!("{}{path}", self.address));
+            if let Some(token) = &self.token {
+                request = request.header("X-Consul-Token", token.clone());
+            }
+            if body.is_some() {
+                request = request.header(CONTENT_TYPE, "application/json");
+            }
+            request
+                .body(Full::new(body.clone().unwrap_or_default()))
+                .map_err(|e| RegistryError::Rejected(format!("{what}: {e}")))
+        };
+        // Writes are idempotent PUTs: one that failed on a pooled connection
+        // the agent had closed (e.g. it restarted) is sent again at once on
+        // a new one. A blocking read is not: its failure is what tells the
+        // watch to start over from index 0.
+        let attempts = if method == Method::PUT { 2 } else { 1 };
         let exchange = async {
-            let response = http
-                .request(request)
-                .await
-                .map_err(|e| RegistryError::Unavailable(format!("{what}: {}", error_chain(&e))))?;
+            let mut attempt = 1;
+            let response = loop {
+                match http.request(build()?).await {
+                    Ok(response) => break response,
+                    Err(e) if attempt < attempts && !e.is_connect() => {
+                        tracing::debug!(request = %what, error = %error_chain(&e), "retrying on a new connection");
+                        attempt += 1;
+                    }
+                    Err(e) => {
+                        return Err(RegistryError::Unavailable(format!(
+                            "{what}: {}",
+                            error_chain(&e)
+                        )))
+                    }
+                }
+            };
             let status = response.status();
             let index = response
                 .headers()
