@@ -383,6 +383,23 @@ async fn status_changes_reach_the_check_and_maintenance_mode_at_once() {
     assert_eq!(service["Weights"], json!({"Passing": 20, "Warning": 1}));
     assert_eq!(fake.check(check).expect("check").status, "warning");
 
+    // The datacenter goes on queries; an unknown one is an error.
+    let in_dc1 = consul_registry(&fake, "datacenter = \"dc1\"");
+    let mut dc_watch = in_dc1.watch("room").await.expect("watch in dc1");
+    assert!(matches!(dc_watch.next().await, Ok(WatchEvent::Reset(e)) if e.len() == 1));
+    assert!(fake
+        .requests()
+        .iter()
+        .any(|r| r.path == "/v1/health/service/room" && r.query == "dc=dc1"));
+    match consul_registry(&fake, "datacenter = \"dc9\"")
+        .watch("room")
+        .await
+    {
+        Err(RegistryError::Unavailable(e)) => assert!(e.contains("No path to datacenter"), "{e}"),
+        Err(e) => panic!("unavailable expected, got {e:?}"),
+        Ok(_) => panic!("an unknown datacenter must fail"),
+    }
+
     // 404 on a heartbeat: the agent lost us.
     fake.restart_empty();
     match lease.keep_alive().await {
