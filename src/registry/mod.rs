@@ -2,9 +2,10 @@
 //!
 //! Three backends implement [`Registry`]: [`etcd`] (leases and watches),
 //! [`local`] (files in a directory shared by the squires on one host), and
-//! [`consul`] (the agent API: a TTL check, blocking queries). A backend only moves data; the loops that survive outages
-//! live in [`crate::registration`] and [`crate::discovery`] and treat every
-//! backend the same way:
+//! [`consul`] (the agent API: a TTL check, blocking queries). A backend only
+//! moves data; the loops that survive outages live in
+//! [`crate::registration`] and [`crate::discovery`] and treat every backend
+//! the same way:
 //!
 //! - [`Registry::register`] writes our instance under a fresh lease and
 //!   returns that [`Lease`]; the caller refreshes it every ttl/3 and on
