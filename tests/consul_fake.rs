@@ -928,3 +928,47 @@ async fn hooks_restart_empty_and_cut_connections() {
     let reply = put(&fake, "/v1/agent/check/pass/service:web-1", None).await;
     assert_eq!(reply.status, 404);
 }
+
+/// Third-party clients work unchanged against the fake (consul-api.md,
+/// "Third-party clients that must work unchanged"). Opt-in, since it needs
+/// Python packages: set `SQUIRE_CONSUL_PYTHONS` to interpreters that have
+/// py-consul 1.8.0 and python-consul2 0.1.5 (one venv each), e.g.
+///
+/// ```sh
+/// python3 -m venv /tmp/py-consul && /tmp/py-consul/bin/pip install py-consul==1.8.0
+/// python3 -m venv /tmp/py-consul2 && /tmp/py-consul2/bin/pip install python-consul2==0.1.5
+/// SQUIRE_CONSUL_PYTHONS="/tmp/py-consul/bin/python /tmp/py-consul2/bin/python" \
+///     cargo test --test consul_fake -- --ignored
+/// ```
+#[tokio::test]
+#[ignore = "needs py-consul and python-consul2; see the doc comment"]
+async fn python_clients_work_unchanged() {
+    let pythons = std::env::var("SQUIRE_CONSUL_PYTHONS")
+        .expect("SQUIRE_CONSUL_PYTHONS lists the Python interpreters to use");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/consul/python_clients.py"
+    );
+    let mut ran = 0;
+    for python in pythons.split_whitespace() {
+        let fake = FakeConsul::start().await;
+        let output = tokio::process::Command::new(python)
+            .arg(script)
+            .arg(fake.addr().ip().to_string())
+            .arg(fake.addr().port().to_string())
+            .output();
+        let output = tokio::time::timeout(DEADLINE, output)
+            .await
+            .expect("the script finishes")
+            .expect("the interpreter runs");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.starts_with("ok"),
+            "{python}: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        eprintln!("{python}: {}", stdout.trim());
+        ran += 1;
+    }
+    assert!(ran > 0, "SQUIRE_CONSUL_PYTHONS is empty");
+}
