@@ -328,9 +328,8 @@ mod tests {
 
     #[test]
     fn ca_must_hold_a_certificate_and_excludes_skip_verify() {
-        let dir = std::env::temp_dir().join(format!("squire-ca-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let empty = dir.join("empty.pem");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").expect("write");
         let found = problems(&format!(
             "[registry]\nkind = \"consul\"\naddress = \"https://127.0.0.1:8501\"\nca = \"{}\"\ntls_skip_verify = true\n",
@@ -339,7 +338,6 @@ mod tests {
         assert_eq!(found.len(), 2, "{found:#?}");
         assert!(found[0].starts_with("registry.ca: ") && found[0].contains("no certificate"));
         assert!(found[1].starts_with("registry.tls_skip_verify: cannot be combined with ca"));
-        let _ = std::fs::remove_dir_all(&dir); // best effort
     }
 
     #[test]
