@@ -200,6 +200,10 @@ async fn registration_is_the_exact_service_definition_and_leaves_on_stop() {
     assert_eq!(check.ttl, Some(Duration::from_secs(2)));
     assert_eq!(check.dcsa, Some(Duration::from_secs(60)));
     assert_eq!(check.status, "passing");
+    eventually("the first check update", DEADLINE, || async {
+        heartbeats(&fake, "service:battle-1") >= 1
+    })
+    .await;
     // Right after registering: maintenance off, then the check state, since
     // re-registering an ID Consul still knows keeps its old state.
     let after: Vec<String> = fake
@@ -488,8 +492,14 @@ async fn an_agent_restarted_empty_gets_registered_again_and_watched_again() {
     let took = restarted.elapsed();
     eprintln!("measured: registered again {took:?} after Consul restarted empty");
     assert!(took < Duration::from_millis(1500), "took {took:?}");
-    let this = a.json("/v1/self").await;
-    assert_eq!(this["registration"]["registrations"], 2);
+    // register() returns after the maintenance and check calls that follow
+    // the PUT the fake already shows, so /v1/self may lag a moment.
+    eventually(
+        "/v1/self to count the second registration",
+        DEADLINE,
+        || async { a.json("/v1/self").await["registration"]["registrations"] == 2 },
+    )
+    .await;
     assert_eq!(
         fake.check("service:gate-1").expect("check").status,
         "passing"
