@@ -18,7 +18,9 @@ fn main() -> std::io::Result<()> {
     let name = args.next().unwrap_or_else(|| "backend".to_owned());
     let body = Bytes::from(format!("hello from {name}\n"));
     // One thread: the benchmark pins every process to one core.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&addr).await?;
         eprintln!("http_backend {name} on {}", listener.local_addr()?);
@@ -27,10 +29,11 @@ fn main() -> std::io::Result<()> {
             stream.set_nodelay(true)?;
             let body = body.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |_request: Request<hyper::body::Incoming>| {
-                    let body = body.clone();
-                    async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
-                });
+                let service =
+                    hyper::service::service_fn(move |_request: Request<hyper::body::Incoming>| {
+                        let body = body.clone();
+                        async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+                    });
                 if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
                     .await

@@ -9,7 +9,7 @@
 //!
 //! - [`config`]: `agent.toml`, validated in one pass that reports every problem.
 //! - [`agent`]: wires the tasks together; owns startup and shutdown order.
-//! - [`registry`]: the backend seam (`etcd`, `local`) and the instance format.
+//! - [`registry`]: the backend seam (`etcd`, `consul`, `local`) and the instance format.
 //! - [`registration`]: keeps our instance registered through outages and lease loss.
 //! - [`discovery`]: registry watches turned into endpoint snapshots.
 //! - [`balance`]: snapshots, per-endpoint stats and the strategies that pick.

@@ -39,27 +39,32 @@ pub fn client_config(ca: Option<&Path>, skip_verify: bool) -> Result<Arc<ClientC
         let mut roots = RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = ca {
-            let read_error = |reason: String| TlsError::CaFile {
-                path: path.to_owned(),
-                reason,
-            };
-            let mut added = 0;
-            for cert in
-                CertificateDer::pem_file_iter(path).map_err(|e| read_error(e.to_string()))?
-            {
-                let cert = cert.map_err(|e| read_error(e.to_string()))?;
-                roots.add(cert).map_err(|e| read_error(e.to_string()))?;
-                added += 1;
-            }
-            if added == 0 {
-                return Err(TlsError::EmptyCaFile {
+            for cert in load_ca(path)? {
+                roots.add(cert).map_err(|e| TlsError::CaFile {
                     path: path.to_owned(),
-                });
+                    reason: e.to_string(),
+                })?;
             }
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };
     Ok(Arc::new(config))
+}
+
+/// Reads a PEM file of CA certificates; at least one must be there.
+pub fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::CaFile {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::EmptyCaFile {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
 }
 
 /// Accepts any certificate: only for `tls_skip_verify = true`.

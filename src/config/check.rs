@@ -297,8 +297,8 @@ fn validate_http(
         skip_verify: raw.tls_skip_verify.unwrap_or(false),
     });
     if let Some(ProbeTls { ca: Some(ca), .. }) = &tls {
-        if !ca.is_file() {
-            problems.push(at("ca"), format!("{} is not a readable file", ca.display()));
+        if let Err(e) = crate::tls::load_ca(ca) {
+            problems.push(at("ca"), e.to_string());
         }
     }
     HttpProbeConfig {

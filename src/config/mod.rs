@@ -9,6 +9,7 @@
 //! where absence means something (no `[service]`: a consumer-only squire).
 
 mod check;
+mod consul;
 mod http;
 mod raw;
 
@@ -25,6 +26,8 @@ use crate::registry::Status;
 pub use check::{CheckConfig, HttpProbeConfig, ProbeConfig, ProbeTls};
 pub use http::{HttpUpstreamConfig, RouteConfig};
 use raw::{RawAgent, RawCheck, RawConfig, RawRegistry, RawService, RawUpstream};
+
+pub use consul::ConsulConfig;
 
 /// The validated configuration of one squire.
 #[derive(Debug, Clone)]
@@ -69,6 +72,7 @@ pub struct RegistryConfig {
 pub enum RegistryBackend {
     Local { dir: PathBuf },
     Etcd(EtcdConfig),
+    Consul(ConsulConfig),
 }
 
 impl RegistryBackend {
@@ -76,6 +80,7 @@ impl RegistryBackend {
         match self {
             RegistryBackend::Local { .. } => "local",
             RegistryBackend::Etcd(_) => "etcd",
+            RegistryBackend::Consul(_) => "consul",
         }
     }
 }
@@ -339,6 +344,9 @@ fn validate(raw: RawConfig, problems: &mut Problems) -> Config {
     let registry = validate_registry(raw.registry, problems);
     let checks = raw.checks;
     let service = raw.service.map(|s| validate_service(s, checks, problems));
+    if let (RegistryBackend::Consul(_), Some(service)) = (&registry.backend, &service) {
+        consul::check_service(service, problems);
+    }
     let mut listens = HashSet::new();
     let upstreams = raw
         .upstream
@@ -398,10 +406,16 @@ fn validate_agent(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
         drain_timeout: duration("agent.drain_timeout", raw.drain_timeout, "30s", problems),
         threads: match raw.threads {
             None => 0,
-            Some(n) => usize::try_from(n).ok().filter(|n| *n <= 256).unwrap_or_else(|| {
-                problems.push("agent.threads", format!("{n} is out of range (0-256; 0 = one per core)"));
-                0
-            }),
+            Some(n) => usize::try_from(n)
+                .ok()
+                .filter(|n| *n <= 256)
+                .unwrap_or_else(|| {
+                    problems.push(
+                        "agent.threads",
+                        format!("{n} is out of range (0-256; 0 = one per core)"),
+                    );
+                    0
+                }),
         },
     }
 }
@@ -409,10 +423,7 @@ fn validate_agent(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
 fn validate_registry(mut raw: RawRegistry, problems: &mut Problems) -> RegistryConfig {
     let ttl = duration("registry.ttl", raw.ttl.take(), "10s", problems);
     if ttl < Duration::from_secs(2) {
-        problems.push(
-            "registry.ttl",
-            "must be at least 2s (etcd's shortest lease)",
-        );
+        problems.push("registry.ttl", "must be at least 2s");
     } else if ttl.subsec_nanos() != 0 {
         problems.push(
             "registry.ttl",
@@ -438,6 +449,9 @@ fn validate_registry(mut raw: RawRegistry, problems: &mut Problems) -> RegistryC
             misplaced(problems, "prefix", raw.prefix.is_some(), "etcd");
             misplaced(problems, "username", raw.username.is_some(), "etcd");
             misplaced(problems, "password", raw.password.is_some(), "etcd");
+            for key in consul::keys_set(&raw) {
+                misplaced(problems, key, true, "consul");
+            }
             let dir = match raw.dir {
                 Some(dir) if dir.is_empty() => {
                     problems.push("registry.dir", "must not be empty");
@@ -450,21 +464,23 @@ fn validate_registry(mut raw: RawRegistry, problems: &mut Problems) -> RegistryC
         }
         "etcd" => {
             misplaced(problems, "dir", raw.dir.is_some(), "local");
+            for key in consul::keys_set(&raw) {
+                misplaced(problems, key, true, "consul");
+            }
             RegistryBackend::Etcd(validate_etcd(raw, problems))
         }
         "consul" => {
-            problems.push(
-                "registry.kind",
-                "\"consul\" is not supported yet; use \"local\" or \"etcd\"",
-            );
-            RegistryBackend::Local {
-                dir: default_local_dir(),
-            }
+            misplaced(problems, "dir", raw.dir.is_some(), "local");
+            misplaced(problems, "endpoints", raw.endpoints.is_some(), "etcd");
+            misplaced(problems, "prefix", raw.prefix.is_some(), "etcd");
+            misplaced(problems, "username", raw.username.is_some(), "etcd");
+            misplaced(problems, "password", raw.password.is_some(), "etcd");
+            RegistryBackend::Consul(consul::validate(raw, problems))
         }
         other => {
             problems.push(
                 "registry.kind",
-                format!("unknown kind {other:?}; expected \"local\" or \"etcd\""),
+                format!("unknown kind {other:?}; expected \"local\", \"etcd\" or \"consul\""),
             );
             RegistryBackend::Local {
                 dir: default_local_dir(),

@@ -47,6 +47,14 @@ pub struct RawRegistry {
     pub username: Option<String>,
     pub password: Option<String>,
     pub timeout: Option<String>,
+    // consul
+    pub address: Option<String>,
+    pub token: Option<String>,
+    pub datacenter: Option<String>,
+    pub wait: Option<String>,
+    pub deregister_critical_after: Option<String>,
+    pub ca: Option<String>,
+    pub tls_skip_verify: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -2,9 +2,10 @@
 //!
 //! Three backends implement [`Registry`]: [`etcd`] (leases and watches),
 //! [`local`] (files in a directory shared by the squires on one host), and
-//! later consul. A backend only moves data; the loops that survive outages
-//! live in [`crate::registration`] and [`crate::discovery`] and treat every
-//! backend the same way:
+//! [`consul`] (the agent API: a TTL check, blocking queries). A backend only
+//! moves data; the loops that survive outages live in
+//! [`crate::registration`] and [`crate::discovery`] and treat every backend
+//! the same way:
 //!
 //! - [`Registry::register`] writes our instance under a fresh lease and
 //!   returns that [`Lease`]; the caller refreshes it every ttl/3 and on
@@ -13,6 +14,7 @@
 //!   then changes. On any error the caller drops the watch and calls `watch`
 //!   again, which re-lists: a gap is never trusted.
 
+pub mod consul;
 pub mod etcd;
 pub mod local;
 
@@ -228,6 +230,11 @@ pub fn from_config(config: &RegistryConfig) -> Arc<dyn Registry> {
         }
         RegistryBackend::Etcd(etcd) => Arc::new(etcd::EtcdRegistry::new(
             etcd.clone(),
+            config.ttl,
+            config.timeout,
+        )),
+        RegistryBackend::Consul(consul) => Arc::new(consul::ConsulRegistry::new(
+            consul,
             config.ttl,
             config.timeout,
         )),

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod consul;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
