@@ -83,18 +83,19 @@ impl Agent {
         let mut proxies = Vec::new();
         let mut upstreams = Vec::new();
         for upstream in &config.upstreams {
-            let pool = Arc::new(Pool::new(upstream.filter.clone()));
+            let proxy =
+                TcpProxy::bind(upstream.clone())
+                    .await
+                    .map_err(|source| AgentError::Bind {
+                        what: format!("upstream {}", upstream.service),
+                        addr: upstream.listen,
+                        source,
+                    })?;
+            let pool = proxy.pool();
             pools_by_service
                 .entry(upstream.service.clone())
                 .or_default()
                 .push(pool.clone());
-            let proxy = TcpProxy::bind(upstream.clone(), pool.clone())
-                .await
-                .map_err(|source| AgentError::Bind {
-                    what: format!("upstream {}", upstream.service),
-                    addr: upstream.listen,
-                    source,
-                })?;
             let listen = proxy.local_addr().unwrap_or(upstream.listen);
             upstreams.push(UpstreamView {
                 config: upstream.clone(),

@@ -68,4 +68,22 @@ pub struct RawUpstream {
     pub statuses: Option<Vec<String>>,
     pub connect_timeout: Option<String>,
     pub retries: Option<i64>,
+    // load balancing (issue 4)
+    pub hash_key: Option<String>,
+    pub preamble_timeout: Option<String>,
+    pub preamble_max_bytes: Option<i64>,
+    /// A number 0-1; integer or float in TOML, checked in validation.
+    pub panic_threshold: Option<toml::Value>,
+    pub retry_backoff: Option<String>,
+    #[serde(default)]
+    pub ejection: RawEjection,
+}
+
+/// `[upstream.ejection]`: passive failure handling.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawEjection {
+    pub consecutive_failures: Option<i64>,
+    pub base_time: Option<String>,
+    pub max_time: Option<String>,
+    pub max_share: Option<toml::Value>,
 }

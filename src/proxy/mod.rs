@@ -5,6 +5,7 @@
 //! stop the accept loops, wait for open connections up to the drain deadline,
 //! then cut the rest with one token.
 
+pub mod preamble;
 pub mod tcp;
 
 use std::time::Duration;
@@ -23,6 +24,10 @@ pub enum ProxyError {
         endpoint: String,
         source: std::io::Error,
     },
+    #[error("no ROUTE line within {after:?}")]
+    PreambleTimeout { after: Duration },
+    #[error("bad ROUTE line: {0}")]
+    Preamble(#[from] preamble::PreambleError),
 }
 
 impl ProxyError {
@@ -32,6 +37,8 @@ impl ProxyError {
             ProxyError::NoHealthyEndpoint { .. } => "no_healthy_endpoint",
             ProxyError::ConnectTimeout { .. } => "connect_timeout",
             ProxyError::Connect { .. } => "connect_error",
+            ProxyError::PreambleTimeout { .. } => "preamble_timeout",
+            ProxyError::Preamble(_) => "bad_preamble",
         }
     }
 }
