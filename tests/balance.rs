@@ -208,3 +208,95 @@ async fn a_dead_backend_is_retried_around_then_ejected_without_client_failures()
         announcer.stop().await;
     }
 }
+
+/// Writes an instance of `battle` into the embedded registry directly (as
+/// another tool would), with `status`, valid for a minute.
+fn announce(dir: &Path, id: &str, addr: SocketAddr, status: &str) {
+    let service = dir.join("battle");
+    std::fs::create_dir_all(&service).expect("mkdir");
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+        + 60_000;
+    let record = format!(
+        r#"{{"expires_at_ms":{expires},"instance":{{"name":"battle","id":"{id}","host":"127.0.0.1","port":{},"status":"{status}"}}}}"#,
+        addr.port()
+    );
+    // Write, then rename: the registry's readers never see half a file.
+    let tmp = service.join(format!(".{id}.tmp"));
+    std::fs::write(&tmp, record).expect("write record");
+    std::fs::rename(&tmp, service.join(format!("{id}.json"))).expect("rename record");
+}
+
+#[tokio::test]
+async fn panic_mode_routes_to_unhealthy_instances_and_off_fails_fast() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backends = [
+        Backend::start("battle-ok").await,
+        Backend::start("battle-sick-1").await,
+        Backend::start("battle-sick-2").await,
+    ];
+    announce(dir.path(), "battle-ok", backends[0].addr, "healthy");
+    announce(dir.path(), "battle-sick-1", backends[1].addr, "unhealthy");
+    let calm = proxy(dir.path(), "panic_threshold = 0.5\n", 1).await;
+    let strict = proxy(dir.path(), "", 1).await;
+    // 1 of 2 healthy is not below 0.5: only the healthy one.
+    for _ in 0..6 {
+        assert_eq!(
+            greeting(calm.listen()).await.expect("greeting"),
+            "battle-ok"
+        );
+    }
+    assert_eq!(
+        metric(&calm, "squire_upstream_panic_mode", calm.listen()).await,
+        0.0
+    );
+
+    // 1 of 3: below the threshold, every instance takes connections.
+    announce(dir.path(), "battle-sick-2", backends[2].addr, "critical");
+    eventually("the third instance as standby", DEADLINE, || async {
+        let services = calm.json("/v1/services").await;
+        services["upstreams"][0]["balancing"]["standby"]
+            .as_array()
+            .is_some_and(|standby| standby.len() == 2)
+    })
+    .await;
+    let mut reached = HashSet::new();
+    for _ in 0..30 {
+        reached.insert(greeting(calm.listen()).await.expect("greeting"));
+    }
+    assert_eq!(reached.len(), 3, "{reached:?}");
+    assert_eq!(
+        metric(&calm, "squire_upstream_panic_mode", calm.listen()).await,
+        1.0
+    );
+
+    // Without a threshold nothing changes for the healthy one...
+    assert_eq!(
+        greeting(strict.listen()).await.expect("greeting"),
+        "battle-ok"
+    );
+    // ...and with no healthy instance left, the client is closed at once.
+    announce(dir.path(), "battle-ok", backends[0].addr, "unhealthy");
+    eventually("no routable instance", DEADLINE, || async {
+        strict.routable().await.is_empty()
+    })
+    .await;
+    assert_eq!(
+        greeting(strict.listen()).await.expect("closed, not reset"),
+        ""
+    );
+    assert!(
+        metric(
+            &strict,
+            "squire_tcp_connections_failed_total",
+            strict.listen()
+        )
+        .await
+            >= 1.0
+    );
+
+    calm.stop().await;
+    strict.stop().await;
+}
