@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::AgentState;
+use crate::balance::{self, Endpoint};
 use crate::registry::{Instance, Status};
 
 pub struct Admin {
@@ -89,6 +90,13 @@ fn route(state: &AgentState, request: Request<Incoming>) -> Response<Body> {
             Some(reason) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("{reason}\n")),
         },
         "/metrics" => {
+            // Ejections end without an event: bring those gauges up to date.
+            for upstream in &state.upstreams {
+                upstream
+                    .pool
+                    .balancer()
+                    .refresh_gauges(&upstream.pool.snapshot());
+            }
             let mut response = Response::new(Body::from(state.prometheus.render()));
             response.headers_mut().insert(
                 CONTENT_TYPE,
@@ -182,19 +190,15 @@ fn services(state: &AgentState) -> serde_json::Value {
         .iter()
         .map(|upstream| {
             let snapshot = upstream.pool.snapshot();
-            let endpoints: Vec<_> = snapshot
+            let balancer = upstream.pool.balancer();
+            let now = balance::now_ms();
+            let endpoints: Vec<_> = snapshot.routable().iter().map(|e| endpoint_view(e, now)).collect();
+            let standby: Vec<_> = snapshot.standby().iter().map(|e| endpoint_view(e, now)).collect();
+            let failing = snapshot
                 .endpoints()
                 .iter()
-                .map(|e| {
-                    json!({
-                        "id": e.instance.id,
-                        "address": e.instance.authority(),
-                        "active_connections": e.stats.active.load(Ordering::Relaxed),
-                        "total_connections": e.stats.total.load(Ordering::Relaxed),
-                        "consecutive_failures": e.stats.consecutive_failures.load(Ordering::Relaxed),
-                    })
-                })
-                .collect();
+                .filter(|e| e.stats.consecutive_failures.load(Ordering::Relaxed) > 0)
+                .count();
             json!({
                 "service": upstream.config.service,
                 "listen": upstream.listen.to_string(),
@@ -205,6 +209,16 @@ fn services(state: &AgentState) -> serde_json::Value {
                 "metadata": upstream.config.filter.metadata,
                 "statuses": upstream.config.filter.statuses,
                 "endpoints": endpoints,
+                "balancing": {
+                    "strategy": balancer.strategy().name(),
+                    "hash_key": balancer.strategy().uses_key().then(|| upstream.config.hash_key.name()),
+                    "retries": upstream.config.retries,
+                    "panic_threshold": balancer.panic_threshold(),
+                    "panic_mode": balancer.in_panic(),
+                    "ejected_endpoints": balancer.ejected_now(&snapshot),
+                    "failing_endpoints": failing,
+                    "standby": standby,
+                },
             })
         })
         .collect();
@@ -247,6 +261,25 @@ impl HealthSummary {
             "health_rate": rate,
         })
     }
+}
+
+/// One endpoint with its live load-balancing state.
+fn endpoint_view(e: &Endpoint, now: u64) -> serde_json::Value {
+    let stats = &e.stats;
+    json!({
+        "id": e.instance.id,
+        "address": e.instance.authority(),
+        "status": e.instance.status,
+        "weight": e.instance.weight,
+        "active_connections": stats.active.load(Ordering::Relaxed),
+        "total_connections": stats.total.load(Ordering::Relaxed),
+        "picks": stats.picks.load(Ordering::Relaxed),
+        "consecutive_failures": stats.consecutive_failures.load(Ordering::Relaxed),
+        "failures": stats.failures.load(Ordering::Relaxed),
+        "ejections": stats.ejections.load(Ordering::Relaxed),
+        "ejected_for_ms": stats.ejected_until(now).map(|until| until - now),
+        "latency_estimate_ms": stats.rtt_estimate(now) / 1e6,
+    })
 }
 
 fn self_view(state: &AgentState) -> serde_json::Value {

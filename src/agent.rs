@@ -20,11 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
-use crate::config::Protocol;
 use crate::config::{Config, ServiceConfig, UpstreamConfig};
 use crate::discovery::{Discovery, Pool, ServiceState};
 use crate::health::{Health, HealthBoard};
-use crate::proxy::http::Route;
 use crate::proxy::Listener;
 use crate::registration::{Maintenance, Registration, SharedState};
 use crate::registry::{self, Instance, Registry, Status};
@@ -94,47 +92,17 @@ impl Agent {
         let mut proxies = Vec::new();
         let mut upstreams = Vec::new();
         for upstream in &config.upstreams {
-            let mut pool_for = |service: &str| {
-                let pool = Arc::new(Pool::new(upstream.filter.clone()));
-                pools_by_service
-                    .entry(service.to_owned())
-                    .or_default()
-                    .push(pool.clone());
-                pool
-            };
-            let pool = pool_for(&upstream.service);
-            let proxy = match &upstream.protocol {
-                Protocol::Tcp => Listener::tcp(upstream.clone(), pool.clone()).await,
-                Protocol::Http(http) => {
-                    // The configured routes first, the upstream's own service last.
-                    let mut routes: Vec<Route> = http
-                        .routes
-                        .iter()
-                        .map(|r| {
-                            Route::new(
-                                Some(r.clone()),
-                                r.service.clone(),
-                                pool_for(&r.service),
-                                upstream,
-                                http,
-                            )
-                        })
-                        .collect();
-                    routes.push(Route::new(
-                        None,
-                        upstream.service.clone(),
-                        pool.clone(),
-                        upstream,
-                        http,
-                    ));
-                    Listener::http(upstream.clone(), (**http).clone(), routes).await
-                }
+            let proxy = Listener::bind(upstream)
+                .await
+                .map_err(|source| AgentError::Bind {
+                    what: format!("upstream {}", upstream.service),
+                    addr: upstream.listen,
+                    source,
+                })?;
+            for (service, pool) in proxy.pools() {
+                pools_by_service.entry(service).or_default().push(pool);
             }
-            .map_err(|source| AgentError::Bind {
-                what: format!("upstream {}", upstream.service),
-                addr: upstream.listen,
-                source,
-            })?;
+            let pool = proxy.pool();
             let listen = proxy.local_addr().unwrap_or(upstream.listen);
             upstreams.push(UpstreamView {
                 config: upstream.clone(),

@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::balance::{Filter, Snapshot};
+use crate::balance::{Balancer, Filter, Snapshot};
 use crate::metrics as m;
 use crate::registration::sleep_or_shutdown;
 use crate::registry::{Change, Entry, Instance, Registry, Status, WatchEvent};
@@ -56,18 +56,25 @@ impl ServiceState {
     }
 }
 
-/// The routable endpoints of one upstream listener.
+/// The endpoints of one upstream listener and the balancer that picks
+/// among them.
 pub struct Pool {
     filter: Filter,
+    balancer: Balancer,
     snapshot: ArcSwap<Snapshot>,
 }
 
 impl Pool {
-    pub fn new(filter: Filter) -> Self {
+    pub fn new(filter: Filter, balancer: Balancer) -> Self {
         Pool {
             filter,
+            balancer,
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
         }
+    }
+
+    pub fn balancer(&self) -> &Balancer {
+        &self.balancer
     }
 
     /// The current snapshot: one atomic load, no lock.
@@ -75,8 +82,12 @@ impl Pool {
         self.snapshot.load_full()
     }
 
+    /// Rebuilds the snapshot (stats carried by instance id, the strategy's
+    /// tables built here rather than per pick) and swaps it in.
     fn refresh(&self, instances: &[Instance]) {
-        let next = Snapshot::rebuild(&self.snapshot.load(), instances, &self.filter);
+        let previous = self.snapshot.load_full();
+        let next = Snapshot::rebuild(&previous, instances, &self.filter, &self.balancer);
+        self.balancer.rebase(&previous, &next);
         self.snapshot.store(Arc::new(next));
     }
 }

@@ -34,6 +34,16 @@ pub const TCP_ACTIVE: &str = "squire_tcp_connections_active";
 pub const TCP_FAILED: &str = "squire_tcp_connections_failed_total";
 /// Connect attempts that failed (each retry counts). Labels: upstream, listen.
 pub const CONNECT_FAILURES: &str = "squire_upstream_connect_failures_total";
+/// Connect attempts made again on another endpoint after a failure. Labels: upstream, listen.
+pub const RETRIES: &str = "squire_upstream_retries_total";
+/// Times the balancer chose an endpoint (each connect attempt). Labels: upstream, listen, endpoint.
+pub const PICKS: &str = "squire_upstream_picks_total";
+/// Endpoints ejected after consecutive failures. Labels: upstream, listen.
+pub const EJECTIONS: &str = "squire_upstream_ejections_total";
+/// Endpoints ejected right now. Labels: upstream, listen.
+pub const EJECTED: &str = "squire_upstream_ejected_endpoints";
+/// 1 while the balancer picks among all endpoints (panic mode). Labels: upstream, listen.
+pub const PANIC_MODE: &str = "squire_upstream_panic_mode";
 /// Bytes from clients to upstream instances. Labels: upstream, listen.
 pub const BYTES_IN: &str = "squire_tcp_received_bytes_total";
 /// Bytes from upstream instances to clients. Labels: upstream, listen.
@@ -143,6 +153,17 @@ fn describe() {
     describe_counter!(
         CONNECT_FAILURES,
         "Failed connect attempts to upstream instances"
+    );
+    describe_counter!(
+        RETRIES,
+        "Connect attempts made again on another endpoint after a failure"
+    );
+    describe_counter!(PICKS, "Times the balancer chose an endpoint");
+    describe_counter!(EJECTIONS, "Endpoints ejected after consecutive failures");
+    describe_gauge!(EJECTED, "Endpoints ejected right now");
+    describe_gauge!(
+        PANIC_MODE,
+        "1 while the balancer picks among all endpoints because too few are healthy"
     );
     describe_counter!(
         BYTES_IN,

@@ -82,6 +82,15 @@ pub struct RawUpstream {
     pub statuses: Option<Vec<String>>,
     pub connect_timeout: Option<String>,
     pub retries: Option<i64>,
+    // load balancing
+    pub hash_key: Option<String>,
+    pub preamble_timeout: Option<String>,
+    pub preamble_max_bytes: Option<i64>,
+    /// A number 0-1; integer or float in TOML, checked in validation.
+    pub panic_threshold: Option<toml::Value>,
+    pub retry_backoff: Option<String>,
+    #[serde(default)]
+    pub ejection: RawEjection,
     // protocol = "http" only
     pub upstream_protocol: Option<String>,
     pub request_timeout: Option<String>,
@@ -94,6 +103,15 @@ pub struct RawUpstream {
     pub rewrite_host: Option<bool>,
     pub retry_budget: Option<f64>,
     pub route: Option<Vec<RawRoute>>,
+}
+
+/// `[upstream.ejection]`: passive failure handling.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawEjection {
+    pub consecutive_failures: Option<i64>,
+    pub base_time: Option<String>,
+    pub max_time: Option<String>,
+    pub max_share: Option<toml::Value>,
 }
 
 /// `[[upstream.route]]`: requests matching `host` and `path_prefix` go to

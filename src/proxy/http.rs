@@ -34,7 +34,8 @@ use tokio_util::task::TaskTracker;
 
 use super::pool::{ConnPool, ConnectError, RequestBody};
 use super::ProxyError;
-use crate::balance::Balancer;
+use crate::backoff::Backoff;
+use crate::balance::{self, now_ms, Balancer, HashKey, Strategy};
 use crate::config::{HttpUpstreamConfig, RouteConfig, UpstreamConfig};
 use crate::discovery::Pool;
 use crate::metrics as m;
@@ -42,29 +43,33 @@ use crate::metrics as m;
 type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
 /// One way out of the listener: requests it matches go to `service`.
-pub struct Route {
+struct Route {
+    /// `None` for the upstream's own service, the fallback.
     matcher: Option<RouteConfig>,
     service: String,
+    /// The instances of `service` this listener may use, and its balancer.
     pool: Arc<Pool>,
-    balancer: Balancer,
     connections: Arc<ConnPool>,
 }
 
 impl Route {
-    /// A route for `service` whose instances are in `pool`; `matcher` is
-    /// `None` for the upstream's own service (the fallback).
-    pub fn new(
+    fn new(
         matcher: Option<RouteConfig>,
         service: String,
-        pool: Arc<Pool>,
         upstream: &UpstreamConfig,
         http: &HttpUpstreamConfig,
+        listen: SocketAddr,
     ) -> Self {
+        let balancer = Balancer::new(
+            upstream.strategy,
+            upstream.ejection.clone(),
+            upstream.panic_threshold,
+        )
+        .with_metrics(&service, listen);
         Route {
             matcher,
+            pool: Arc::new(Pool::new(upstream.filter.clone(), balancer)),
             service,
-            pool,
-            balancer: Balancer::new(upstream.strategy),
             connections: ConnPool::new(
                 http.upstream_h2,
                 upstream.connect_timeout,
@@ -100,13 +105,22 @@ struct HttpMetrics {
 }
 
 impl HttpProxy {
-    pub async fn bind(
-        config: UpstreamConfig,
-        http: HttpUpstreamConfig,
-        routes: Vec<Route>,
-    ) -> io::Result<Self> {
+    pub async fn bind(config: UpstreamConfig, http: HttpUpstreamConfig) -> io::Result<Self> {
         let listener = TcpListener::bind(config.listen).await?;
         let listen = listener.local_addr()?;
+        // The configured routes first, the upstream's own service last.
+        let mut routes: Vec<Route> = http
+            .routes
+            .iter()
+            .map(|r| Route::new(Some(r.clone()), r.service.clone(), &config, &http, listen))
+            .collect();
+        routes.push(Route::new(
+            None,
+            config.service.clone(),
+            &config,
+            &http,
+            listen,
+        ));
         let labels = [
             ("upstream", config.service.clone()),
             ("listen", listen.to_string()),
@@ -150,6 +164,25 @@ impl HttpProxy {
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The pool of the upstream's own service.
+    pub fn pool(&self) -> Arc<Pool> {
+        // `bind` always ends the routes with the upstream's own service.
+        self.upstream
+            .routes
+            .last()
+            .map(|r| r.pool.clone())
+            .expect("the fallback route")
+    }
+
+    /// Every route's service and pool.
+    pub fn pools(&self) -> Vec<(String, Arc<Pool>)> {
+        self.upstream
+            .routes
+            .iter()
+            .map(|r| (r.service.clone(), r.pool.clone()))
+            .collect()
     }
 
     /// Accepts until `stop_accepting`; open connections finish their
@@ -320,6 +353,34 @@ impl HttpUpstream {
         response
     }
 
+    /// The request's affinity key, when the strategy hashes one.
+    fn affinity_key(&self, parts: &hyper::http::request::Parts, client: SocketAddr) -> Option<u64> {
+        match (self.config.strategy, &self.config.hash_key) {
+            (Strategy::IpHash, _) | (Strategy::ConsistentHash, HashKey::ClientIp) => {
+                Some(balance::client_key(client))
+            }
+            (Strategy::ConsistentHash, HashKey::Header(name)) => parts
+                .headers
+                .get(name.as_str())
+                .map(|v| balance::bytes_key(v.as_bytes())),
+            (Strategy::ConsistentHash, HashKey::Cookie(name)) => parts
+                .headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|pair| pair.trim().split_once('='))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| balance::bytes_key(v.as_bytes())),
+            (Strategy::ConsistentHash, HashKey::Query(name)) => parts.uri.query().and_then(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| balance::bytes_key(v.as_bytes()))
+            }),
+            _ => None,
+        }
+    }
+
     /// Forwards one request, retrying as allowed. On failure returns the
     /// error and the last endpoint tried.
     async fn forward(
@@ -360,30 +421,45 @@ impl HttpUpstream {
             client_upgrade = Some(hyper::upgrade::on(&mut placeholder));
         }
 
+        let key = self.affinity_key(&parts, client);
         let snapshot = route.pool.snapshot();
+        let balancer = route.pool.balancer();
+        let base = self.config.retry_backoff;
+        let mut backoff = Backoff::new(base, base.saturating_mul(8));
         let mut tried: Vec<usize> = Vec::new();
         let mut last: Option<(ProxyError, String)> = None;
         let attempts = self.config.retries + 1;
         while (tried.len() as u32) < attempts {
-            let Some(index) = route.balancer.pick(&snapshot, &tried) else {
+            if !tried.is_empty() && !base.is_zero() {
+                tokio::time::sleep(backoff.next(true)).await;
+            }
+            let context = balance::Context::new(now_ms())
+                .with_key(key)
+                .with_tried(&tried);
+            let Some(index) = balancer.pick(&snapshot, &context) else {
                 break;
             };
             tried.push(index);
             let endpoint = &snapshot.endpoints()[index];
+            endpoint.stats.picked();
             let authority = endpoint.instance.authority();
             if tried.len() > 1 {
                 self.metrics.retries.increment(1);
             }
+            let fail = |error: &ProxyError| {
+                if let Some(out_for) = balancer.record_failure(&snapshot, index, now_ms()) {
+                    tracing::warn!(upstream = %self.config.service, endpoint = %endpoint.instance.id, ejected_for = ?out_for, error = %error, "ejecting an endpoint after consecutive failures");
+                }
+            };
 
+            let started = Instant::now();
             let checkout = match route.connections.checkout(&authority).await {
                 Ok(checkout) => checkout,
                 Err(error) => {
-                    endpoint.stats.connect_failed();
+                    let error = connect_error(&authority, error, self.config.connect_timeout);
+                    fail(&error);
                     // Nothing was sent: always safe to try another instance.
-                    last = Some((
-                        connect_error(&authority, error, self.config.connect_timeout),
-                        authority,
-                    ));
+                    last = Some((error, authority));
                     continue;
                 }
             };
@@ -426,11 +502,13 @@ impl HttpUpstream {
                     )),
                 };
             }
+            let in_flight = endpoint.stats.open();
             let sent = tokio::time::timeout(
                 self.http.request_timeout,
                 checkout.send(&route.connections, outbound),
             )
             .await;
+            drop(in_flight);
             let error = match sent {
                 Err(_) => ProxyError::RequestTimeout {
                     endpoint: authority.clone(),
@@ -441,6 +519,17 @@ impl HttpUpstream {
                 },
                 Ok(Ok(response)) => {
                     let status = response.status();
+                    // Time to response headers feeds response_time; a 5xx
+                    // counts toward ejection like a failed connect.
+                    endpoint.stats.record_latency(started.elapsed(), now_ms());
+                    if status.is_server_error() {
+                        fail(&ProxyError::Upstream {
+                            endpoint: authority.clone(),
+                            reason: status.to_string(),
+                        });
+                    } else {
+                        endpoint.stats.record_success();
+                    }
                     let retryable_status = matches!(
                         status,
                         StatusCode::BAD_GATEWAY
@@ -463,6 +552,7 @@ impl HttpUpstream {
                     return Ok((response, authority));
                 }
             };
+            fail(&error);
             // The request may have reached the instance: only a request
             // without a body, with an idempotent method, may be sent again.
             let more = (tried.len() as u32) < attempts && tried.len() < snapshot.len();
@@ -514,6 +604,10 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
         }
         ProxyError::RequestTimeout { .. } => {
             (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n")
+        }
+        // Only TCP listeners read a ROUTE line; listed for completeness.
+        ProxyError::PreambleTimeout { .. } | ProxyError::Preamble(_) => {
+            (StatusCode::BAD_REQUEST, "bad request\n")
         }
         ProxyError::Connect { .. } | ProxyError::Upstream { .. } => {
             (StatusCode::BAD_GATEWAY, "upstream connection failed\n")
@@ -758,12 +852,6 @@ impl RetryBudget {
 struct Activity {
     last: AtomicU64,
     requests: AtomicUsize,
-}
-
-static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-
-fn now_ms() -> u64 {
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 impl Activity {

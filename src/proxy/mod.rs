@@ -9,6 +9,7 @@
 
 pub mod http;
 pub mod pool;
+pub mod preamble;
 pub mod tcp;
 
 use std::io;
@@ -22,7 +23,7 @@ use tokio_util::task::TaskTracker;
 pub use http::HttpProxy;
 pub use tcp::TcpProxy;
 
-use crate::config::{HttpUpstreamConfig, UpstreamConfig};
+use crate::config::{Protocol, UpstreamConfig};
 use crate::discovery::Pool;
 
 /// One bound upstream listener, of either protocol.
@@ -32,16 +33,31 @@ pub enum Listener {
 }
 
 impl Listener {
-    pub async fn tcp(config: UpstreamConfig, pool: Arc<Pool>) -> io::Result<Listener> {
-        Ok(Listener::Tcp(TcpProxy::bind(config, pool).await?))
+    /// Binds the listener `config` describes.
+    pub async fn bind(config: &UpstreamConfig) -> io::Result<Listener> {
+        Ok(match &config.protocol {
+            Protocol::Tcp => Listener::Tcp(TcpProxy::bind(config.clone()).await?),
+            Protocol::Http(http) => {
+                Listener::Http(HttpProxy::bind(config.clone(), (**http).clone()).await?)
+            }
+        })
     }
 
-    pub async fn http(
-        config: UpstreamConfig,
-        http: HttpUpstreamConfig,
-        routes: Vec<http::Route>,
-    ) -> io::Result<Listener> {
-        Ok(Listener::Http(HttpProxy::bind(config, http, routes).await?))
+    /// The pool of the upstream's own service (shown in `/v1/services`).
+    pub fn pool(&self) -> Arc<Pool> {
+        match self {
+            Listener::Tcp(proxy) => proxy.pool(),
+            Listener::Http(proxy) => proxy.pool(),
+        }
+    }
+
+    /// Every pool the listener routes to, with its service, for discovery
+    /// to keep current.
+    pub fn pools(&self) -> Vec<(String, Arc<Pool>)> {
+        match self {
+            Listener::Tcp(proxy) => vec![(proxy.service().to_owned(), proxy.pool())],
+            Listener::Http(proxy) => proxy.pools(),
+        }
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -84,6 +100,10 @@ pub enum ProxyError {
     RequestTimeout { endpoint: String },
     #[error("exchange with {endpoint} failed: {reason}")]
     Upstream { endpoint: String, reason: String },
+    #[error("no ROUTE line within {after:?}")]
+    PreambleTimeout { after: Duration },
+    #[error("bad ROUTE line: {0}")]
+    Preamble(#[from] preamble::PreambleError),
 }
 
 impl ProxyError {
@@ -96,6 +116,8 @@ impl ProxyError {
             ProxyError::NoRoute => "no_route",
             ProxyError::RequestTimeout { .. } => "request_timeout",
             ProxyError::Upstream { .. } => "upstream_error",
+            ProxyError::PreambleTimeout { .. } => "preamble_timeout",
+            ProxyError::Preamble(_) => "bad_preamble",
         }
     }
 }
