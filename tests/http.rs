@@ -732,3 +732,47 @@ async fn connections_beyond_the_limit_are_refused_and_counted() {
     .await;
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn a_hash_key_header_keeps_a_room_on_one_instance() {
+    let dir = tempfile::tempdir().expect("dir");
+    let names = ["r1", "r2", "r3"];
+    let mut backends = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let backend = Backend::start(name).await;
+        announce(dir.path(), "room", &format!("room-{i}"), backend.addr);
+        backends.push(backend);
+    }
+    let extra = "strategy = \"consistent_hash\"\nhash_key = \"header:x-room\"";
+    let agent = TestAgent::start(&config(dir.path(), "room", extra)).await;
+    wait_routable(&agent, 3).await;
+
+    let mut client = h1(agent.listen()).await;
+    let mut homes = std::collections::HashMap::new();
+    for round in 0..5 {
+        for room in 0..30 {
+            let request = Request::get("/")
+                .header("host", "room")
+                .header("x-room", format!("room-{room}"))
+                .body(Full::default())
+                .expect("request");
+            let response = client.send_request(request).await.expect("response");
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            let served_by = String::from_utf8_lossy(&body).into_owned();
+            let home = homes.entry(room).or_insert_with(|| served_by.clone());
+            assert_eq!(*home, served_by, "room-{room} moved in round {round}");
+        }
+    }
+    let used: std::collections::HashSet<_> = homes.values().collect();
+    assert_eq!(
+        used.len(),
+        3,
+        "30 rooms spread over all three instances: {homes:?}"
+    );
+    agent.stop().await;
+}
