@@ -90,7 +90,7 @@ haproxy_http=$(port); haproxy_tcp=$(port)
 {
   echo "global"
   echo "  nbthread 1"
-  echo "  maxconn 10000"
+  echo "  maxconn 4096"
   echo "defaults"
   echo "  timeout connect 1s"
   echo "  timeout client 30s"
@@ -128,7 +128,8 @@ def us(v):
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
 p = {k: us(v) for k, v in re.findall(r"^\s+(50|90|99)%\s+(\S+)", text, re.M)}
 errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", text)
-print(f"{rps:.0f} {p[\"50\"]:.0f} {p[\"90\"]:.0f} {p[\"99\"]:.0f}" + (f" ERRORS:{errors.group(0)}" if errors else ""))
+line = "%.0f %.0f %.0f %.0f" % (rps, p["50"], p["90"], p["99"])
+print(line + (" ERRORS:" + errors.group(0).replace(" ", "_") if errors else ""))
 '
 }
 

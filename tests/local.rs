@@ -162,3 +162,80 @@ async fn shutdown_drains_open_connections_then_cuts_at_the_deadline() {
     b.stop().await;
     a.stop().await;
 }
+
+#[tokio::test]
+async fn the_maintenance_command_drains_and_restores_the_instance() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backend = Backend::start("patchy").await;
+    let a = TestAgent::start(&config(
+        dir.path(),
+        Some(("patchy", backend.addr)),
+        None,
+        "1s",
+    ))
+    .await;
+    let record = dir
+        .path()
+        .join("patchy")
+        .join(format!("patchy-127.0.0.1-{}.json", backend.addr.port()));
+    let status = || {
+        let text = std::fs::read_to_string(&record).unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["instance"]["status"].as_str().map(str::to_owned))
+    };
+    eventually("registered healthy", DEADLINE, || async {
+        status().as_deref() == Some("healthy")
+    })
+    .await;
+
+    // tokio's Command: the agent answering it runs on this test's thread.
+    let squire = |args: &[&str]| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_squire"))
+            .args(args)
+            .args(["--admin", &a.admin.to_string()])
+            .output()
+    };
+    let on = squire(&["maintenance", "on", "--reason", "patch 1.2"])
+        .await
+        .expect("run squire");
+    assert!(
+        on.status.success(),
+        "{}",
+        String::from_utf8_lossy(&on.stderr)
+    );
+    assert!(String::from_utf8_lossy(&on.stdout).contains("patch 1.2"));
+    eventually("draining in the registry", DEADLINE, || async {
+        status().as_deref() == Some("draining")
+    })
+    .await;
+    assert_eq!(
+        a.json("/v1/self").await["maintenance"]["reason"],
+        "patch 1.2"
+    );
+
+    let off = squire(&["maintenance", "off"]).await.expect("run squire");
+    assert!(
+        off.status.success(),
+        "{}",
+        String::from_utf8_lossy(&off.stderr)
+    );
+    eventually("healthy again", DEADLINE, || async {
+        status().as_deref() == Some("healthy")
+    })
+    .await;
+
+    let unreachable = tokio::process::Command::new(env!("CARGO_BIN_EXE_squire"))
+        .args([
+            "maintenance",
+            "on",
+            "--admin",
+            &format!("127.0.0.1:{}", support::free_port()),
+        ])
+        .output()
+        .await
+        .expect("run squire");
+    assert!(!unreachable.status.success());
+    assert!(String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach the admin API"));
+    a.stop().await;
+}
