@@ -2,12 +2,14 @@
 //!
 //! - `GET /live`: 200 while the process runs.
 //! - `GET /ready`: 200 once every listener is bound and our instance is
-//!   registered; 503 with the reason while starting or draining.
+//!   registered in at least one registry; 503 with the reason while
+//!   starting or draining.
 //! - `GET /metrics`: Prometheus text format.
 //! - `GET /v1/services`: every discovered service, its instances and status,
 //!   and each upstream listener's routable endpoints.
-//! - `GET /v1/self`: our registration (registry, lease, last keep-alive, the
-//!   status announced) and every health check's last result.
+//! - `GET /v1/self`: our registration in each registry (lease, last
+//!   keep-alive, last error, the status announced) and every health check's
+//!   last result.
 //! - `PUT /v1/maintenance?enable=true&reason=...`: announce our instance as
 //!   `draining` (peers open no new connections, existing ones continue);
 //!   `enable=false` returns to the health checks' verdict.
@@ -154,16 +156,15 @@ fn not_ready_reason(state: &AgentState) -> Option<&'static str> {
     if !state.listeners_bound.load(Ordering::Relaxed) {
         return Some("starting: listeners not bound");
     }
-    match &state.registration {
-        Some(registration)
-            if !registration
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .registered =>
-        {
-            Some("not registered")
-        }
-        _ => None,
+    // Registered in one registry is enough: peers reading it find us.
+    let registered = state
+        .registrations
+        .iter()
+        .any(|r| r.lock().unwrap_or_else(|p| p.into_inner()).registered);
+    if state.registrations.is_empty() || registered {
+        None
+    } else {
+        Some("not registered")
     }
 }
 
@@ -176,9 +177,25 @@ fn services(state: &AgentState) -> serde_json::Value {
             let instances = service.instances();
             let summary = HealthSummary::of(&instances);
             all.add(&summary);
+            let registries: Vec<_> = service
+                .sources()
+                .iter()
+                .map(|source| {
+                    json!({
+                        "name": source.name,
+                        "kind": source.kind,
+                        "watch_up": source.watch_up(),
+                        "serving": source.serving(),
+                        "last_error": source.last_error(),
+                    })
+                })
+                .collect();
             json!({
                 "name": service.name,
                 "watch_up": service.watch_up(),
+                "discovery": service.mode.name(),
+                "served_from": service.served_from(),
+                "registries": registries,
                 "updated_at": service.updated_at().map(|t| humantime::format_rfc3339_millis(t).to_string()),
                 "summary": summary.to_json(),
                 "instances": *instances,
@@ -283,10 +300,18 @@ fn endpoint_view(e: &Endpoint, now: u64) -> serde_json::Value {
 }
 
 fn self_view(state: &AgentState) -> serde_json::Value {
-    let registration = state
-        .registration
-        .as_ref()
-        .map(|r| r.lock().unwrap_or_else(|p| p.into_inner()).clone());
+    let registrations: Vec<_> = state
+        .registrations
+        .iter()
+        .map(|r| r.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        .collect();
+    // The status a registry holds: the first where we are registered (the
+    // others catch up once they answer), else the first.
+    let status = registrations
+        .iter()
+        .find(|r| r.registered)
+        .or(registrations.first())
+        .map(|r| r.instance.status);
     let checks = state
         .health
         .as_ref()
@@ -297,11 +322,11 @@ fn self_view(state: &AgentState) -> serde_json::Value {
         "node": state.node,
         "ready": not_ready_reason(state).is_none(),
         "draining": state.draining.load(Ordering::Relaxed),
-        "status": registration.as_ref().map(|r| r.instance.status),
+        "status": status,
         "maintenance": { "enabled": maintenance.is_some(), "reason": maintenance },
         "health": state.health.as_ref().map(|board| *board.subscribe().borrow()),
         "checks": checks,
-        "registration": registration,
+        "registrations": registrations,
     })
 }
 

@@ -1,10 +1,11 @@
 //! Wires the parts together and owns the order of startup and shutdown.
 //!
 //! Start: bind the admin API and every listener (a taken port fails here),
-//! start the health checks and discovery, then register (as `unknown` until
-//! the checks have risen, so peers send nothing before the service is ready). Stop: deregister first, wait `drain_delay`
-//! so peers see us leave, stop accepting, let open connections finish up to
-//! `drain_timeout`, cut the rest, return.
+//! start the health checks and discovery, then register into every registry
+//! (as `unknown` until the checks have risen, so peers send nothing before
+//! the service is ready). Stop: deregister from every registry at once,
+//! wait `drain_delay` so peers see us leave, stop accepting, let open
+//! connections finish up to `drain_timeout`, cut the rest, return.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -20,12 +21,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
-use crate::config::{Config, ServiceConfig, UpstreamConfig};
-use crate::discovery::{Discovery, Pool, ServiceState};
+use crate::config::{Config, RegistryConfig, ServiceConfig, UpstreamConfig};
+use crate::discovery::{Discovery, Pool, ServiceState, Source};
 use crate::health::{Health, HealthBoard};
 use crate::proxy::Listener;
 use crate::registration::{Maintenance, Registration, SharedState};
-use crate::registry::{self, Instance, Registry, Status};
+use crate::registry::{self, Instance, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -46,7 +47,8 @@ pub struct AgentState {
     pub node: String,
     pub listeners_bound: AtomicBool,
     pub draining: AtomicBool,
-    pub registration: Option<SharedState>,
+    /// One per registry, in configured order; empty without `[service]`.
+    pub registrations: Vec<SharedState>,
     pub health: Option<Arc<HealthBoard>>,
     /// Maintenance mode, switched by `PUT /v1/maintenance`.
     pub maintenance: watch::Sender<Maintenance>,
@@ -70,14 +72,21 @@ pub struct Agent {
     proxies: Vec<Listener>,
     discoveries: Vec<Discovery>,
     health: Option<Health>,
-    registration: Option<Registration>,
+    registrations: Vec<Registration>,
 }
 
 impl Agent {
     /// Binds the admin API and every listener. Nothing is announced yet.
     pub async fn bind(config: Config) -> Result<Agent, AgentError> {
         let prometheus = crate::metrics::install().map_err(AgentError::Metrics)?;
-        let registry = registry::from_config(&config.registry);
+        let sources: Vec<Source> = config
+            .registries
+            .iter()
+            .map(|r| Source {
+                name: r.name.clone(),
+                registry: registry::from_config(r),
+            })
+            .collect();
 
         let admin_listener = TcpListener::bind(config.agent.admin)
             .await
@@ -115,9 +124,14 @@ impl Agent {
         let mut services = Vec::new();
         let mut discoveries = Vec::new();
         for (name, pools) in pools_by_service {
-            let service = Arc::new(ServiceState::new(name));
+            let service = Arc::new(ServiceState::new(name, config.discovery.mode, &sources));
             services.push(service.clone());
-            discoveries.push(Discovery::new(registry.clone(), service, pools));
+            discoveries.push(Discovery::new(
+                sources.clone(),
+                &config.discovery,
+                service,
+                pools,
+            ));
         }
 
         let (maintenance, maintenance_rx) = watch::channel(None);
@@ -125,18 +139,22 @@ impl Agent {
             Some(service) => Some(Health::new(&service.checks)?),
             None => None,
         };
-        let registration = config
-            .service
-            .as_ref()
-            .zip(health.as_ref())
-            .map(|(service, health)| {
-                registration(registry.clone(), service, &config, health, maintenance_rx)
-            });
+        // One registration per registry, all fed by the same verdict.
+        let registrations: Vec<Registration> = match (&config.service, &health) {
+            (Some(service), Some(health)) => sources
+                .iter()
+                .zip(&config.registries)
+                .map(|(source, registry)| {
+                    registration(source, registry, service, health, maintenance_rx.clone())
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         let state = Arc::new(AgentState {
             node: config.agent.node.clone(),
             listeners_bound: AtomicBool::new(true),
             draining: AtomicBool::new(false),
-            registration: registration.as_ref().map(Registration::state),
+            registrations: registrations.iter().map(Registration::state).collect(),
             health: health.as_ref().map(Health::board),
             maintenance,
             services,
@@ -151,7 +169,7 @@ impl Agent {
             proxies,
             discoveries,
             health,
-            registration,
+            registrations,
         })
     }
 
@@ -174,7 +192,7 @@ impl Agent {
             proxies,
             discoveries,
             health,
-            registration,
+            registrations,
             ..
         } = self;
 
@@ -199,17 +217,22 @@ impl Agent {
         }
 
         let registration_stop = CancellationToken::new();
-        let registration_task =
-            registration.map(|r| tokio::spawn(r.run(registration_stop.clone())));
-        tracing::info!(node = %config.agent.node, registry = config.registry.backend.kind(), "squire running");
+        let mut registration_tasks = JoinSet::new();
+        for registration in registrations {
+            registration_tasks.spawn(registration.run(registration_stop.clone()));
+        }
+        let registries: Vec<&str> = config.registries.iter().map(|r| r.name.as_str()).collect();
+        tracing::info!(node = %config.agent.node, ?registries, discovery = config.discovery.mode.name(), "squire running");
 
         shutdown.await;
         tracing::info!(drain_delay = ?config.agent.drain_delay, drain_timeout = ?config.agent.drain_timeout, "shutting down");
         state.draining.store(true, Ordering::Relaxed);
 
+        // Every registration revokes at once, each bounded by its own
+        // registry's timeout: a dead registry does not delay the others.
         registration_stop.cancel();
-        if let Some(task) = registration_task {
-            if let Err(e) = task.await {
+        while let Some(result) = registration_tasks.join_next().await {
+            if let Err(e) = result {
                 tracing::error!(error = %e, "registration task failed");
             }
         }
@@ -257,9 +280,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 }
 
 fn registration(
-    registry: Arc<dyn Registry>,
+    source: &Source,
+    config: &RegistryConfig,
     service: &ServiceConfig,
-    config: &Config,
     health: &Health,
     maintenance: watch::Receiver<Maintenance>,
 ) -> Registration {
@@ -276,10 +299,11 @@ fn registration(
         status: Status::Unknown,
     };
     Registration::new(
-        registry,
+        source.name.clone(),
+        source.registry.clone(),
         instance,
-        config.registry.ttl,
-        config.registry.timeout,
+        config.ttl,
+        config.timeout,
         health.board().subscribe(),
         maintenance,
         service.deregister_critical_after,

@@ -8,15 +8,15 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Successful registrations, first ones and re-registrations. Labels: registry.
+/// Successful registrations, first ones and re-registrations. Labels: registry (its name), kind.
 pub const REGISTRATIONS: &str = "squire_registrations_total";
-/// Registrations made again because the lease was lost. Labels: registry.
+/// Registrations made again because the lease was lost. Labels: registry (its name), kind.
 pub const LEASE_REGRANTS: &str = "squire_lease_regrants_total";
-/// Failed registration attempts. Labels: registry.
+/// Failed registration attempts. Labels: registry (its name), kind.
 pub const REGISTRATION_FAILURES: &str = "squire_registration_failures_total";
-/// Failed lease refreshes. Labels: registry.
+/// Failed lease refreshes. Labels: registry (its name), kind.
 pub const KEEPALIVE_FAILURES: &str = "squire_keepalive_failures_total";
-/// 1 while our instance is registered. Labels: registry.
+/// 1 while our instance is registered. Labels: registry (its name), kind.
 pub const REGISTERED: &str = "squire_registered";
 /// Watches restarted after an error (each one re-lists). Labels: service.
 pub const WATCH_RESTARTS: &str = "squire_watch_restarts_total";
@@ -26,6 +26,12 @@ pub const WATCH_UP: &str = "squire_watch_up";
 pub const ENTRIES_SKIPPED: &str = "squire_registry_entries_skipped_total";
 /// Instances known per service and status. Labels: service, status.
 pub const ENDPOINTS: &str = "squire_endpoints";
+/// 1 for each registry a service is served from (failover: the one in use;
+/// merge: each whose watch is up), 0 for the others. Labels: service, registry.
+pub const DISCOVERY_SOURCE: &str = "squire_discovery_source";
+/// Times failover discovery of a service moved to a registry (the first
+/// one read counts too). Labels: service, registry.
+pub const DISCOVERY_SWITCHES: &str = "squire_discovery_switches_total";
 /// Connections accepted by an upstream listener. Labels: upstream, listen.
 pub const TCP_ACCEPTED: &str = "squire_tcp_connections_accepted_total";
 /// Connections open through an upstream listener. Labels: upstream, listen.
@@ -61,13 +67,13 @@ pub const CHECK_TRANSITIONS: &str = "squire_check_transitions_total";
 pub const CHECK_STATUS: &str = "squire_check_status";
 /// 1 for the status we announce, 0 for the others. Labels: status.
 pub const ANNOUNCED_STATUS: &str = "squire_announced_status";
-/// Status writes to the registry. Labels: registry.
+/// Status writes to the registry. Labels: registry (its name), kind.
 pub const STATUS_WRITES: &str = "squire_status_writes_total";
 /// Status changes held back by the write rate limit (a later write carries
-/// the latest). Labels: registry.
+/// the latest). Labels: registry (its name), kind.
 pub const STATUS_WRITES_DEFERRED: &str = "squire_status_writes_deferred_total";
 /// Times our instance was removed for staying unhealthy past
-/// `deregister_critical_after`. Labels: registry.
+/// `deregister_critical_after`. Labels: registry (its name), kind.
 pub const CRITICAL_DEREGISTRATIONS: &str = "squire_critical_deregistrations_total";
 
 const CHECK_BUCKETS: &[f64] = &[
@@ -144,6 +150,14 @@ fn describe() {
         "Registry entries skipped because their value did not parse"
     );
     describe_gauge!(ENDPOINTS, "Instances known per service and status");
+    describe_gauge!(
+        DISCOVERY_SOURCE,
+        "1 for each registry a service is served from, 0 for the others"
+    );
+    describe_counter!(
+        DISCOVERY_SWITCHES,
+        "Times failover discovery of a service moved to a registry"
+    );
     describe_counter!(TCP_ACCEPTED, "Connections accepted by an upstream listener");
     describe_gauge!(TCP_ACTIVE, "Connections open through an upstream listener");
     describe_counter!(

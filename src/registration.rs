@@ -1,7 +1,11 @@
 //! Keeps our instance registered, whatever the registry goes through, and
 //! announces the status our health checks and maintenance mode decide.
 //!
-//! One loop: register under a new lease, refresh it every ttl/3, and
+//! One [`Registration`] per configured registry, each its own task fed by
+//! the same health verdict and maintenance channels: one registry being
+//! down, slow or refusing us never delays what the others get.
+//!
+//! Each is one loop: register under a new lease, refresh it every ttl/3, and
 //!
 //! - on a refresh error (registry unreachable, stream broken) retry the
 //!   refresh with a jittered backoff, on the same lease: a lease survives an
@@ -33,9 +37,12 @@ use crate::registry::{Instance, Lease, Registry, RegistryError, Status};
 const WRITE_BURST: u32 = 3;
 const WRITE_REFILL: Duration = Duration::from_secs(1);
 
-/// What `/v1/self` shows of our registration.
+/// What `/v1/self` shows of our registration in one registry.
 #[derive(Debug, Clone, Serialize)]
 pub struct RegistrationState {
+    /// The registry's configured name (`primary`, ...).
+    pub name: String,
+    /// Its kind: `etcd`, `consul`, `local`.
     pub registry: &'static str,
     pub target: String,
     pub registered: bool,
@@ -70,7 +77,10 @@ pub type SharedState = Arc<Mutex<RegistrationState>>;
 pub type Maintenance = Option<String>;
 
 pub struct Registration {
+    name: String,
     registry: Arc<dyn Registry>,
+    /// `registry` (the name) and `kind`, on every metric.
+    labels: Vec<metrics::Label>,
     instance: Instance,
     refresh: Duration,
     timeout: Duration,
@@ -91,7 +101,9 @@ enum Ended {
 }
 
 impl Registration {
+    #[allow(clippy::too_many_arguments)] // each is a distinct part of the wiring
     pub fn new(
+        name: String,
         registry: Arc<dyn Registry>,
         instance: Instance,
         ttl: Duration,
@@ -101,6 +113,7 @@ impl Registration {
         deregister_unhealthy_after: Option<Duration>,
     ) -> Self {
         let state = Arc::new(Mutex::new(RegistrationState {
+            name: name.clone(),
             registry: registry.kind(),
             target: registry.target(),
             registered: false,
@@ -112,8 +125,14 @@ impl Registration {
             registrations: 0,
             instance: instance.clone(),
         }));
+        let labels = vec![
+            metrics::Label::new("registry", name.clone()),
+            metrics::Label::new("kind", registry.kind()),
+        ];
         Registration {
+            name,
             registry,
+            labels,
             instance,
             refresh: ttl / 3,
             timeout,
@@ -163,9 +182,9 @@ impl Registration {
             let lease = match registered {
                 Ok(lease) => lease,
                 Err(e) => {
-                    metrics::counter!(m::REGISTRATION_FAILURES, "registry" => kind).increment(1);
+                    metrics::counter!(m::REGISTRATION_FAILURES, self.labels.iter()).increment(1);
                     let delay = backoff.next(e.is_retryable());
-                    tracing::warn!(registry = kind, error = %e, retry_in = ?delay, "registration failed");
+                    tracing::warn!(registry = %self.name, kind, error = %e, retry_in = ?delay, "registration failed");
                     self.update(|s| s.last_error = Some(e.to_string()));
                     if sleep_or_shutdown(delay, &shutdown).await {
                         return;
@@ -174,13 +193,13 @@ impl Registration {
                 }
             };
             backoff.reset();
-            metrics::counter!(m::REGISTRATIONS, "registry" => kind).increment(1);
+            metrics::counter!(m::REGISTRATIONS, self.labels.iter()).increment(1);
             if lost_before {
-                metrics::counter!(m::LEASE_REGRANTS, "registry" => kind).increment(1);
+                metrics::counter!(m::LEASE_REGRANTS, self.labels.iter()).increment(1);
             }
-            metrics::gauge!(m::REGISTERED, "registry" => kind).set(1.0);
+            metrics::gauge!(m::REGISTERED, self.labels.iter()).set(1.0);
             set_announced_gauge(self.instance.status);
-            tracing::info!(registry = kind, lease = %lease.id(), id = %self.instance.id, status = %self.instance.status, "registered");
+            tracing::info!(registry = %self.name, kind, lease = %lease.id(), id = %self.instance.id, status = %self.instance.status, "registered");
             let instance = self.instance.clone();
             self.update(|s| {
                 let now = SystemTime::now();
@@ -201,12 +220,12 @@ impl Registration {
                 }
                 Ended::Lost => {
                     lost_before = true;
-                    metrics::gauge!(m::REGISTERED, "registry" => kind).set(0.0);
+                    metrics::gauge!(m::REGISTERED, self.labels.iter()).set(0.0);
                     self.update(|s| s.registered = false);
                 }
                 Ended::UnhealthyTooLong(lease) => {
-                    tracing::warn!(registry = kind, id = %self.instance.id, "unhealthy past deregister_critical_after; deregistering until it recovers");
-                    metrics::counter!(m::CRITICAL_DEREGISTRATIONS, "registry" => kind).increment(1);
+                    tracing::warn!(registry = %self.name, kind, id = %self.instance.id, "unhealthy past deregister_critical_after; deregistering until it recovers");
+                    metrics::counter!(m::CRITICAL_DEREGISTRATIONS, self.labels.iter()).increment(1);
                     self.deregister(lease).await;
                     self.update(|s| s.deregistered_unhealthy = true);
                     if self.wait_for_recovery(&shutdown).await {
@@ -234,7 +253,7 @@ impl Registration {
             let write_at = (wanted != self.instance.status).then(|| self.writes.ready_at());
             if write_at.is_some_and(|at| at > Instant::now()) && !deferred {
                 deferred = true;
-                metrics::counter!(m::STATUS_WRITES_DEFERRED, "registry" => kind).increment(1);
+                metrics::counter!(m::STATUS_WRITES_DEFERRED, self.labels.iter()).increment(1);
             }
             let unhealthy_deadline = self
                 .unhealthy_since
@@ -257,22 +276,22 @@ impl Registration {
                     instance.status = wanted;
                     match tokio::time::timeout(self.timeout, lease.update(&instance)).await {
                         Ok(Ok(())) => {
-                            metrics::counter!(m::STATUS_WRITES, "registry" => kind).increment(1);
+                            metrics::counter!(m::STATUS_WRITES, self.labels.iter()).increment(1);
                             set_announced_gauge(wanted);
-                            tracing::info!(registry = kind, from = %self.instance.status, to = %wanted, "status announced");
+                            tracing::info!(registry = %self.name, kind, from = %self.instance.status, to = %wanted, "status announced");
                             self.instance = instance.clone();
                             self.update(|s| s.instance = instance);
                         }
                         Ok(Err(RegistryError::LeaseLost(reason))) => {
-                            tracing::warn!(registry = kind, %reason, "lease lost while writing status; registering again");
+                            tracing::warn!(registry = %self.name, kind, %reason, "lease lost while writing status; registering again");
                             return Ended::Lost;
                         }
                         Ok(Err(e)) => {
                             // Stays pending: retried when the next token comes.
-                            tracing::warn!(registry = kind, error = %e, "status write failed");
+                            tracing::warn!(registry = %self.name, kind, error = %e, "status write failed");
                             self.update(|s| s.last_error = Some(e.to_string()));
                         }
-                        Err(_) => tracing::warn!(registry = kind, "status write timed out"),
+                        Err(_) => tracing::warn!(registry = %self.name, kind, "status write timed out"),
                     }
                 }
                 _ = tokio::time::sleep_until(next_refresh) => {
@@ -285,19 +304,19 @@ impl Registration {
                             self.update(|s| s.last_keep_alive = Some(SystemTime::now()));
                         }
                         Err(RegistryError::LeaseLost(reason)) => {
-                            tracing::warn!(registry = kind, %reason, "lease lost; registering again");
-                            metrics::counter!(m::KEEPALIVE_FAILURES, "registry" => kind).increment(1);
+                            tracing::warn!(registry = %self.name, kind, %reason, "lease lost; registering again");
+                            metrics::counter!(m::KEEPALIVE_FAILURES, self.labels.iter()).increment(1);
                             self.update(|s| s.last_error = Some(format!("lease lost: {reason}")));
                             return Ended::Lost;
                         }
                         Err(e) => {
-                            metrics::counter!(m::KEEPALIVE_FAILURES, "registry" => kind).increment(1);
+                            metrics::counter!(m::KEEPALIVE_FAILURES, self.labels.iter()).increment(1);
                             // Never wait longer than one refresh period between
                             // tries, or an outage shorter than the ttl would
                             // still lose us.
                             let delay = backoff.next(e.is_retryable()).min(self.refresh);
                             next_refresh = Instant::now() + delay;
-                            tracing::warn!(registry = kind, error = %e, retry_in = ?delay, "keep-alive failed");
+                            tracing::warn!(registry = %self.name, kind, error = %e, retry_in = ?delay, "keep-alive failed");
                             self.update(|s| s.last_error = Some(e.to_string()));
                         }
                     }
@@ -325,16 +344,18 @@ impl Registration {
     async fn deregister(&self, lease: Box<dyn Lease>) {
         let kind = self.registry.kind();
         match tokio::time::timeout(self.timeout, lease.revoke()).await {
-            Ok(Ok(())) => tracing::info!(registry = kind, id = %self.instance.id, "deregistered"),
+            Ok(Ok(())) => {
+                tracing::info!(registry = %self.name, kind, id = %self.instance.id, "deregistered")
+            }
             Ok(Err(e)) => {
-                tracing::warn!(registry = kind, error = %e, "deregistration failed; the lease will expire")
+                tracing::warn!(registry = %self.name, kind, error = %e, "deregistration failed; the lease will expire")
             }
             Err(_) => tracing::warn!(
-                registry = kind,
+                registry = %self.name, kind,
                 "deregistration timed out; the lease will expire"
             ),
         }
-        metrics::gauge!(m::REGISTERED, "registry" => kind).set(0.0);
+        metrics::gauge!(m::REGISTERED, self.labels.iter()).set(0.0);
         self.update(|s| {
             s.registered = false;
             s.lease = None;
@@ -357,7 +378,7 @@ fn set_announced_gauge(current: Status) {
 }
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.
-async fn sleep_until_some(at: Option<Instant>) {
+pub(crate) async fn sleep_until_some(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,

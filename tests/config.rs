@@ -512,3 +512,18 @@ fn the_readme_configuration_reference_is_valid() {
         panic!("README reference: {e}");
     }
 }
+
+/// The example under "Several registries" in the README loads too.
+#[test]
+fn the_readme_multi_registry_example_is_valid() {
+    let readme = fs::read_to_string(root().join("README.md")).expect("README.md");
+    let block = readme
+        .split("## Several registries")
+        .nth(1)
+        .and_then(|section| section.split("```toml\n").nth(1))
+        .and_then(|rest| rest.split("```").next())
+        .expect("a toml block under Several registries");
+    let config = Config::from_toml(block).unwrap_or_else(|e| panic!("README example: {e}"));
+    let names: Vec<&str> = config.registries.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["primary", "backup"]);
+}

@@ -227,9 +227,9 @@ async fn registration_is_the_exact_service_definition_and_leaves_on_stop() {
     })
     .await;
     let this = agent.json("/v1/self").await;
-    assert_eq!(this["registration"]["registry"], "consul");
-    assert_eq!(this["registration"]["lease"], "service:battle-1");
-    assert_eq!(this["registration"]["target"], fake.address());
+    assert_eq!(this["registrations"][0]["registry"], "consul");
+    assert_eq!(this["registrations"][0]["lease"], "service:battle-1");
+    assert_eq!(this["registrations"][0]["target"], fake.address());
 
     agent.stop().await;
     assert!(fake.service("battle-1").is_none(), "deregistered on stop");
@@ -313,7 +313,7 @@ fn consul_registry(
         fake.address()
     );
     let config = squire::Config::from_toml(&toml).unwrap_or_else(|e| panic!("{e}"));
-    squire::registry::from_config(&config.registry)
+    squire::registry::from_config(&config.registries[0])
 }
 
 #[tokio::test]
@@ -497,7 +497,7 @@ async fn an_agent_restarted_empty_gets_registered_again_and_watched_again() {
     eventually(
         "/v1/self to count the second registration",
         DEADLINE,
-        || async { a.json("/v1/self").await["registration"]["registrations"] == 2 },
+        || async { a.json("/v1/self").await["registrations"][0]["registrations"] == 2 },
     )
     .await;
     assert_eq!(
@@ -532,7 +532,7 @@ async fn an_unreachable_consul_keeps_the_last_snapshot_in_service() {
     })
     .await;
     eventually("A's heartbeat to fail", DEADLINE, || async {
-        a.json("/v1/self").await["registration"]["last_error"]
+        a.json("/v1/self").await["registrations"][0]["last_error"]
             .as_str()
             .is_some_and(|e| e.contains("Connect") || e.contains("refused"))
     })
@@ -666,7 +666,7 @@ async fn the_token_is_sent_and_never_logged() {
     ))
     .await;
     eventually("C's registration to fail", DEADLINE, || async {
-        c.json("/v1/self").await["registration"]["last_error"]
+        c.json("/v1/self").await["registrations"][0]["last_error"]
             .as_str()
             .is_some_and(|e| e.contains("ACL not found"))
     })

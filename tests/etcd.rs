@@ -100,8 +100,12 @@ async fn registration_is_the_exact_json_under_a_lease_and_leaves_at_once() {
     })
     .await;
     let this = agent.json("/v1/self").await;
-    assert_eq!(this["registration"]["registry"], "etcd");
-    assert_eq!(this["registration"]["lease"], format!("{lease:x}"));
+    assert_eq!(
+        this["registrations"][0]["name"], "etcd",
+        "named after its kind"
+    );
+    assert_eq!(this["registrations"][0]["registry"], "etcd");
+    assert_eq!(this["registrations"][0]["lease"], format!("{lease:x}"));
 
     agent.stop().await;
     assert!(
@@ -145,7 +149,7 @@ async fn a_revoked_lease_is_replaced_within_one_keep_alive() {
         "took {took:?}, more than one keep-alive"
     );
     let this = agent.json("/v1/self").await;
-    assert_eq!(this["registration"]["registrations"], 2);
+    assert_eq!(this["registrations"][0]["registrations"], 2);
     agent.stop().await;
 }
 
@@ -225,7 +229,7 @@ async fn an_etcd_outage_keeps_routes_and_registration_recovers() {
     })
     .await;
     eventually("A's keep-alive to fail", DEADLINE, || async {
-        !a.json("/v1/self").await["registration"]["last_error"].is_null()
+        !a.json("/v1/self").await["registrations"][0]["last_error"].is_null()
     })
     .await;
     for _ in 0..5 {
@@ -237,7 +241,7 @@ async fn an_etcd_outage_keeps_routes_and_registration_recovers() {
     }
     eventually("an outage longer than the 3s ttl", DEADLINE, || async {
         let this = a.json("/v1/self").await;
-        this["registration"]["last_keep_alive"]
+        this["registrations"][0]["last_keep_alive"]
             .as_str()
             .and_then(|t| humantime::parse_rfc3339(t).ok())
             .and_then(|t| t.elapsed().ok())
@@ -250,7 +254,7 @@ async fn an_etcd_outage_keeps_routes_and_registration_recovers() {
     let key = "/outage/room/room-1";
     eventually("A registered again", DEADLINE, || async {
         let this = a.json("/v1/self").await;
-        let registration = &this["registration"];
+        let registration = &this["registrations"][0];
         let refreshed_since = registration["last_keep_alive"]
             .as_str()
             .and_then(|t| humantime::parse_rfc3339(t).ok())

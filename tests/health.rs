@@ -321,7 +321,7 @@ async fn a_new_instance_starts_unknown_and_a_flapping_one_cannot_flood_the_regis
     })
     .await;
     let deferred = a
-        .metric("squire_status_writes_deferred_total{registry=\"etcd\"}")
+        .metric("squire_status_writes_deferred_total{registry=\"etcd\",kind=\"etcd\"}")
         .await;
     assert!(
         deferred.is_some_and(|d| d >= 1.0),
@@ -364,8 +364,8 @@ async fn an_instance_unhealthy_past_the_limit_is_deregistered_until_it_recovers(
         unhealthy.elapsed()
     );
     let this = a.json("/v1/self").await;
-    assert_eq!(this["registration"]["deregistered_unhealthy"], true);
-    assert_eq!(this["registration"]["registered"], false);
+    assert_eq!(this["registrations"][0]["deregistered_unhealthy"], true);
+    assert_eq!(this["registrations"][0]["registered"], false);
 
     backend.set_health(200);
     eventually("registered again once healthy", DEADLINE, || async {

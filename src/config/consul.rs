@@ -54,12 +54,14 @@ pub(super) fn keys_set(raw: &RawRegistry) -> Vec<&'static str> {
     .collect()
 }
 
-pub(super) fn validate(raw: RawRegistry, problems: &mut Problems) -> ConsulConfig {
+/// The consul keys of the registry whose problems go under `base`.
+pub(super) fn validate(base: &str, raw: RawRegistry, problems: &mut Problems) -> ConsulConfig {
+    let at = |key: &str| format!("{base}.{key}");
     let address = raw.address.unwrap_or_else(|| DEFAULT_ADDRESS.to_owned());
     let address = match normalize_address(&address) {
         Ok(address) => address,
         Err(reason) => {
-            problems.push("registry.address", reason);
+            problems.push(at("address"), reason);
             DEFAULT_ADDRESS.to_owned()
         }
     };
@@ -70,14 +72,14 @@ pub(super) fn validate(raw: RawRegistry, problems: &mut Problems) -> ConsulConfi
         // The value itself never goes into a message.
         Some(token) if token.is_empty() => {
             problems.push(
-                "registry.token",
+                at("token"),
                 "must not be empty; leave it out for the anonymous token",
             );
             None
         }
         Some(token) if !token.bytes().all(|b| (0x21..0x7f).contains(&b)) => {
             problems.push(
-                "registry.token",
+                at("token"),
                 "must be printable ASCII without spaces (it goes in an HTTP header)",
             );
             None
@@ -88,7 +90,7 @@ pub(super) fn validate(raw: RawRegistry, problems: &mut Problems) -> ConsulConfi
     let datacenter = match raw.datacenter {
         None => None,
         Some(dc) if dc.is_empty() => {
-            problems.push("registry.datacenter", "must not be empty");
+            problems.push(at("datacenter"), "must not be empty");
             None
         }
         Some(dc) => {
@@ -97,7 +99,7 @@ pub(super) fn validate(raw: RawRegistry, problems: &mut Problems) -> ConsulConfi
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
             {
                 problems.push(
-                    "registry.datacenter",
+                    at("datacenter"),
                     format!("{dc:?} is not a datacenter name; use letters, digits and - _ ."),
                 );
             }
@@ -105,23 +107,23 @@ pub(super) fn validate(raw: RawRegistry, problems: &mut Problems) -> ConsulConfi
         }
     };
 
-    let wait = duration("registry.wait", raw.wait, "5m", problems);
+    let wait = duration(&at("wait"), raw.wait, "5m", problems);
     if wait < Duration::from_secs(1) || wait > MAX_WAIT {
         problems.push(
-            "registry.wait",
+            at("wait"),
             "must be between 1s and 10m (Consul caps blocking queries at 10m)",
         );
     }
 
     let deregister_critical_after = duration(
-        "registry.deregister_critical_after",
+        &at("deregister_critical_after"),
         raw.deregister_critical_after,
         "1m",
         problems,
     );
     if deregister_critical_after < Duration::from_secs(60) {
         problems.push(
-            "registry.deregister_critical_after",
+            at("deregister_critical_after"),
             "must be at least 1m (Consul raises anything shorter to 1m)",
         );
     }
@@ -129,28 +131,25 @@ pub(super) fn validate(raw: RawRegistry, problems: &mut Problems) -> ConsulConfi
     let ca = match raw.ca {
         None => None,
         Some(path) if path.is_empty() => {
-            problems.push("registry.ca", "must not be empty");
+            problems.push(at("ca"), "must not be empty");
             None
         }
         Some(path) => {
             let path = PathBuf::from(path);
             if !https {
-                problems.push("registry.ca", "only applies to an https:// address");
+                problems.push(at("ca"), "only applies to an https:// address");
             } else if let Err(reason) = load_ca(&path) {
-                problems.push("registry.ca", reason.to_string());
+                problems.push(at("ca"), reason.to_string());
             }
             Some(path)
         }
     };
     let tls_skip_verify = raw.tls_skip_verify.unwrap_or(false);
     if raw.tls_skip_verify.is_some() && !https {
-        problems.push(
-            "registry.tls_skip_verify",
-            "only applies to an https:// address",
-        );
+        problems.push(at("tls_skip_verify"), "only applies to an https:// address");
     } else if tls_skip_verify && ca.is_some() {
         problems.push(
-            "registry.tls_skip_verify",
+            at("tls_skip_verify"),
             "cannot be combined with ca: either verify against the CA or skip verification",
         );
     }
@@ -249,7 +248,10 @@ mod tests {
     }
 
     fn consul(text: &str) -> ConsulConfig {
-        match Config::from_toml(text).expect("valid").registry.backend {
+        match Config::from_toml(text).expect("valid").registries[0]
+            .backend
+            .clone()
+        {
             RegistryBackend::Consul(consul) => consul,
             other => panic!("consul expected, got {other:?}"),
         }
@@ -385,7 +387,7 @@ mod tests {
             Config::from_toml("[registry]\nkind = \"consul\"\ntoken = \"b1gs3cr3t-acl-token\"\n")
                 .expect("valid");
         assert!(!format!("{config:?}").contains("b1gs3cr3t"));
-        let RegistryBackend::Consul(consul) = config.registry.backend else {
+        let RegistryBackend::Consul(consul) = config.registries[0].backend.clone() else {
             panic!("consul expected");
         };
         assert_eq!(

@@ -13,7 +13,7 @@ mod consul;
 mod http;
 mod raw;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,7 +25,10 @@ use crate::balance::{EjectionPolicy, Filter, HashKey, Strategy};
 use crate::registry::Status;
 pub use check::{CheckConfig, HttpProbeConfig, ProbeConfig, ProbeTls};
 pub use http::{HttpUpstreamConfig, RouteConfig};
-use raw::{RawAgent, RawCheck, RawConfig, RawEjection, RawRegistry, RawService, RawUpstream};
+use raw::{
+    RawAgent, RawCheck, RawConfig, RawDiscovery, RawEjection, RawRegistries, RawRegistry,
+    RawService, RawUpstream,
+};
 
 pub use consul::ConsulConfig;
 
@@ -33,7 +36,11 @@ pub use consul::ConsulConfig;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub agent: AgentConfig,
-    pub registry: RegistryConfig,
+    /// Every registry, in order of preference: we register into all of
+    /// them; discovery reads them as [`DiscoveryConfig::mode`] says. Never
+    /// empty.
+    pub registries: Vec<RegistryConfig>,
+    pub discovery: DiscoveryConfig,
     /// The local service this squire announces; `None` for a squire that only
     /// discovers and proxies.
     pub service: Option<ServiceConfig>,
@@ -61,11 +68,42 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
+    /// Unique among the registries: labels metrics, `/v1/self` and logs.
+    /// A single `[registry]` without a `name` is named after its kind.
+    pub name: String,
     /// Lifetime of our registration without a refresh; refreshed every ttl/3.
     pub ttl: Duration,
     /// Bound on every single registry call.
     pub timeout: Duration,
     pub backend: RegistryBackend,
+}
+
+/// How discovery reads several registries.
+#[derive(Debug, Clone)]
+pub struct DiscoveryConfig {
+    pub mode: DiscoveryMode,
+    /// Failover: while a service is read from a later registry, how often to
+    /// try the earlier ones again.
+    pub failback: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscoveryMode {
+    /// Each service from the first registry, in order, that can be read;
+    /// the next one while it cannot.
+    Failover,
+    /// Each service from every registry at once: the union of what they
+    /// hold, one entry per instance id.
+    Merge,
+}
+
+impl DiscoveryMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            DiscoveryMode::Failover => "failover",
+            DiscoveryMode::Merge => "merge",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -266,7 +304,8 @@ fn read_sections(table: toml::Table, problems: &mut Problems) -> RawConfig {
     for (key, value) in table {
         match key.as_str() {
             "agent" => raw.agent = section(&key, value, problems).unwrap_or_default(),
-            "registry" => raw.registry = section(&key, value, problems).unwrap_or_default(),
+            "registry" => raw.registry = read_registries(value, problems),
+            "discovery" => raw.discovery = section(&key, value, problems).unwrap_or_default(),
             // A section that failed to deserialize is left out rather than
             // defaulted, so its type error is not followed by bogus "required"s.
             "service" => {
@@ -289,6 +328,51 @@ fn read_sections(table: toml::Table, problems: &mut Problems) -> RawConfig {
         }
     }
     raw
+}
+
+/// `[registry]` (one table) or `[[registry]]` (several, each named so its
+/// problems say which: `registry.backup.ttl`, or `registry[1].ttl` while it
+/// has no usable name).
+fn read_registries(value: toml::Value, problems: &mut Problems) -> RawRegistries {
+    match value {
+        toml::Value::Array(items) => {
+            let declared = items.len();
+            let items = items
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, item)| {
+                    let path = registry_path(i, item.get("name").and_then(|n| n.as_str()));
+                    section(&path, item, problems).map(|raw| (i, path, raw))
+                })
+                .collect();
+            RawRegistries::List { items, declared }
+        }
+        table @ toml::Value::Table(_) => section("registry", table, problems)
+            .map(|raw| RawRegistries::Single(Box::new(raw)))
+            .unwrap_or_default(),
+        _ => {
+            problems.push(
+                "registry",
+                "must be a table ([registry]) or an array of tables ([[registry]])",
+            );
+            RawRegistries::Absent
+        }
+    }
+}
+
+/// `registry.primary` for a well-named registry, else `registry[0]`.
+fn registry_path(index: usize, name: Option<&str>) -> String {
+    match name {
+        Some(name)
+            if !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')) =>
+        {
+            format!("registry.{name}")
+        }
+        _ => format!("registry[{index}]"),
+    }
 }
 
 /// `[[service.check]]` (or a single `[service.check]` table), each named by
@@ -352,10 +436,14 @@ fn section<T: DeserializeOwned>(
 
 fn validate(raw: RawConfig, problems: &mut Problems) -> Config {
     let agent = validate_agent(raw.agent, problems);
-    let registry = validate_registry(raw.registry, problems);
+    let registries = validate_registries(raw.registry, problems);
+    let discovery = validate_discovery(raw.discovery, problems);
     let checks = raw.checks;
     let service = raw.service.map(|s| validate_service(s, checks, problems));
-    if let (RegistryBackend::Consul(_), Some(service)) = (&registry.backend, &service) {
+    let consul = registries
+        .iter()
+        .any(|r| matches!(r.backend, RegistryBackend::Consul(_)));
+    if let (true, Some(service)) = (consul, &service) {
         consul::check_service(service, problems);
     }
     let mut listens = HashSet::new();
@@ -373,7 +461,8 @@ fn validate(raw: RawConfig, problems: &mut Problems) -> Config {
     }
     Config {
         agent,
-        registry,
+        registries,
+        discovery,
         service,
         upstreams,
     }
@@ -431,27 +520,128 @@ fn validate_agent(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
     }
 }
 
-fn validate_registry(mut raw: RawRegistry, problems: &mut Problems) -> RegistryConfig {
-    let ttl = duration("registry.ttl", raw.ttl.take(), "10s", problems);
+/// Every registry, named and in order; names unique, at least one.
+fn validate_registries(raw: RawRegistries, problems: &mut Problems) -> Vec<RegistryConfig> {
+    match raw {
+        RawRegistries::Absent => vec![validate_registry(
+            "registry",
+            None,
+            RawRegistry::default(),
+            problems,
+        )],
+        RawRegistries::Single(mut raw) => {
+            let name = raw.name.take().inspect(|name| {
+                check_registry_name("registry.name", name, problems);
+            });
+            vec![validate_registry("registry", name, *raw, problems)]
+        }
+        RawRegistries::List { items, declared } => {
+            if declared == 0 {
+                problems.push(
+                    "registry",
+                    "must list at least one registry (or leave it out for the local one)",
+                );
+            }
+            let mut seen: HashMap<String, usize> = HashMap::new();
+            let mut registries = Vec::new();
+            for (index, path, mut raw) in items {
+                let name_path = format!("{path}.name");
+                let name = required(&name_path, raw.name.take(), problems);
+                check_registry_name(&name_path, &name, problems);
+                if !name.is_empty() {
+                    if let Some(first) = seen.get(&name) {
+                        problems.push(
+                            format!("registry[{index}].name"),
+                            format!("{name:?} is already the name of registry[{first}]; names must be unique"),
+                        );
+                    } else {
+                        seen.insert(name.clone(), index);
+                    }
+                }
+                registries.push(validate_registry(&path, Some(name), raw, problems));
+            }
+            if registries.is_empty() {
+                // Only the problems above matter; something valid to return.
+                registries.push(validate_registry(
+                    "registry",
+                    None,
+                    RawRegistry::default(),
+                    &mut Problems::default(),
+                ));
+            }
+            registries
+        }
+    }
+}
+
+/// Registry names label metrics and appear in problem paths: letters,
+/// digits, `-` and `_`.
+fn check_registry_name(path: &str, name: &str, problems: &mut Problems) {
+    if name.is_empty() {
+        return; // reported by `required`
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
+    {
+        problems.push(
+            path,
+            format!("{name:?} contains {bad:?}; use letters, digits, - and _"),
+        );
+    }
+}
+
+fn validate_discovery(raw: RawDiscovery, problems: &mut Problems) -> DiscoveryConfig {
+    let mode = match raw.mode.as_deref() {
+        None | Some("failover") => DiscoveryMode::Failover,
+        Some("merge") => DiscoveryMode::Merge,
+        Some(other) => {
+            problems.push(
+                "discovery.mode",
+                format!("unknown mode {other:?}; expected \"failover\" or \"merge\""),
+            );
+            DiscoveryMode::Failover
+        }
+    };
+    if raw.failback.is_some() && mode == DiscoveryMode::Merge {
+        problems.push(
+            "discovery.failback",
+            "only applies to mode = \"failover\" (merge reads every registry all the time)",
+        );
+    }
+    let failback = duration("discovery.failback", raw.failback, "30s", problems);
+    if failback < Duration::from_millis(100) {
+        problems.push("discovery.failback", "must be at least 100ms");
+    }
+    DiscoveryConfig { mode, failback }
+}
+
+/// One registry whose problems are reported under `base` (`registry`,
+/// `registry.primary`, `registry[1]`). `name`: `None` names it after its kind.
+fn validate_registry(
+    base: &str,
+    name: Option<String>,
+    mut raw: RawRegistry,
+    problems: &mut Problems,
+) -> RegistryConfig {
+    let at = |key: &str| format!("{base}.{key}");
+    let ttl = duration(&at("ttl"), raw.ttl.take(), "10s", problems);
     if ttl < Duration::from_secs(2) {
-        problems.push("registry.ttl", "must be at least 2s");
+        problems.push(at("ttl"), "must be at least 2s");
     } else if ttl.subsec_nanos() != 0 {
         problems.push(
-            "registry.ttl",
+            at("ttl"),
             "must be whole seconds (lease TTLs are in seconds)",
         );
     }
-    let timeout = duration("registry.timeout", raw.timeout.take(), "5s", problems);
+    let timeout = duration(&at("timeout"), raw.timeout.take(), "5s", problems);
     if timeout.is_zero() {
-        problems.push("registry.timeout", "must be greater than zero");
+        problems.push(at("timeout"), "must be greater than zero");
     }
     let kind = raw.kind.as_deref().unwrap_or("local");
     let misplaced = |problems: &mut Problems, key: &str, set: bool, belongs: &str| {
         if set {
-            problems.push(
-                format!("registry.{key}"),
-                format!("only applies to kind = {belongs:?}"),
-            );
+            problems.push(at(key), format!("only applies to kind = {belongs:?}"));
         }
     };
     let backend = match kind {
@@ -465,7 +655,7 @@ fn validate_registry(mut raw: RawRegistry, problems: &mut Problems) -> RegistryC
             }
             let dir = match raw.dir {
                 Some(dir) if dir.is_empty() => {
-                    problems.push("registry.dir", "must not be empty");
+                    problems.push(at("dir"), "must not be empty");
                     PathBuf::from(dir)
                 }
                 Some(dir) => PathBuf::from(dir),
@@ -478,7 +668,7 @@ fn validate_registry(mut raw: RawRegistry, problems: &mut Problems) -> RegistryC
             for key in consul::keys_set(&raw) {
                 misplaced(problems, key, true, "consul");
             }
-            RegistryBackend::Etcd(validate_etcd(raw, problems))
+            RegistryBackend::Etcd(validate_etcd(base, raw, problems))
         }
         "consul" => {
             misplaced(problems, "dir", raw.dir.is_some(), "local");
@@ -486,11 +676,11 @@ fn validate_registry(mut raw: RawRegistry, problems: &mut Problems) -> RegistryC
             misplaced(problems, "prefix", raw.prefix.is_some(), "etcd");
             misplaced(problems, "username", raw.username.is_some(), "etcd");
             misplaced(problems, "password", raw.password.is_some(), "etcd");
-            RegistryBackend::Consul(consul::validate(raw, problems))
+            RegistryBackend::Consul(consul::validate(base, raw, problems))
         }
         other => {
             problems.push(
-                "registry.kind",
+                at("kind"),
                 format!("unknown kind {other:?}; expected \"local\", \"etcd\" or \"consul\""),
             );
             RegistryBackend::Local {
@@ -499,21 +689,23 @@ fn validate_registry(mut raw: RawRegistry, problems: &mut Problems) -> RegistryC
         }
     };
     RegistryConfig {
+        name: name.unwrap_or_else(|| backend.kind().to_owned()),
         ttl,
         timeout,
         backend,
     }
 }
 
-fn validate_etcd(raw: RawRegistry, problems: &mut Problems) -> EtcdConfig {
+fn validate_etcd(base: &str, raw: RawRegistry, problems: &mut Problems) -> EtcdConfig {
+    let at = |key: &str| format!("{base}.{key}");
     let endpoints = raw
         .endpoints
         .unwrap_or_else(|| vec!["http://127.0.0.1:2379".to_owned()]);
     if endpoints.is_empty() {
-        problems.push("registry.endpoints", "must list at least one endpoint");
+        problems.push(at("endpoints"), "must list at least one endpoint");
     }
     for (i, endpoint) in endpoints.iter().enumerate() {
-        let path = format!("registry.endpoints[{i}]");
+        let path = format!("{base}.endpoints[{i}]");
         if endpoint.starts_with("https://") {
             problems.push(path, "TLS to etcd is not supported yet; use http://");
             continue;
@@ -532,17 +724,17 @@ fn validate_etcd(raw: RawRegistry, problems: &mut Problems) -> EtcdConfig {
     let prefix = raw.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
     let prefix = prefix.trim_end_matches('/').to_owned();
     if !prefix.starts_with('/') {
-        problems.push("registry.prefix", "must start with '/'");
+        problems.push(at("prefix"), "must start with '/'");
     }
     let credentials = match (raw.username, raw.password) {
         (Some(user), Some(password)) => Some((user, Secret::new(password))),
         (None, None) => None,
         (Some(_), None) => {
-            problems.push("registry.password", "required when username is set");
+            problems.push(at("password"), "required when username is set");
             None
         }
         (None, Some(_)) => {
-            problems.push("registry.username", "required when password is set");
+            problems.push(at("username"), "required when password is set");
             None
         }
     };
@@ -1051,11 +1243,14 @@ mod tests {
     fn minimal_file_gets_defaults() {
         let config = Config::from_toml("").expect("empty file is valid");
         assert_eq!(config.agent.admin.to_string(), DEFAULT_ADMIN);
-        assert_eq!(config.registry.ttl, Duration::from_secs(10));
+        assert_eq!(config.registries.len(), 1);
+        assert_eq!(config.registries[0].name, "local");
+        assert_eq!(config.registries[0].ttl, Duration::from_secs(10));
         assert!(matches!(
-            config.registry.backend,
+            config.registries[0].backend,
             RegistryBackend::Local { .. }
         ));
+        assert_eq!(config.discovery.mode, DiscoveryMode::Failover);
         assert!(config.service.is_none());
         assert!(config.upstreams.is_empty());
     }
@@ -1173,10 +1368,148 @@ mod tests {
     }
 
     #[test]
+    fn a_single_registry_table_is_a_list_of_one_named_after_its_kind() {
+        let config = Config::from_toml("[registry]\nkind = \"etcd\"\n").expect("valid");
+        assert_eq!(config.registries.len(), 1);
+        assert_eq!(config.registries[0].name, "etcd");
+        let config = Config::from_toml("[registry]\nname = \"main\"\n").expect("valid");
+        assert_eq!(config.registries[0].name, "main");
+        assert_eq!(config.registries[0].backend.kind(), "local");
+    }
+
+    #[test]
+    fn several_registries_in_order_with_their_own_keys() {
+        let config = Config::from_toml(
+            r#"
+            [discovery]
+            mode = "merge"
+            [[registry]]
+            name = "primary"
+            kind = "etcd"
+            endpoints = ["http://10.0.0.1:2379"]
+            ttl = "6s"
+            [[registry]]
+            name = "backup"
+            kind = "consul"
+            wait = "1m"
+            "#,
+        )
+        .expect("valid");
+        let names: Vec<_> = config.registries.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["primary", "backup"]);
+        assert_eq!(config.registries[0].ttl, Duration::from_secs(6));
+        assert_eq!(config.registries[1].ttl, Duration::from_secs(10));
+        let RegistryBackend::Consul(consul) = &config.registries[1].backend else {
+            panic!("consul expected");
+        };
+        assert_eq!(consul.wait, Duration::from_secs(60));
+        assert_eq!(config.discovery.mode, DiscoveryMode::Merge);
+
+        let config =
+            Config::from_toml("[discovery]\nfailback = \"5s\"\n[[registry]]\nname = \"only\"\n")
+                .expect("valid");
+        assert_eq!(config.discovery.mode, DiscoveryMode::Failover);
+        assert_eq!(config.discovery.failback, Duration::from_secs(5));
+        assert_eq!(config.registries[0].name, "only");
+    }
+
+    #[test]
+    fn registry_list_problems_name_the_registry() {
+        let found = problems(
+            r#"
+            [discovery]
+            mode = "fastest"
+            typo = 1
+            [[registry]]
+            name = "primary"
+            kind = "etcd"
+            ttl = "1s"
+            [[registry]]
+            kind = "consul"
+            wait = "11m"
+            dir = "/tmp/x"
+            [[registry]]
+            name = "primary"
+            kind = "local"
+            [[registry]]
+            name = "back up"
+            kind = "consul"
+            [[registry]]
+            name = "backup"
+            kind = "consul"
+            colour = "red"
+            timeout = 5
+            "#,
+        );
+        let expected = [
+            "discovery.typo: unknown key",
+            "discovery.mode: unknown mode \"fastest\"",
+            "registry.primary.ttl: must be at least 2s",
+            "registry[1].name: required",
+            "registry[1].wait: must be between 1s and 10m",
+            "registry[1].dir: only applies to kind = \"local\"",
+            "registry[2].name: \"primary\" is already the name of registry[0]",
+            "registry[3].name: \"back up\" contains ' '",
+            "registry.backup.colour: unknown key",
+            "registry.backup.timeout: invalid type: integer `5`, expected a string",
+        ];
+        for want in expected {
+            assert!(
+                found.iter().any(|p| p.starts_with(want)),
+                "missing {want:?} in {found:#?}"
+            );
+        }
+        assert_eq!(found.len(), expected.len(), "{found:#?}");
+    }
+
+    #[test]
+    fn an_empty_registry_list_and_failback_with_merge_are_refused() {
+        assert_eq!(
+            problems("registry = []\n"),
+            ["registry: must list at least one registry (or leave it out for the local one)"]
+        );
+        assert_eq!(
+            problems("registry = 5\n"),
+            ["registry: must be a table ([registry]) or an array of tables ([[registry]])"]
+        );
+        assert_eq!(
+            problems("[discovery]\nmode = \"merge\"\nfailback = \"1s\"\n"),
+            ["discovery.failback: only applies to mode = \"failover\" (merge reads every registry all the time)"]
+        );
+        assert_eq!(
+            problems("[discovery]\nfailback = \"10ms\"\n"),
+            ["discovery.failback: must be at least 100ms"]
+        );
+    }
+
+    #[test]
+    fn consul_rules_apply_to_the_service_when_any_registry_is_consul() {
+        let found = problems(
+            r#"
+            [[registry]]
+            name = "primary"
+            kind = "etcd"
+            [[registry]]
+            name = "backup"
+            kind = "consul"
+            [service]
+            name = "a"
+            host = "10.0.0.1"
+            port = 1
+            weight = 0
+            "#,
+        );
+        assert_eq!(
+            found,
+            ["service.weight: 0 is out of range for Consul weights (1-65535)"]
+        );
+    }
+
+    #[test]
     fn prefix_is_normalized() {
         let config =
             Config::from_toml("[registry]\nkind = \"etcd\"\nprefix = \"/game/\"\n").expect("valid");
-        let RegistryBackend::Etcd(etcd) = config.registry.backend else {
+        let RegistryBackend::Etcd(etcd) = &config.registries[0].backend else {
             panic!("etcd backend expected");
         };
         assert_eq!(etcd.prefix, "/game");

@@ -9,19 +9,42 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-#[derive(Debug, Default, Deserialize)]
+/// Built section by section by `read_sections`, not deserialized whole.
+#[derive(Debug, Default)]
 pub struct RawConfig {
-    #[serde(default)]
     pub agent: RawAgent,
-    #[serde(default)]
-    pub registry: RawRegistry,
+    pub registry: RawRegistries,
+    pub discovery: RawDiscovery,
     pub service: Option<RawService>,
-    #[serde(default)]
     pub upstream: Vec<RawUpstream>,
     /// `[[service.check]]`, read apart from `[service]` so each check's
     /// problems get their own path.
-    #[serde(skip)]
     pub checks: Vec<(String, RawCheck)>,
+}
+
+/// `[registry]` (one table, the original shape) or `[[registry]]` (a list of
+/// named ones).
+#[derive(Debug, Default)]
+pub enum RawRegistries {
+    /// No registry section: one local registry with every default.
+    #[default]
+    Absent,
+    /// `[registry]`: one registry, named after its kind unless it has a name.
+    Single(Box<RawRegistry>),
+    /// `[[registry]]`: each table that deserialized, with its problem path
+    /// (`registry.primary`, or `registry[1]` while unnamed). `declared`
+    /// counts the tables written, those that failed to deserialize included.
+    List {
+        items: Vec<(usize, String, RawRegistry)>,
+        declared: usize,
+    },
+}
+
+/// `[discovery]`: how several registries are read.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawDiscovery {
+    pub mode: Option<String>,
+    pub failback: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -37,6 +60,8 @@ pub struct RawAgent {
 
 #[derive(Debug, Default, Deserialize)]
 pub struct RawRegistry {
+    /// Required in `[[registry]]`; optional in a single `[registry]`.
+    pub name: Option<String>,
     pub kind: Option<String>,
     pub ttl: Option<String>,
     // local
