@@ -139,10 +139,12 @@ printf '%-14s %5s %10s %9s %9s %9s %10s %10s\n' target conns "req/s" "p50 us" "p
 for conns in 50 1; do
   for mode in http tcp; do
     if [ "$mode" = http ]; then hap=$haproxy_http; sq=$squire_http; else hap=$haproxy_tcp; sq=$squire_tcp; fi
-    read -r h_rps h50 h90 h99 _ < <(measure "$hap" "$conns")
-    read -r s_rps s50 s90 s99 _ < <(measure "$sq" "$conns")
+    read -r h_rps h50 h90 h99 h_err < <(measure "$hap" "$conns")
+    read -r s_rps s50 s90 s99 s_err < <(measure "$sq" "$conns")
+    [ -z "$h_err$s_err" ] || echo "WARNING: haproxy-$mode $h_err squire-$mode $s_err" >&2
     if [ "$mode" = http ]; then
-      read -r d_rps d50 d90 d99 _ < <(measure "${backends[0]}" "$conns")
+      read -r d_rps d50 d90 d99 d_err < <(measure "${backends[0]}" "$conns")
+      [ -z "$d_err" ] || echo "WARNING: direct $d_err" >&2
       printf '%-14s %5s %10s %9s %9s %9s %10s %10s\n' "direct" "$conns" "$d_rps" "$d50" "$d90" "$d99" \
         "$(python3 -c "print(f'{$d_rps/$h_rps:.2f}')")" "$(python3 -c "print(f'{$d99/$h99:.2f}')")"
     fi
