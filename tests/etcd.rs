@@ -322,3 +322,97 @@ async fn a_garbage_value_is_skipped_and_counted() {
     assert_eq!(listing.kvs().len(), 4, "squire never touches other entries");
     b.stop().await;
 }
+
+#[tokio::test]
+async fn credentials_authenticate_and_a_wrong_password_is_reported_not_fatal() {
+    use etcd_client::{ConnectOptions, Permission};
+    let etcd = Etcd::start().await;
+    let mut admin = etcd.client().await;
+    admin
+        .user_add("root", "rootpw", None)
+        .await
+        .expect("root user");
+    admin
+        .user_grant_role("root", "root")
+        .await
+        .expect("root role");
+    admin.role_add("svc").await.expect("role");
+    admin
+        .role_grant_permission("svc", Permission::read_write("/auth/").with_prefix())
+        .await
+        .expect("grant");
+    admin
+        .user_add("squire", "squirepw", None)
+        .await
+        .expect("user");
+    admin
+        .user_grant_role("squire", "svc")
+        .await
+        .expect("user role");
+    admin.auth_enable().await.expect("auth on");
+
+    let with = |password: &str| {
+        config(
+            &etcd,
+            "/auth",
+            Some(("vault", "127.0.0.1:7400".parse().expect("addr"))),
+            None,
+        )
+        .replace(
+            "ttl = \"3s\"",
+            &format!(
+                "ttl = \"3s\"\n        username = \"squire\"\n        password = \"{password}\""
+            ),
+        )
+    };
+    let good = TestAgent::start(&with("squirepw")).await;
+    let root = ConnectOptions::new()
+        .with_user("root", "rootpw")
+        .with_timeout(Duration::from_secs(5));
+    let mut reader = etcd_client::Client::connect([etcd.endpoint()], Some(root))
+        .await
+        .expect("root client");
+    eventually(
+        "the key written with the user's credentials",
+        DEADLINE,
+        || {
+            let mut reader = reader.clone();
+            async move {
+                reader
+                    .get("/auth/vault/vault-1", None)
+                    .await
+                    .is_ok_and(|r| r.kvs().len() == 1)
+            }
+        },
+    )
+    .await;
+    good.stop().await;
+    assert!(
+        reader
+            .get("/auth/vault/vault-1", None)
+            .await
+            .expect("get")
+            .kvs()
+            .is_empty(),
+        "revoked on stop"
+    );
+
+    let bad = TestAgent::start(&with("not-the-password")).await;
+    eventually("the failure in /v1/self", DEADLINE, || async {
+        let this = bad.json("/v1/self").await;
+        let registration = &this["registrations"][0];
+        registration["registered"] == false
+            && registration["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("authentication failed"))
+    })
+    .await;
+    let (status, _) = bad.get("/ready").await;
+    assert_eq!(status, 503, "not registered, not ready; and still running");
+    let this = bad.json("/v1/self").await;
+    assert!(
+        !this.to_string().contains("not-the-password"),
+        "the password never shows"
+    );
+    bad.stop().await;
+}

@@ -776,3 +776,38 @@ async fn a_hash_key_header_keeps_a_room_on_one_instance() {
     );
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn an_idle_client_connection_is_closed_and_a_busy_one_is_not() {
+    let dir = tempfile::tempdir().expect("dir");
+    let backend = Backend::start("lobby").await;
+    announce(dir.path(), "lobby", "lobby-1", backend.addr);
+    let agent = TestAgent::start(&config(dir.path(), "lobby", "idle_timeout = \"300ms\"")).await;
+    wait_routable(&agent, 1).await;
+
+    let mut idle = TcpStream::connect(agent.listen()).await.expect("connect");
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: lobby\r\n\r\n")
+        .await
+        .expect("request");
+    let started = Instant::now();
+    let mut busy = h1(agent.listen()).await;
+    // The busy connection sends a request every 100 ms: never idle that long.
+    let mut pace = tokio::time::interval(Duration::from_millis(100));
+    while started.elapsed() < Duration::from_millis(900) {
+        pace.tick().await;
+        assert_eq!(get(&mut busy, "/", "lobby").await.0, StatusCode::OK);
+    }
+    let mut everything = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, idle.read_to_end(&mut everything)).await;
+    assert!(read.is_ok(), "the idle connection was closed");
+    assert!(
+        String::from_utf8_lossy(&everything).starts_with("HTTP/1.1 200"),
+        "after its response"
+    );
+    assert_eq!(
+        get(&mut busy, "/", "lobby").await.0,
+        StatusCode::OK,
+        "the busy one still works"
+    );
+    agent.stop().await;
+}
