@@ -11,7 +11,7 @@
 //! pick, and it survives snapshot rebuilds like every other stat.
 //!
 //! Counting how many endpoints are ejected right now means looking at every
-//! one, which a pick must not do at 1,000 endpoints. A [`Census`] caches the
+//! one, which a pick must not do at 1,000 endpoints. A `Census` caches the
 //! count per snapshot until the next ejection anywhere in the upstream (a
 //! generation number) or the next ejection end, whichever comes first.
 

@@ -1,6 +1,6 @@
 //! `agent.toml`: loading, validation, and the validated [`Config`].
 //!
-//! Two layers. [`raw`] mirrors the file with every field optional; [`validate`]
+//! Two layers. `raw` mirrors the file with every field optional; `validate`
 //! checks all of it in one pass and collects every problem with its dotted
 //! path (`upstream.gate.connect_timeout: ...`) so a user fixes a file in one
 //! round instead of one error per run. Unknown keys are problems too (found
