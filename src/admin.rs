@@ -285,7 +285,7 @@ fn endpoint_view(e: &Endpoint, now: u64) -> serde_json::Value {
     let stats = &e.stats;
     json!({
         "id": e.instance.id,
-        "address": e.instance.authority(),
+        "address": e.authority,
         "status": e.instance.status,
         "weight": e.instance.weight,
         "active_connections": stats.active.load(Ordering::Relaxed),

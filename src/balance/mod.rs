@@ -202,6 +202,9 @@ impl Filter {
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     pub instance: Instance,
+    /// `host:port` to dial, formatted once per rebuild rather than per
+    /// connection.
+    pub authority: String,
     pub stats: Arc<EndpointStats>,
 }
 
@@ -393,6 +396,7 @@ impl Snapshot {
             };
             Endpoint {
                 instance: instance.clone(),
+                authority: instance.authority(),
                 stats,
             }
         };

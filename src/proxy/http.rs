@@ -442,7 +442,7 @@ impl HttpUpstream {
             tried.push(index);
             let endpoint = &snapshot.endpoints()[index];
             endpoint.stats.picked();
-            let authority = endpoint.instance.authority();
+            let authority = endpoint.authority.clone();
             if tried.len() > 1 {
                 self.metrics.retries.increment(1);
             }

@@ -246,7 +246,7 @@ impl Upstream {
             tried.push(index);
             let endpoint = &snapshot.endpoints()[index];
             endpoint.stats.picked();
-            let authority = endpoint.instance.authority();
+            let authority = &endpoint.authority;
             let started = Instant::now();
             let error = match tokio::time::timeout(timeout, TcpStream::connect(authority.as_str()))
                 .await
@@ -262,11 +262,11 @@ impl Upstream {
                     return Ok((stream, endpoint.stats.open()));
                 }
                 Ok(Err(source)) => ProxyError::Connect {
-                    endpoint: authority,
+                    endpoint: authority.clone(),
                     source,
                 },
                 Err(_) => ProxyError::ConnectTimeout {
-                    endpoint: authority,
+                    endpoint: authority.clone(),
                     after: timeout,
                 },
             };
