@@ -1232,11 +1232,23 @@ pub fn default_local_dir() -> PathBuf {
 mod tests {
     use super::*;
 
-    fn problems(text: &str) -> Vec<String> {
+    /// Every problem `text` has, as `path: reason` lines.
+    pub(super) fn problems(text: &str) -> Vec<String> {
         match Config::from_toml(text) {
             Ok(_) => Vec::new(),
             Err(e) => e.problems().iter().map(ToString::to_string).collect(),
         }
+    }
+
+    /// `found` holds exactly one line starting with each of `expected`.
+    pub(super) fn assert_problems(found: &[String], expected: &[&str]) {
+        for want in expected {
+            assert!(
+                found.iter().any(|p| p.starts_with(want)),
+                "missing {want:?} in {found:#?}"
+            );
+        }
+        assert_eq!(found.len(), expected.len(), "{found:#?}");
     }
 
     #[test]
@@ -1303,13 +1315,7 @@ mod tests {
             "upstream.gate.retries: -1 is out of range",
             "upstream[1].listen: invalid type: integer `5`, expected a string",
         ];
-        for want in expected {
-            assert!(
-                found.iter().any(|p| p.starts_with(want)),
-                "missing {want:?} in {found:#?}"
-            );
-        }
-        assert_eq!(found.len(), expected.len(), "{found:#?}");
+        assert_problems(&found, &expected);
     }
 
     #[test]
@@ -1453,13 +1459,7 @@ mod tests {
             "registry.backup.colour: unknown key",
             "registry.backup.timeout: invalid type: integer `5`, expected a string",
         ];
-        for want in expected {
-            assert!(
-                found.iter().any(|p| p.starts_with(want)),
-                "missing {want:?} in {found:#?}"
-            );
-        }
-        assert_eq!(found.len(), expected.len(), "{found:#?}");
+        assert_problems(&found, &expected);
     }
 
     #[test]
