@@ -16,7 +16,8 @@
 //!   `GET /v1/maintenance` shows the current setting.
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -26,53 +27,77 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::AgentState;
-use crate::balance::{self, Endpoint};
+use crate::balance::{self, Endpoint, Upstream};
+use crate::config::UpstreamConfig;
+use crate::discovery::ServiceState;
+use crate::health::HealthBoard;
+use crate::proxy::{Drain, Listener};
+use crate::registration::{Maintenance, SharedState};
 use crate::registry::{Instance, Status};
 
+/// What the admin API reads: the agent's parts, shared with it.
+pub struct AgentState {
+    pub node: String,
+    /// Set once the listeners accept (they are bound before the admin API
+    /// answers, but accept only once the agent runs).
+    pub listeners_bound: AtomicBool,
+    pub draining: AtomicBool,
+    /// One per registry, in configured order; empty without `[service]`.
+    pub registrations: Vec<SharedState>,
+    pub health: Option<Arc<HealthBoard>>,
+    /// Maintenance mode, switched by `PUT /v1/maintenance`.
+    pub maintenance: watch::Sender<Maintenance>,
+    pub services: Vec<Arc<ServiceState>>,
+    pub upstreams: Vec<UpstreamView>,
+    pub prometheus: PrometheusHandle,
+}
+
+/// One `[[upstream]]` listener as `/v1/services` shows it.
+pub struct UpstreamView {
+    pub config: UpstreamConfig,
+    pub listen: SocketAddr,
+    pub upstream: Arc<Upstream>,
+}
+
 pub struct Admin {
-    listener: TcpListener,
+    listener: Listener,
     state: Arc<AgentState>,
 }
 
 impl Admin {
-    pub fn new(listener: TcpListener, state: Arc<AgentState>) -> Self {
+    pub fn new(listener: Listener, state: Arc<AgentState>) -> Self {
         Admin { listener, state }
     }
 
+    /// Serves until `shutdown`, which also closes open admin connections.
     pub async fn run(self, shutdown: CancellationToken) {
-        loop {
-            let (stream, _) = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                accepted = self.listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        continue;
-                    }
-                },
-            };
-            let state = self.state.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(route(&state, request)) }
-                });
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service);
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    result = connection => if let Err(e) = result {
+        let drain = Drain {
+            stop: shutdown.clone(),
+            cut: shutdown,
+            ..Drain::default()
+        };
+        let state = self.state;
+        self.listener
+            .run(drain, move |stream, _| {
+                let state = state.clone();
+                async move {
+                    let service = service_fn(move |request| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(route(&state, request)) }
+                    });
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service);
+                    if let Err(e) = connection.await {
                         tracing::debug!(error = %e, "admin connection failed");
                     }
                 }
-            });
-        }
+            })
+            .await;
     }
 }
 
@@ -93,11 +118,9 @@ fn route(state: &AgentState, request: Request<Incoming>) -> Response<Body> {
         },
         "/metrics" => {
             // Ejections end without an event: bring those gauges up to date.
-            for upstream in &state.upstreams {
-                upstream
-                    .pool
-                    .balancer()
-                    .refresh_gauges(&upstream.pool.snapshot());
+            for view in &state.upstreams {
+                let upstream = &view.upstream;
+                upstream.balancer().refresh_gauges(&upstream.snapshot());
             }
             let mut response = Response::new(Body::from(state.prometheus.render()));
             response.headers_mut().insert(
@@ -206,8 +229,8 @@ fn services(state: &AgentState) -> serde_json::Value {
         .upstreams
         .iter()
         .map(|upstream| {
-            let snapshot = upstream.pool.snapshot();
-            let balancer = upstream.pool.balancer();
+            let snapshot = upstream.upstream.snapshot();
+            let balancer = upstream.upstream.balancer();
             let now = balance::now_ms();
             let endpoints: Vec<_> = snapshot.routable().iter().map(|e| endpoint_view(e, now)).collect();
             let standby: Vec<_> = snapshot.standby().iter().map(|e| endpoint_view(e, now)).collect();

@@ -13,20 +13,21 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::admin::Admin;
-use crate::config::{Config, RegistryConfig, ServiceConfig, UpstreamConfig};
-use crate::discovery::{Discovery, Pool, ServiceState, Source};
-use crate::health::{Health, HealthBoard};
-use crate::proxy::Listener;
-use crate::registration::{Maintenance, Registration, SharedState};
-use crate::registry::{self, Instance, Status};
+use crate::admin::{Admin, AgentState, UpstreamView};
+use crate::balance::{Balancer, Upstream};
+use crate::config::{
+    Config, Protocol, RegistryBackend, RegistryConfig, ServiceConfig, UpstreamConfig,
+};
+use crate::discovery::{Discovery, ServiceState, Source};
+use crate::health::Health;
+use crate::proxy::listener::DEFAULT_BACKLOG;
+use crate::proxy::{Drain, HttpProxy, Listener, Proxy, TcpProxy};
+use crate::registration::{Maintenance, Registration};
+use crate::registry::{self, Instance, Registry, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -42,34 +43,13 @@ pub enum AgentError {
     Health(#[from] crate::tls::TlsError),
 }
 
-/// What the admin API reads.
-pub struct AgentState {
-    pub node: String,
-    pub listeners_bound: AtomicBool,
-    pub draining: AtomicBool,
-    /// One per registry, in configured order; empty without `[service]`.
-    pub registrations: Vec<SharedState>,
-    pub health: Option<Arc<HealthBoard>>,
-    /// Maintenance mode, switched by `PUT /v1/maintenance`.
-    pub maintenance: watch::Sender<Maintenance>,
-    pub services: Vec<Arc<ServiceState>>,
-    pub upstreams: Vec<UpstreamView>,
-    pub prometheus: PrometheusHandle,
-}
-
-pub struct UpstreamView {
-    pub config: UpstreamConfig,
-    pub listen: SocketAddr,
-    pub pool: Arc<Pool>,
-}
-
 /// A bound agent, ready to [`run`](Agent::run).
 pub struct Agent {
     config: Config,
     state: Arc<AgentState>,
     admin: Admin,
     admin_addr: SocketAddr,
-    proxies: Vec<Listener>,
+    proxies: Vec<Proxy>,
     discoveries: Vec<Discovery>,
     health: Option<Health>,
     registrations: Vec<Registration>,
@@ -84,53 +64,71 @@ impl Agent {
             .iter()
             .map(|r| Source {
                 name: r.name.clone(),
-                registry: registry::from_config(r),
+                registry: connect_registry(r),
             })
             .collect();
 
-        let admin_listener = TcpListener::bind(config.agent.admin)
-            .await
-            .map_err(|source| AgentError::Bind {
-                what: "the admin API".into(),
-                addr: config.agent.admin,
-                source,
-            })?;
-        let admin_addr = local_addr(&admin_listener, config.agent.admin);
+        let admin_listener = bind(config.agent.admin, "the admin API", "admin")?;
 
-        let mut pools_by_service: BTreeMap<String, Vec<Arc<Pool>>> = BTreeMap::new();
+        // One Upstream per listener and per HTTP route, each fed by the
+        // discovery of its service.
+        let mut upstreams_by_service: BTreeMap<String, Vec<Arc<Upstream>>> = BTreeMap::new();
         let mut proxies = Vec::new();
-        let mut upstreams = Vec::new();
-        for upstream in &config.upstreams {
-            let proxy = Listener::bind(upstream)
-                .await
-                .map_err(|source| AgentError::Bind {
-                    what: format!("upstream {}", upstream.service),
-                    addr: upstream.listen,
-                    source,
-                })?;
-            for (service, pool) in proxy.pools() {
-                pools_by_service.entry(service).or_default().push(pool);
-            }
-            let pool = proxy.pool();
-            let listen = proxy.local_addr().unwrap_or(upstream.listen);
-            upstreams.push(UpstreamView {
-                config: upstream.clone(),
+        let mut views = Vec::new();
+        for config in &config.upstreams {
+            let listener = bind(
+                config.listen,
+                &format!("upstream {}", config.service),
+                &format!("upstream {}", config.service),
+            )?;
+            let listen = listener.local_addr();
+            let mut upstream_of = |service: &str| {
+                let upstream = Arc::new(upstream(service, config, listen));
+                upstreams_by_service
+                    .entry(service.to_owned())
+                    .or_default()
+                    .push(upstream.clone());
+                upstream
+            };
+            let own = upstream_of(&config.service);
+            let proxy = match &config.protocol {
+                Protocol::Tcp => {
+                    Proxy::tcp(listener, TcpProxy::new(config.clone(), listen, own.clone()))
+                }
+                Protocol::Http(http) => {
+                    let routed = http
+                        .routes
+                        .iter()
+                        .map(|r| upstream_of(&r.service))
+                        .collect();
+                    let proxy = HttpProxy::new(
+                        config.clone(),
+                        (**http).clone(),
+                        listen,
+                        own.clone(),
+                        routed,
+                    );
+                    Proxy::http(listener, proxy)
+                }
+            };
+            views.push(UpstreamView {
+                config: config.clone(),
                 listen,
-                pool,
+                upstream: own,
             });
             proxies.push(proxy);
         }
 
         let mut services = Vec::new();
         let mut discoveries = Vec::new();
-        for (name, pools) in pools_by_service {
+        for (name, upstreams) in upstreams_by_service {
             let service = Arc::new(ServiceState::new(name, config.discovery.mode, &sources));
             services.push(service.clone());
             discoveries.push(Discovery::new(
                 sources.clone(),
                 &config.discovery,
                 service,
-                pools,
+                upstreams,
             ));
         }
 
@@ -152,18 +150,18 @@ impl Agent {
         };
         let state = Arc::new(AgentState {
             node: config.agent.node.clone(),
-            listeners_bound: AtomicBool::new(true),
+            listeners_bound: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             registrations: registrations.iter().map(Registration::state).collect(),
             health: health.as_ref().map(Health::board),
             maintenance,
             services,
-            upstreams,
+            upstreams: views,
             prometheus,
         });
         Ok(Agent {
+            admin_addr: admin_listener.local_addr(),
             admin: Admin::new(admin_listener, state.clone()),
-            admin_addr,
             config,
             state,
             proxies,
@@ -208,13 +206,13 @@ impl Agent {
             discovery_tasks.spawn(discovery.run(discovery_stop.clone()));
         }
 
-        let stop_accepting = CancellationToken::new();
-        let cut = CancellationToken::new();
-        let connections = TaskTracker::new();
+        let drain = Drain::default();
         let mut accept_tasks = JoinSet::new();
         for proxy in proxies {
-            accept_tasks.spawn(proxy.run(stop_accepting.clone(), connections.clone(), cut.clone()));
+            accept_tasks.spawn(proxy.run(drain.clone()));
         }
+        // Bound since `bind`; accepting from here on.
+        state.listeners_bound.store(true, Ordering::Relaxed);
 
         let registration_stop = CancellationToken::new();
         let mut registration_tasks = JoinSet::new();
@@ -238,8 +236,9 @@ impl Agent {
         }
         tokio::time::sleep(config.agent.drain_delay).await;
 
-        stop_accepting.cancel();
+        drain.stop.cancel();
         while accept_tasks.join_next().await.is_some() {}
+        let connections = &drain.connections;
         connections.close();
         let open = connections.len();
         if open > 0 {
@@ -253,7 +252,7 @@ impl Agent {
                 open = connections.len(),
                 "drain timeout reached; closing the remaining connections"
             );
-            cut.cancel();
+            drain.cut.cancel();
             connections.wait().await;
         }
 
@@ -310,6 +309,44 @@ fn registration(
     )
 }
 
-fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
-    listener.local_addr().unwrap_or(configured)
+/// Binds one listening socket; a taken port fails startup here.
+fn bind(addr: SocketAddr, what: &str, name: &str) -> Result<Listener, AgentError> {
+    Listener::bind(addr, DEFAULT_BACKLOG, name).map_err(|source| AgentError::Bind {
+        what: what.to_owned(),
+        addr,
+        source,
+    })
+}
+
+/// The upstream of `service` behind the listener `config` describes (its
+/// own service, or one of its HTTP routes'), with the listener's filter and
+/// balancing; its metrics are labelled with the bound address.
+fn upstream(service: &str, config: &UpstreamConfig, listen: SocketAddr) -> Upstream {
+    let balancer = Balancer::new(
+        config.strategy,
+        config.ejection.clone(),
+        config.panic_threshold,
+    )
+    .with_metrics(service, listen);
+    Upstream::new(service, config.filter.clone(), balancer)
+}
+
+/// Builds the backend a `[registry]` names. Connecting is lazy: an
+/// unreachable registry shows up as errors in the loops, not here.
+pub fn connect_registry(config: &RegistryConfig) -> Arc<dyn Registry> {
+    match &config.backend {
+        RegistryBackend::Local { dir } => {
+            Arc::new(registry::local::LocalRegistry::new(dir.clone(), config.ttl))
+        }
+        RegistryBackend::Etcd(etcd) => Arc::new(registry::etcd::EtcdRegistry::new(
+            etcd.clone(),
+            config.ttl,
+            config.timeout,
+        )),
+        RegistryBackend::Consul(consul) => Arc::new(registry::consul::ConsulRegistry::new(
+            consul,
+            config.ttl,
+            config.timeout,
+        )),
+    }
 }

@@ -3,8 +3,8 @@
 //! One [`Discovery`] task per distinct upstream service: it lists and watches
 //! the service, keeps the instances it knows by registry key, and whenever
 //! that set changes publishes it to the [`ServiceState`] (for `/v1/services`)
-//! and rebuilds the [`Snapshot`] of every [`Pool`] (one per upstream listener,
-//! each with its own filter). Nothing is published when nothing changed.
+//! and rebuilds the snapshot of every [`Upstream`] of the service (one per
+//! listener and HTTP route, each with its own filter). Nothing is published when nothing changed.
 //!
 //! On any watch error it re-lists and watches again after a backoff; until it
 //! succeeds the last snapshot stays in service, so an unreachable registry
@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::balance::{Balancer, Filter, Snapshot};
+use crate::balance::Upstream;
 use crate::config::{DiscoveryConfig, DiscoveryMode};
 use crate::metrics as m;
 use crate::registration::{sleep_or_shutdown, sleep_until_some};
@@ -145,42 +145,6 @@ impl ServiceState {
     }
 }
 
-/// The endpoints of one upstream listener and the balancer that picks
-/// among them.
-pub struct Pool {
-    filter: Filter,
-    balancer: Balancer,
-    snapshot: ArcSwap<Snapshot>,
-}
-
-impl Pool {
-    pub fn new(filter: Filter, balancer: Balancer) -> Self {
-        Pool {
-            filter,
-            balancer,
-            snapshot: ArcSwap::from_pointee(Snapshot::default()),
-        }
-    }
-
-    pub fn balancer(&self) -> &Balancer {
-        &self.balancer
-    }
-
-    /// The current snapshot: one atomic load, no lock.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.load_full()
-    }
-
-    /// Rebuilds the snapshot (stats carried by instance id, the strategy's
-    /// tables built here rather than per pick) and swaps it in.
-    fn refresh(&self, instances: &[Instance]) {
-        let previous = self.snapshot.load_full();
-        let next = Snapshot::rebuild(&previous, instances, &self.filter, &self.balancer);
-        self.balancer.rebase(&previous, &next);
-        self.snapshot.store(Arc::new(next));
-    }
-}
-
 /// A watch just opened and its first event (the full current set).
 type Opened = (Box<dyn Watch>, WatchEvent);
 
@@ -194,7 +158,8 @@ pub struct Discovery {
     mode: DiscoveryMode,
     failback: Duration,
     service: Arc<ServiceState>,
-    pools: Vec<Arc<Pool>>,
+    /// Every upstream of the service (one per listener and route).
+    upstreams: Vec<Arc<Upstream>>,
     /// What each registry last said, in the order of `sources`.
     views: Vec<View>,
     /// Failover: the registry whose view is in service.
@@ -225,7 +190,7 @@ impl Discovery {
         sources: Vec<Source>,
         config: &DiscoveryConfig,
         service: Arc<ServiceState>,
-        pools: Vec<Arc<Pool>>,
+        upstreams: Vec<Arc<Upstream>>,
     ) -> Self {
         Discovery {
             views: sources.iter().map(|_| View::default()).collect(),
@@ -233,7 +198,7 @@ impl Discovery {
             mode: config.mode,
             failback: config.failback,
             service,
-            pools,
+            upstreams,
             serving: None,
         }
     }
@@ -481,8 +446,8 @@ impl Discovery {
         if *self.service.instances.load_full() == instances {
             return;
         }
-        for pool in &self.pools {
-            pool.refresh(&instances);
+        for upstream in &self.upstreams {
+            upstream.refresh(&instances);
         }
         for status in Status::ALL {
             let count = instances.iter().filter(|i| i.status == status).count();

@@ -313,7 +313,7 @@ fn consul_registry(
         fake.address()
     );
     let config = squire::Config::from_toml(&toml).unwrap_or_else(|e| panic!("{e}"));
-    squire::registry::from_config(&config.registries[0])
+    squire::agent::connect_registry(&config.registries[0])
 }
 
 #[tokio::test]

@@ -1,8 +1,8 @@
 //! Passive failure handling: endpoints that keep failing are taken out
 //! locally, before the registry notices anything.
 //!
-//! After `consecutive_failures` failed connects in a row (for HTTP, later,
-//! also 5xx answers) an endpoint is ejected for `base_time`, doubled for
+//! After `consecutive_failures` failed attempts in a row (a failed connect;
+//! for HTTP also a failed exchange or a 5xx answer) an endpoint is ejected for `base_time`, doubled for
 //! each further ejection in a streak, at most `max_time`; the streak is
 //! forgiven once the endpoint has stayed in for `max_time`. At most
 //! `max_share` of an upstream's routable endpoints are ejected at once, so a

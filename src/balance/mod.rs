@@ -17,6 +17,8 @@
 //!
 //! # Layout
 //!
+//! - [`upstream`]: an upstream service as listeners see it: filter,
+//!   balancer and the swapped snapshot.
 //! - [`stats`]: per-instance live state and the process clock.
 //! - [`ejection`]: passive failure handling (when and how long to eject).
 //! - one file per strategy: `round_robin`, `random`, `weighted_round_robin`,
@@ -33,6 +35,7 @@ mod random;
 mod response_time;
 mod round_robin;
 pub mod stats;
+pub mod upstream;
 mod weighted_round_robin;
 
 use std::cell::Cell;
@@ -54,6 +57,7 @@ use random::Random;
 use response_time::ResponseTime;
 use round_robin::RoundRobin;
 pub use stats::{now_ms, ActiveGuard, EndpointStats};
+pub use upstream::Upstream;
 use weighted_round_robin::WeightedRoundRobin;
 
 /// A load-balancing strategy, from `upstream.strategy`.
@@ -144,8 +148,8 @@ pub fn client_key(peer: SocketAddr) -> u64 {
     ip_hash::key(peer.ip())
 }
 
-/// The affinity key of arbitrary bytes (a `ROUTE` key; later a header,
-/// cookie or query value).
+/// The affinity key of arbitrary bytes (a `ROUTE` key, a header, cookie or
+/// query value).
 pub fn bytes_key(bytes: &[u8]) -> u64 {
     hash::key(bytes)
 }
@@ -618,8 +622,8 @@ impl Balancer {
         count
     }
 
-    /// A connect to `snapshot.endpoints()[index]` failed (for HTTP, later,
-    /// also a 5xx). Ejects the endpoint when it failed often enough in a row
+    /// An attempt on `snapshot.endpoints()[index]` failed (a connect; for
+    /// HTTP also a failed exchange or a 5xx). Ejects the endpoint when it failed often enough in a row
     /// and the cap allows; returns how long it is out. Takes effect on the
     /// next pick.
     pub fn record_failure(&self, snapshot: &Snapshot, index: usize, now: u64) -> Option<Duration> {

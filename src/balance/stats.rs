@@ -4,7 +4,7 @@
 //! and carried by instance id into every later snapshot, so a rebuild keeps
 //! connection counts, the latency estimate, failure counters and ejection
 //! state. Everything is an atomic: pickers read it without a lock, proxies
-//! write it after a connect (and, later, the HTTP proxy after a response).
+//! write it after each attempt (a connect, or an HTTP response).
 //!
 //! Times are milliseconds on a process-wide monotonic clock ([`now_ms`]);
 //! 0 means "never".

@@ -20,12 +20,9 @@ pub mod local;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-
-use crate::config::{RegistryBackend, RegistryConfig};
 
 /// One announced instance of a service: the JSON value stored in the
 /// registry, the same shape as Knight Server's `ServiceInfo`. Fields are in
@@ -219,26 +216,6 @@ pub trait Lease: Send {
 #[async_trait]
 pub trait Watch: Send {
     async fn next(&mut self) -> Result<WatchEvent, RegistryError>;
-}
-
-/// Builds the backend the configuration names. Connecting is lazy: an
-/// unreachable registry shows up as errors in the loops, not here.
-pub fn from_config(config: &RegistryConfig) -> Arc<dyn Registry> {
-    match &config.backend {
-        RegistryBackend::Local { dir } => {
-            Arc::new(local::LocalRegistry::new(dir.clone(), config.ttl))
-        }
-        RegistryBackend::Etcd(etcd) => Arc::new(etcd::EtcdRegistry::new(
-            etcd.clone(),
-            config.ttl,
-            config.timeout,
-        )),
-        RegistryBackend::Consul(consul) => Arc::new(consul::ConsulRegistry::new(
-            consul,
-            config.ttl,
-            config.timeout,
-        )),
-    }
 }
 
 #[cfg(test)]

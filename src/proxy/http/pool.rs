@@ -6,12 +6,13 @@
 //! retry it on another instance, and knows whether a request rode a reused
 //! connection. HTTP/1.1 connections go back to their instance's idle list when
 //! the response body has been read to its end; HTTP/2 keeps one multiplexed
-//! connection per instance.
+//! connection per instance. What a route keeps per instance goes when the
+//! instance leaves the upstream ([`ConnPool::retain`]).
 
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,6 +23,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use super::counters::RequestCounters;
 
 /// A request body going upstream: the client's own, streamed, or nothing
 /// (which can be sent again on a retry).
@@ -75,7 +78,7 @@ enum Sender {
 /// A connection checked out for one request.
 pub struct Checkout {
     sender: Sender,
-    authority: String,
+    instance: Arc<InstancePool>,
     pub reused: bool,
 }
 
@@ -84,148 +87,175 @@ struct Idle {
     since: Instant,
 }
 
+/// How connections to the instances are opened and kept.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    pub h2: bool,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle: usize,
+}
+
+/// The connections of one route, per instance.
 pub struct ConnPool {
-    h2: bool,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
-    max_idle: usize,
-    http1_idle: Mutex<HashMap<String, Vec<Idle>>>,
-    http2: Mutex<HashMap<String, http2::SendRequest<RequestBody>>>,
+    settings: PoolSettings,
+    /// `upstream` and `service` labels of the request counters.
+    labels: (String, String),
+    instances: Mutex<HashMap<String, Arc<InstancePool>>>,
+}
+
+/// Everything a route keeps for one instance: its idle HTTP/1.1
+/// connections or its one HTTP/2 connection, and its request counters.
+/// Dropped (closing the idle connections) when the instance leaves the
+/// upstream; a request in flight holds its own reference and finishes.
+pub struct InstancePool {
+    authority: String,
+    settings: PoolSettings,
+    http1_idle: Mutex<Vec<Idle>>,
+    http2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    /// Held across an HTTP/2 connect, so concurrent first requests wait for
+    /// the one connection instead of each opening their own. Per instance:
+    /// a hanging connect to one delays no other.
     h2_connecting: tokio::sync::Mutex<()>,
+    pub requests: RequestCounters,
 }
 
 impl ConnPool {
-    pub fn new(
-        h2: bool,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-        max_idle: usize,
-    ) -> Arc<Self> {
-        Arc::new(ConnPool {
-            h2,
-            connect_timeout,
-            idle_timeout,
-            max_idle,
-            http1_idle: Mutex::new(HashMap::new()),
-            http2: Mutex::new(HashMap::new()),
-            h2_connecting: tokio::sync::Mutex::new(()),
-        })
+    pub fn new(settings: PoolSettings, upstream: &str, service: &str) -> Self {
+        ConnPool {
+            settings,
+            labels: (upstream.to_owned(), service.to_owned()),
+            instances: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn is_h2(&self) -> bool {
-        self.h2
+        self.settings.h2
     }
 
-    /// A connection to `authority`: an idle one when there is one still open,
-    /// else a new one.
-    pub async fn checkout(&self, authority: &str) -> Result<Checkout, ConnectError> {
-        if self.h2 {
+    /// What the route keeps for the instance at `authority`.
+    pub fn instance(&self, authority: &str) -> Arc<InstancePool> {
+        let mut instances = self.lock();
+        if let Some(instance) = instances.get(authority) {
+            return instance.clone();
+        }
+        let (upstream, service) = &self.labels;
+        let instance = Arc::new(InstancePool {
+            authority: authority.to_owned(),
+            settings: self.settings,
+            http1_idle: Mutex::new(Vec::new()),
+            http2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
+            requests: RequestCounters::new(upstream, service, authority),
+        });
+        instances.insert(authority.to_owned(), instance.clone());
+        instance
+    }
+
+    /// Lets go of every instance not in `keep`: their idle connections
+    /// close now, busy ones when their request is done.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.lock().retain(|authority, _| keep(authority));
+    }
+
+    /// The instances kept now (for tests and the admin API).
+    pub fn authorities(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<InstancePool>>> {
+        // Plain data: a panic elsewhere mid-update leaves it usable.
+        self.instances.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl InstancePool {
+    /// A connection to the instance: an idle one when there is one still
+    /// open, else a new one.
+    pub async fn checkout(self: &Arc<Self>) -> Result<Checkout, ConnectError> {
+        if self.settings.h2 {
             let existing = || {
-                self.lock_h2()
-                    .get(authority)
+                lock(&self.http2)
+                    .as_ref()
                     .filter(|s| !s.is_closed())
                     .cloned()
             };
             if let Some(sender) = existing() {
-                return Ok(self.h2_checkout(sender, authority, true));
+                return Ok(self.checked_out(Sender::Http2(sender), true));
             }
-            // One connection per instance: concurrent first requests wait
-            // for the one connect instead of each opening their own.
             let _connecting = self.h2_connecting.lock().await;
             if let Some(sender) = existing() {
-                return Ok(self.h2_checkout(sender, authority, true));
+                return Ok(self.checked_out(Sender::Http2(sender), true));
             }
-            let sender = self.connect_h2(authority).await?;
-            self.lock_h2().insert(authority.to_owned(), sender.clone());
-            return Ok(self.h2_checkout(sender, authority, false));
+            let sender = self.connect_h2().await?;
+            *lock(&self.http2) = Some(sender.clone());
+            return Ok(self.checked_out(Sender::Http2(sender), false));
         }
-        while let Some(mut idle) = self.take_idle(authority) {
+        while let Some(mut idle) = self.take_idle() {
             // A connection the instance closed meanwhile fails here, before
             // any of this request was sent.
             if idle.sender.ready().await.is_ok() {
-                return Ok(Checkout {
-                    sender: Sender::Http1(idle.sender),
-                    authority: authority.to_owned(),
-                    reused: true,
-                });
+                return Ok(self.checked_out(Sender::Http1(idle.sender), true));
             }
         }
-        let sender = self.connect_h1(authority).await?;
-        Ok(Checkout {
-            sender: Sender::Http1(sender),
-            authority: authority.to_owned(),
-            reused: false,
-        })
+        let sender = self.connect_h1().await?;
+        Ok(self.checked_out(Sender::Http1(sender), false))
     }
 
-    fn h2_checkout(
-        &self,
-        sender: http2::SendRequest<RequestBody>,
-        authority: &str,
-        reused: bool,
-    ) -> Checkout {
+    fn checked_out(self: &Arc<Self>, sender: Sender, reused: bool) -> Checkout {
         Checkout {
-            sender: Sender::Http2(sender),
-            authority: authority.to_owned(),
+            sender,
+            instance: self.clone(),
             reused,
         }
     }
 
-    fn take_idle(&self, authority: &str) -> Option<Idle> {
-        let mut idle = self.lock_h1();
-        let list = idle.get_mut(authority)?;
-        while let Some(candidate) = list.pop() {
-            if candidate.since.elapsed() < self.idle_timeout && !candidate.sender.is_closed() {
+    fn take_idle(&self) -> Option<Idle> {
+        let mut idle = lock(&self.http1_idle);
+        while let Some(candidate) = idle.pop() {
+            if candidate.since.elapsed() < self.settings.idle_timeout
+                && !candidate.sender.is_closed()
+            {
                 return Some(candidate);
             }
         }
         None
     }
 
-    fn put_back(&self, authority: String, sender: http1::SendRequest<RequestBody>) {
-        if sender.is_closed() || self.max_idle == 0 {
+    fn put_back(&self, sender: http1::SendRequest<RequestBody>) {
+        if sender.is_closed() || self.settings.max_idle == 0 {
             return;
         }
-        let mut idle = self.lock_h1();
-        let list = idle.entry(authority).or_default();
-        list.retain(|c| c.since.elapsed() < self.idle_timeout && !c.sender.is_closed());
-        if list.len() < self.max_idle {
-            list.push(Idle {
+        let mut idle = lock(&self.http1_idle);
+        idle.retain(|c| c.since.elapsed() < self.settings.idle_timeout && !c.sender.is_closed());
+        if idle.len() < self.settings.max_idle {
+            idle.push(Idle {
                 sender,
                 since: Instant::now(),
             });
         }
     }
 
-    /// Drops idle connections to instances no longer in `keep`.
-    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
-        self.lock_h1().retain(|authority, _| keep(authority));
-        self.lock_h2().retain(|authority, _| keep(authority));
-    }
-
-    async fn tcp(&self, authority: &str) -> Result<TcpStream, ConnectError> {
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(authority)).await {
-                Err(_) => return Err(ConnectError::Timeout),
-                Ok(Err(e)) => return Err(ConnectError::Io(e)),
-                Ok(Ok(stream)) => stream,
-            };
+    async fn tcp(&self) -> Result<TcpStream, ConnectError> {
+        let connect = TcpStream::connect(self.authority.as_str());
+        let stream = match tokio::time::timeout(self.settings.connect_timeout, connect).await {
+            Err(_) => return Err(ConnectError::Timeout),
+            Ok(Err(e)) => return Err(ConnectError::Io(e)),
+            Ok(Ok(stream)) => stream,
+        };
         if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(endpoint = authority, error = %e, "cannot set TCP_NODELAY");
+            tracing::debug!(endpoint = %self.authority, error = %e, "cannot set TCP_NODELAY");
         }
         Ok(stream)
     }
 
-    async fn connect_h1(
-        &self,
-        authority: &str,
-    ) -> Result<http1::SendRequest<RequestBody>, ConnectError> {
-        let stream = self.tcp(authority).await?;
+    async fn connect_h1(&self) -> Result<http1::SendRequest<RequestBody>, ConnectError> {
+        let stream = self.tcp().await?;
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(ConnectError::Handshake)?;
-        let endpoint = authority.to_owned();
+        let endpoint = self.authority.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.with_upgrades().await {
                 tracing::debug!(%endpoint, error = %e, "upstream connection ended with an error");
@@ -234,18 +264,15 @@ impl ConnPool {
         Ok(sender)
     }
 
-    async fn connect_h2(
-        &self,
-        authority: &str,
-    ) -> Result<http2::SendRequest<RequestBody>, ConnectError> {
-        let stream = self.tcp(authority).await?;
+    async fn connect_h2(&self) -> Result<http2::SendRequest<RequestBody>, ConnectError> {
+        let stream = self.tcp().await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
             .handshake(TokioIo::new(stream))
             .await
             .map_err(ConnectError::Handshake)?;
-        let endpoint = authority.to_owned();
+        let endpoint = self.authority.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(%endpoint, error = %e, "upstream h2 connection ended with an error");
@@ -253,17 +280,11 @@ impl ConnPool {
         });
         Ok(sender)
     }
+}
 
-    fn lock_h1(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Idle>>> {
-        // Plain data: a panic elsewhere mid-update leaves it usable.
-        self.http1_idle.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn lock_h2(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, http2::SendRequest<RequestBody>>> {
-        self.http2.lock().unwrap_or_else(|p| p.into_inner())
-    }
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Plain data: a panic elsewhere mid-update leaves it usable.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Checkout {
@@ -271,7 +292,6 @@ impl Checkout {
     /// HTTP/1.1 connection back to `pool`.
     pub async fn send(
         self,
-        pool: &Arc<ConnPool>,
         request: Request<RequestBody>,
     ) -> Result<Response<PooledBody>, hyper::Error> {
         match self.sender {
@@ -287,13 +307,13 @@ impl Checkout {
                 if response.body().is_end_stream() {
                     // Nothing to read (204, HEAD, Content-Length: 0): the
                     // server will not poll the body, so give it back now.
-                    pool.put_back(self.authority, sender);
+                    self.instance.put_back(sender);
                     return Ok(response.map(|body| PooledBody {
                         body,
                         give_back: None,
                     }));
                 }
-                let give_back = Some((pool.clone(), self.authority, sender));
+                let give_back = Some((self.instance, sender));
                 Ok(response.map(|body| PooledBody { body, give_back }))
             }
         }
@@ -316,13 +336,13 @@ impl Checkout {
 /// read to the end. Dropped early, the connection is dropped (closed) too.
 pub struct PooledBody {
     body: Incoming,
-    give_back: Option<(Arc<ConnPool>, String, http1::SendRequest<RequestBody>)>,
+    give_back: Option<(Arc<InstancePool>, http1::SendRequest<RequestBody>)>,
 }
 
 impl PooledBody {
     fn release(&mut self) {
-        if let Some((pool, authority, sender)) = self.give_back.take() {
-            pool.put_back(authority, sender);
+        if let Some((instance, sender)) = self.give_back.take() {
+            instance.put_back(sender);
         }
     }
 }

@@ -1,0 +1,227 @@
+//! The one attempt loop every listener drives: pick an endpoint, try it,
+//! report how it went, and on failure try another one after a jittered
+//! pause, up to the upstream's `retries`.
+//!
+//! A listener supplies only the protocol step (connect for TCP; connect,
+//! send and read the response headers for HTTP) and says how it ended as an
+//! [`Outcome`] (see [`Attempts`] for the loop). Everything else happens here, the same way for every
+//! listener: which endpoints were tried, the pause between attempts, the
+//! pick (never an endpoint already tried), the pick and failure counters,
+//! the latency sample, success and failure reporting to the balancer (which
+//! ejects an endpoint that keeps failing), and the log lines.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Histogram};
+use tokio::time::Instant;
+
+use super::ProxyError;
+use crate::backoff::Backoff;
+use crate::balance::{self, now_ms, Endpoint, Snapshot, Upstream};
+
+/// The most attempts one connection or request makes: the first and at
+/// most 16 retries (`upstream.retries` is validated to 0-16).
+const MAX_ATTEMPTS: usize = 17;
+
+/// How many times, and how far apart, to try.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Attempts after the first, each on another endpoint.
+    pub retries: u32,
+    /// Pause before the first retry, jittered and doubled per retry (at
+    /// most 8 times this); zero retries at once.
+    pub backoff: Duration,
+}
+
+/// Metric handles resolved once per listener, not per attempt.
+pub struct AttemptMetrics {
+    /// Attempts after the first.
+    pub retries: Counter,
+    /// Attempts whose endpoint could not be connected to.
+    pub connect_failures: Counter,
+    /// Time from the start of an attempt to the endpoint's answer, for
+    /// attempts that got one.
+    pub latency: Histogram,
+}
+
+/// One attempt: which endpoint, and whether another could follow.
+pub struct Attempt {
+    index: usize,
+    /// Whether another endpoint could be tried after this one: the step
+    /// needs it to decide whether a failure is worth a retry at all (and
+    /// must not spend retry budget when it is not).
+    pub more: bool,
+    started: Instant,
+}
+
+/// How one attempt ended.
+pub enum Outcome<T> {
+    /// The endpoint served: a success, and the result.
+    Served(T),
+    /// The endpoint answered, but with a failure (an HTTP 5xx) that is the
+    /// result all the same: counts as a failure, no retry.
+    Answered(T, ProxyError),
+    /// The endpoint failed and another one may be tried.
+    Retry(ProxyError),
+    /// The endpoint answered with a failure (an HTTP 503) worth trying
+    /// elsewhere; if no other endpoint is left, the answer is the result.
+    RetryOr(T, ProxyError),
+    /// The endpoint failed and nothing more may be tried.
+    Fail(ProxyError),
+}
+
+/// The attempts of one connection or request on one upstream's endpoints.
+///
+/// Driven as
+///
+/// ```text
+/// let mut attempts = Attempts::new(&upstream, policy, key, &metrics);
+/// while let Some(attempt) = attempts.next().await {
+///     let outcome = step(attempts.endpoint(&attempt)).await;
+///     if let Some(result) = attempts.report(attempt, outcome) {
+///         return result;
+///     }
+/// }
+/// attempts.finish()
+/// ```
+pub struct Attempts<'a, T> {
+    upstream: &'a Upstream,
+    policy: RetryPolicy,
+    key: Option<u64>,
+    metrics: &'a AttemptMetrics,
+    /// One snapshot for all attempts, so `tried` indices stay meaningful.
+    snapshot: Arc<Snapshot>,
+    tried: [usize; MAX_ATTEMPTS],
+    count: usize,
+    backoff: Backoff,
+    /// What the last failed attempt leaves if no other one serves.
+    last: Option<Result<T, ProxyError>>,
+}
+
+impl<'a, T> Attempts<'a, T> {
+    /// `key` is the affinity hash for strategies that use one.
+    pub fn new(
+        upstream: &'a Upstream,
+        policy: RetryPolicy,
+        key: Option<u64>,
+        metrics: &'a AttemptMetrics,
+    ) -> Self {
+        Attempts {
+            upstream,
+            policy,
+            key,
+            metrics,
+            snapshot: upstream.snapshot(),
+            tried: [0; MAX_ATTEMPTS],
+            count: 0,
+            backoff: Backoff::new(policy.backoff, policy.backoff.saturating_mul(8)),
+            last: None,
+        }
+    }
+
+    /// The next attempt, after the pause a retry waits; `None` when the
+    /// attempts are used up or no untried endpoint is left.
+    pub async fn next(&mut self) -> Option<Attempt> {
+        let attempts = (self.policy.retries as usize + 1).min(MAX_ATTEMPTS);
+        if self.count >= attempts {
+            return None;
+        }
+        if self.count > 0 && !self.policy.backoff.is_zero() {
+            tokio::time::sleep(self.backoff.next(true)).await;
+        }
+        let balancer = self.upstream.balancer();
+        let context = balance::Context::new(now_ms())
+            .with_key(self.key)
+            .with_tried(&self.tried[..self.count]);
+        let index = balancer.pick(&self.snapshot, &context)?;
+        if self.count > 0 {
+            self.metrics.retries.increment(1);
+        }
+        self.tried[self.count] = index;
+        self.count += 1;
+        self.snapshot.endpoints()[index].stats.picked();
+        // Panic mode picks among standby endpoints too.
+        let pickable = if balancer.in_panic() {
+            self.snapshot.endpoints().len()
+        } else {
+            self.snapshot.len()
+        };
+        Some(Attempt {
+            index,
+            more: self.count < attempts && self.count < pickable,
+            started: Instant::now(),
+        })
+    }
+
+    /// The endpoint of `attempt`.
+    pub fn endpoint(&self, attempt: &Attempt) -> &Endpoint {
+        &self.snapshot.endpoints()[attempt.index]
+    }
+
+    /// Records how `attempt` ended: the latency sample of an answer, a
+    /// success, or a failure (which may eject the endpoint). Returns the
+    /// result when the attempts are over, `None` when another may follow.
+    pub fn report(
+        &mut self,
+        attempt: Attempt,
+        outcome: Outcome<T>,
+    ) -> Option<Result<T, ProxyError>> {
+        let endpoint = &self.snapshot.endpoints()[attempt.index];
+        // An answer, good or bad, is a latency sample; a failed connect or
+        // a timeout is not (it would teach response_time nothing true).
+        if matches!(
+            outcome,
+            Outcome::Served(_) | Outcome::Answered(..) | Outcome::RetryOr(..)
+        ) {
+            let elapsed = attempt.started.elapsed();
+            self.metrics.latency.record(elapsed.as_secs_f64());
+            endpoint.stats.record_latency(elapsed, now_ms());
+        }
+        let (value, error, retry) = match outcome {
+            Outcome::Served(value) => {
+                endpoint.stats.record_success();
+                return Some(Ok(value));
+            }
+            Outcome::Answered(value, error) => (Some(value), error, false),
+            Outcome::Retry(error) => (None, error, true),
+            Outcome::RetryOr(value, error) => (Some(value), error, true),
+            Outcome::Fail(error) => (None, error, false),
+        };
+        if error.is_connect() {
+            self.metrics.connect_failures.increment(1);
+        }
+        let balancer = self.upstream.balancer();
+        match balancer.record_failure(&self.snapshot, attempt.index, now_ms()) {
+            Some(out_for) => tracing::warn!(
+                upstream = %self.upstream.service(),
+                endpoint = %endpoint.instance.id,
+                ejected_for = ?out_for,
+                error = %error,
+                "ejecting an endpoint after consecutive failures"
+            ),
+            None => tracing::debug!(
+                upstream = %self.upstream.service(),
+                endpoint = %endpoint.instance.id,
+                error = %error,
+                "attempt failed"
+            ),
+        }
+        let result = value.ok_or(error);
+        if !retry {
+            return Some(result);
+        }
+        self.last = Some(result);
+        None
+    }
+
+    /// The result when no attempt served and none is left: what the last
+    /// one left (an answer to pass on, or its error), or no endpoint at all.
+    pub fn finish(self) -> Result<T, ProxyError> {
+        self.last.unwrap_or_else(|| {
+            Err(ProxyError::NoHealthyEndpoint {
+                service: self.upstream.service().to_owned(),
+            })
+        })
+    }
+}

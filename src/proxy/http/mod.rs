@@ -1,0 +1,286 @@
+//! The HTTP handler: HTTP/1.1 (keep-alive) and HTTP/2 cleartext on one
+//! port, each request routed to a service and forwarded to an instance
+//! picked for that request.
+//!
+//! # Layout
+//!
+//! - [`routing`]: which route (service) a request takes, its affinity key.
+//! - [`forward`]: one request through the attempts, with its retry policy;
+//!   WebSocket and other upgrades.
+//! - [`headers`]: hop-by-hop headers, `X-Forwarded-*`.
+//! - [`budget`]: the retry budget, a share of requests.
+//! - [`pool`]: connections to the instances, per route and instance.
+//! - [`counters`]: request counters resolved once per endpoint.
+//! - [`activity`]: what the idle timeout of a client connection watches.
+//!
+//! Every failure becomes a response in one place, [`error_response`], by
+//! [`ProxyError::status`].
+
+mod activity;
+mod budget;
+mod counters;
+mod forward;
+mod headers;
+pub mod pool;
+mod routing;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use metrics::{Counter, Histogram};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use self::activity::{Activity, Tracked};
+use self::budget::RetryBudget;
+use self::counters::RequestCounters;
+use self::pool::{ConnPool, PoolSettings};
+use self::routing::{Route, Routes};
+use super::attempts::{AttemptMetrics, RetryPolicy};
+use super::{GaugeGuard, ProxyError};
+use crate::balance::Upstream;
+use crate::config::{HttpUpstreamConfig, RouteConfig, UpstreamConfig};
+use crate::metrics as m;
+
+type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Serves the connections of one HTTP listener.
+pub struct HttpProxy {
+    config: UpstreamConfig,
+    http: HttpUpstreamConfig,
+    routes: Routes,
+    budget: RetryBudget,
+    policy: RetryPolicy,
+    attempts: AttemptMetrics,
+    metrics: HttpMetrics,
+    server: auto::Builder<TokioExecutor>,
+}
+
+struct HttpMetrics {
+    active: metrics::Gauge,
+    duration: Histogram,
+    opened: Counter,
+    reused: Counter,
+    rejected: Counter,
+    /// Requests no route matched.
+    unrouted: RequestCounters,
+}
+
+impl HttpProxy {
+    /// `own` is the upstream of the listener's service; `routed` the
+    /// upstream of each configured route, in `http.routes` order.
+    pub fn new(
+        config: UpstreamConfig,
+        http: HttpUpstreamConfig,
+        listen: SocketAddr,
+        own: Arc<Upstream>,
+        routed: Vec<Arc<Upstream>>,
+    ) -> Self {
+        let settings = PoolSettings {
+            h2: http.upstream_h2,
+            connect_timeout: config.connect_timeout,
+            idle_timeout: http.pool_idle_timeout,
+            max_idle: http.pool_max_idle,
+        };
+        let route = |matcher: Option<RouteConfig>, upstream: Arc<Upstream>| Route {
+            matcher,
+            connections: ConnPool::new(settings, &config.service, upstream.service()),
+            unrouted: RequestCounters::new(&config.service, upstream.service(), "none"),
+            upstream,
+        };
+        // The configured routes first, the listener's own service last.
+        let mut routes: Vec<Route> = http
+            .routes
+            .iter()
+            .cloned()
+            .zip(routed)
+            .map(|(matcher, upstream)| route(Some(matcher), upstream))
+            .collect();
+        routes.push(route(None, own));
+        let labels = [
+            ("upstream", config.service.clone()),
+            ("listen", listen.to_string()),
+        ];
+        let pool_event = |event: &'static str| metrics::counter!(m::HTTP_POOL, "upstream" => config.service.clone(), "listen" => listen.to_string(), "event" => event);
+        let metrics = HttpMetrics {
+            active: metrics::gauge!(m::HTTP_ACTIVE, &labels),
+            duration: metrics::histogram!(m::HTTP_SECONDS, &labels),
+            opened: pool_event("opened"),
+            reused: pool_event("reused"),
+            rejected: metrics::counter!(m::HTTP_REJECTED, &labels),
+            unrouted: RequestCounters::new(&config.service, "none", "none"),
+        };
+        let attempts = AttemptMetrics {
+            retries: metrics::counter!(m::HTTP_RETRIES, &labels),
+            connect_failures: metrics::counter!(m::CONNECT_FAILURES, &labels),
+            // Request latency is `squire_http_request_duration_seconds`.
+            latency: Histogram::noop(),
+        };
+        let mut server = auto::Builder::new(TokioExecutor::new());
+        server
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(http.header_read_timeout)
+            .max_buf_size(http.max_header_bytes)
+            .keep_alive(true);
+        server
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(http.max_header_bytes).unwrap_or(u32::MAX));
+        HttpProxy {
+            budget: RetryBudget::new(http.retry_budget),
+            policy: RetryPolicy {
+                retries: config.retries,
+                backoff: config.retry_backoff,
+            },
+            config,
+            http,
+            routes: Routes::new(routes),
+            attempts,
+            metrics,
+            server,
+        }
+    }
+
+    /// The connection limit and the counter of refused connections, for
+    /// the accept loop.
+    pub fn connection_limit(&self) -> (usize, Counter) {
+        (self.http.max_connections, self.metrics.rejected.clone())
+    }
+
+    /// Serves one client connection until it ends: keep-alive ends after
+    /// the current request once `stop` fires, and a connection with no
+    /// request in flight and no bytes moving for `idle_timeout` is closed.
+    pub async fn serve(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        stop: CancellationToken,
+    ) {
+        let activity = Arc::new(Activity::default());
+        let io = TokioIo::new(Tracked {
+            inner: stream,
+            activity: activity.clone(),
+        });
+        let proxy = self.clone();
+        let requests = activity.clone();
+        let service = service_fn(move |request| {
+            let proxy = proxy.clone();
+            let in_flight = requests.request();
+            async move {
+                let response = proxy.handle(request, peer).await;
+                drop(in_flight);
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let connection = self.server.serve_connection_with_upgrades(io, service);
+        tokio::pin!(connection);
+        let idle = self.http.idle_timeout;
+        let mut shutting_down = false;
+        loop {
+            let check_in = idle
+                .saturating_sub(activity.quiet_for())
+                .max(Duration::from_millis(50));
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
+                    }
+                    return;
+                }
+                _ = stop.cancelled(), if !shutting_down => {
+                    shutting_down = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                _ = tokio::time::sleep(check_in), if !shutting_down => {
+                    if activity.is_idle(idle) {
+                        tracing::debug!(client = %peer, "closing idle client connection");
+                        shutting_down = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Until `stop`: whenever a route's upstream changes, lets go of the
+    /// pooled connections to instances that left it.
+    pub async fn prune_pools(self: Arc<Self>, stop: CancellationToken) {
+        let stop = &stop;
+        let prune = self.routes.iter().map(|route| async move {
+            let mut changes = route.upstream.changes();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    changed = changes.changed() => if changed.is_err() { return },
+                }
+                let snapshot = route.upstream.snapshot();
+                route.connections.retain(|authority| {
+                    snapshot
+                        .endpoints()
+                        .iter()
+                        .any(|e| e.authority == authority)
+                });
+            }
+        });
+        futures_util::future::join_all(prune).await;
+    }
+
+    async fn handle(&self, request: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+        let started = Instant::now();
+        // Held until the response headers are back, also when the client
+        // goes away and the request is dropped half way.
+        let _active = GaugeGuard::new(&self.metrics.active);
+        let method = request.method().clone();
+        let (parts, body) = request.into_parts();
+        let (response, counters) = match self.routes.find(&parts) {
+            None => (error_response(&ProxyError::NoRoute), None),
+            Some(route) => match self.forward(route, parts, body, client).await {
+                Ok((response, instance)) => (response, Some((route, instance))),
+                Err((error, instance)) => {
+                    metrics::counter!(m::HTTP_ERRORS, "upstream" => self.config.service.clone(), "service" => route.upstream.service().to_owned(), "kind" => error.reason()).increment(1);
+                    tracing::debug!(upstream = %self.config.service, service = %route.upstream.service(), error = %error, "request failed");
+                    (error_response(&error), Some((route, instance)))
+                }
+            },
+        };
+        self.metrics
+            .duration
+            .record(started.elapsed().as_secs_f64());
+        let status = response.status();
+        match &counters {
+            None => self.metrics.unrouted.count(&method, status),
+            Some((_, Some(instance))) => instance.requests.count(&method, status),
+            Some((route, None)) => route.unrouted.count(&method, status),
+        }
+        response
+    }
+}
+
+/// The one place where a failure becomes a response.
+pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
+    let (status, text) = error.status();
+    let mut response = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
