@@ -102,12 +102,7 @@ pub(super) fn read_registries(value: toml::Value, problems: &mut Problems) -> Ra
 /// `registry.primary` for a well-named registry, else `registry[0]`.
 fn registry_path(index: usize, name: Option<&str>) -> String {
     match name {
-        Some(name)
-            if !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')) =>
-        {
+        Some(name) if !name.is_empty() && name.chars().all(registry_name_char) => {
             format!("registry.{name}")
         }
         _ => format!("registry[{index}]"),
@@ -173,14 +168,16 @@ pub(super) fn validate_registries(
 
 /// Registry names label metrics and appear in problem paths: letters,
 /// digits, `-` and `_`.
+fn registry_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_')
+}
+
+/// Reports a name with a character outside that alphabet.
 fn check_registry_name(path: &str, name: &str, problems: &mut Problems) {
     if name.is_empty() {
         return; // reported by `required`
     }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
-    {
+    if let Some(bad) = name.chars().find(|c| !registry_name_char(*c)) {
         problems.push(
             path,
             format!("{name:?} contains {bad:?}; use letters, digits, - and _"),

@@ -59,7 +59,7 @@ pub(super) fn validate_upstream(
 ) -> UpstreamConfig {
     let base = upstream_path(index, raw.service.as_deref());
     let at = |key: &str| format!("{base}.{key}");
-    let raw_balancing = RawBalancing {
+    let mut raw_balancing = RawBalancing {
         hash_key: raw.hash_key.take(),
         preamble_timeout: raw.preamble_timeout.take(),
         preamble_max_bytes: raw.preamble_max_bytes.take(),
@@ -144,7 +144,6 @@ pub(super) fn validate_upstream(
             }),
     };
     let is_http = matches!(protocol, Protocol::Http(_));
-    let mut raw_balancing = raw_balancing;
     let balancing = validate_balancing(&base, strategy, is_http, &mut raw_balancing, problems);
     UpstreamConfig {
         service,
