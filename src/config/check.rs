@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::problems::{duration, Problems};
 use super::raw::RawCheck;
-use super::{duration, Problems};
+use super::section;
 
 #[derive(Debug, Clone)]
 pub struct CheckConfig {
@@ -73,6 +74,33 @@ pub struct ProbeTls {
     /// Name to verify the certificate against; default: the address's host.
     pub server_name: Option<String>,
     pub skip_verify: bool,
+}
+
+/// `[[service.check]]` (or a single `[service.check]` table), each named by
+/// its `name` when it has one so problems point at the right check.
+pub(super) fn read_checks(value: toml::Value, problems: &mut Problems) -> Vec<(String, RawCheck)> {
+    let items = match value {
+        toml::Value::Array(items) => items,
+        table @ toml::Value::Table(_) => vec![table],
+        _ => {
+            problems.push(
+                "service.check",
+                "must be a table or an array of tables ([[service.check]])",
+            );
+            return Vec::new();
+        }
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, item)| {
+            let path = match item.get("name").and_then(|n| n.as_str()) {
+                Some(name) if !name.is_empty() => format!("service.check.{name}"),
+                _ => format!("service.check[{i}]"),
+            };
+            section(&path, item, problems).map(|check| (path, check))
+        })
+        .collect()
 }
 
 /// Validates every check. `default_address` is the service's `host:port`.

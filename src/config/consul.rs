@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::problems::{duration, Problems};
 use super::raw::RawRegistry;
-use super::{duration, Problems, Secret, ServiceConfig};
+use super::secret::Secret;
+use super::service::ServiceConfig;
 use crate::registry::consul::{meta_problem, MAX_META_PAIRS, MAX_WAIT};
 use crate::tls::load_ca;
 

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
+use super::problems::{check_name, duration, Problems};
 use super::raw::{RawRoute, RawUpstream};
-use super::{check_name, duration, Problems};
 
 #[derive(Debug, Clone)]
 pub struct HttpUpstreamConfig {

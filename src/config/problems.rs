@@ -1,0 +1,133 @@
+//! What validation reports ([`Problem`], [`ConfigError`]) and the field
+//! readers every section shares: each one records a problem with its dotted
+//! path and returns a usable value, so validation goes on to the end.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// One thing wrong with the file: where, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.reason)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("not valid TOML: {0}")]
+    Syntax(String),
+    #[error("{} problem(s) in the configuration:\n{}", .0.len(), ProblemList(.0))]
+    Invalid(Vec<Problem>),
+}
+
+impl ConfigError {
+    /// The problems found, empty for read and syntax errors.
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid(problems) => problems,
+            _ => &[],
+        }
+    }
+}
+
+struct ProblemList<'a>(&'a [Problem]);
+
+impl fmt::Display for ProblemList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "  {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Problems(pub(super) Vec<Problem>);
+
+impl Problems {
+    pub(super) fn push(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+pub(super) fn required(path: &str, value: Option<String>, problems: &mut Problems) -> String {
+    match value {
+        Some(v) if !v.is_empty() => v,
+        Some(v) => {
+            problems.push(path, "must not be empty");
+            v
+        }
+        None => {
+            problems.push(path, "required");
+            String::new()
+        }
+    }
+}
+
+/// Service names and ids become registry keys and file names: keep them to a
+/// safe alphabet.
+pub(super) fn check_name(path: &str, value: &str, problems: &mut Problems) {
+    if value.is_empty() {
+        return; // reported by `required`
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
+    {
+        problems.push(
+            path,
+            format!("{value:?} contains {bad:?}; use letters, digits and - _ . :"),
+        );
+    } else if value.starts_with('.') {
+        problems.push(path, format!("{value:?} must not start with '.'"));
+    }
+}
+
+pub(super) fn duration(
+    path: &str,
+    value: Option<String>,
+    default: &str,
+    problems: &mut Problems,
+) -> Duration {
+    let text = value.as_deref().unwrap_or(default);
+    humantime::parse_duration(text).unwrap_or_else(|e| {
+        problems.push(
+            path,
+            format!("{text:?} is not a duration ({e}); write e.g. \"5s\" or \"250ms\""),
+        );
+        humantime::parse_duration(default).unwrap_or_default()
+    })
+}
+
+pub(super) fn socket_addr(path: &str, text: &str, problems: &mut Problems) -> SocketAddr {
+    text.parse().unwrap_or_else(|_| {
+        problems.push(
+            path,
+            format!("{text:?} is not an address like 127.0.0.1:7001"),
+        );
+        unspecified()
+    })
+}
+
+pub(super) fn unspecified() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}

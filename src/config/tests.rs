@@ -1,0 +1,290 @@
+//! Validation of whole files, across sections. `problems` and
+//! `assert_problems` are shared with the section files' tests.
+
+use std::time::Duration;
+
+use super::*;
+use crate::balance::{EjectionPolicy, HashKey, Strategy};
+
+/// Every problem `text` has, as `path: reason` lines.
+pub(super) fn problems(text: &str) -> Vec<String> {
+    match Config::from_toml(text) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.problems().iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// `found` holds exactly one line starting with each of `expected`.
+pub(super) fn assert_problems(found: &[String], expected: &[&str]) {
+    for want in expected {
+        assert!(
+            found.iter().any(|p| p.starts_with(want)),
+            "missing {want:?} in {found:#?}"
+        );
+    }
+    assert_eq!(found.len(), expected.len(), "{found:#?}");
+}
+
+#[test]
+fn minimal_file_gets_defaults() {
+    let config = Config::from_toml("").expect("empty file is valid");
+    assert_eq!(config.agent.admin.to_string(), DEFAULT_ADMIN);
+    assert_eq!(config.registries.len(), 1);
+    assert_eq!(config.registries[0].name, "local");
+    assert_eq!(config.registries[0].ttl, Duration::from_secs(10));
+    assert!(matches!(
+        config.registries[0].backend,
+        RegistryBackend::Local { .. }
+    ));
+    assert_eq!(config.discovery.mode, DiscoveryMode::Failover);
+    assert!(config.service.is_none());
+    assert!(config.upstreams.is_empty());
+}
+
+#[test]
+fn service_id_defaults_to_name_host_port() {
+    let config =
+        Config::from_toml("[service]\nname = \"logic\"\nhost = \"10.0.0.5\"\nport = 8001\n")
+            .expect("valid");
+    let service = config.service.expect("service section");
+    assert_eq!(service.id, "logic-10.0.0.5-8001");
+    assert_eq!(service.weight, 100);
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let found = problems(
+        r#"
+        bogus = 1
+        [agent]
+        drain_delay = "soon"
+        intreval = "5s"
+        [registry]
+        kind = "etcd"
+        ttl = "1s"
+        dir = "/tmp/x"
+        [service]
+        name = "a/b"
+        port = 70000
+        [[upstream]]
+        service = "gate"
+        listen = "nowhere"
+        strategy = "fastest"
+        retries = -1
+        [[upstream]]
+        listen = 5
+        "#,
+    );
+    let expected = [
+        "bogus: unknown key",
+        "agent.intreval: unknown key",
+        "agent.drain_delay: \"soon\" is not a duration",
+        "registry.ttl: must be at least 2s",
+        "registry.dir: only applies to kind = \"local\"",
+        "service.name: \"a/b\" contains '/'",
+        "service.host: required",
+        "service.port: 70000 is not a port",
+        "upstream.gate.listen: \"nowhere\" is not an address",
+        "upstream.gate.strategy: unknown strategy \"fastest\"",
+        "upstream.gate.retries: -1 is out of range",
+        "upstream[1].listen: invalid type: integer `5`, expected a string",
+    ];
+    assert_problems(&found, &expected);
+}
+
+#[test]
+fn balancing_keys_get_defaults_and_parse() {
+    let config =
+        Config::from_toml("[[upstream]]\nservice = \"gate\"\nlisten = \"127.0.0.1:7001\"\n")
+            .expect("valid");
+    let gate = &config.upstreams[0];
+    assert_eq!(gate.strategy, Strategy::RoundRobin);
+    assert_eq!(gate.panic_threshold, 0.0);
+    assert_eq!(gate.ejection, EjectionPolicy::default());
+    assert_eq!(gate.retry_backoff, Duration::from_millis(10));
+    let config = Config::from_toml(
+        r#"
+        [[upstream]]
+        service = "battle"
+        listen = "127.0.0.1:7002"
+        strategy = "consistent_hash"
+        hash_key = "preamble"
+        preamble_timeout = "500ms"
+        preamble_max_bytes = 64
+        panic_threshold = 1
+        retry_backoff = "0s"
+        ejection = { consecutive_failures = 0, base_time = "1s", max_time = "1s", max_share = 0.25 }
+        "#,
+    )
+    .expect("valid");
+    let battle = &config.upstreams[0];
+    assert_eq!(battle.hash_key, HashKey::Preamble);
+    assert_eq!(battle.preamble_timeout, Duration::from_millis(500));
+    assert_eq!(battle.preamble_max_bytes, 64);
+    assert_eq!(battle.panic_threshold, 1.0);
+    assert!(!battle.ejection.enabled());
+    assert_eq!(battle.ejection.max_share, 0.25);
+}
+
+#[test]
+fn every_strategy_is_accepted() {
+    for strategy in Strategy::ALL {
+        let text = format!(
+            "[[upstream]]\nservice = \"gate\"\nlisten = \"127.0.0.1:7001\"\nstrategy = \"{}\"\n",
+            strategy.name()
+        );
+        let config = Config::from_toml(&text).expect("valid");
+        assert_eq!(config.upstreams[0].strategy, strategy);
+    }
+}
+
+#[test]
+fn secrets_do_not_print() {
+    let config = Config::from_toml(
+        "[registry]\nkind = \"etcd\"\nusername = \"u\"\npassword = \"hunter2\"\n",
+    )
+    .expect("valid");
+    assert!(!format!("{config:?}").contains("hunter2"));
+}
+
+#[test]
+fn a_single_registry_table_is_a_list_of_one_named_after_its_kind() {
+    let config = Config::from_toml("[registry]\nkind = \"etcd\"\n").expect("valid");
+    assert_eq!(config.registries.len(), 1);
+    assert_eq!(config.registries[0].name, "etcd");
+    let config = Config::from_toml("[registry]\nname = \"main\"\n").expect("valid");
+    assert_eq!(config.registries[0].name, "main");
+    assert_eq!(config.registries[0].backend.kind(), "local");
+}
+
+#[test]
+fn several_registries_in_order_with_their_own_keys() {
+    let config = Config::from_toml(
+        r#"
+        [discovery]
+        mode = "merge"
+        [[registry]]
+        name = "primary"
+        kind = "etcd"
+        endpoints = ["http://10.0.0.1:2379"]
+        ttl = "6s"
+        [[registry]]
+        name = "backup"
+        kind = "consul"
+        wait = "1m"
+        "#,
+    )
+    .expect("valid");
+    let names: Vec<_> = config.registries.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["primary", "backup"]);
+    assert_eq!(config.registries[0].ttl, Duration::from_secs(6));
+    assert_eq!(config.registries[1].ttl, Duration::from_secs(10));
+    let RegistryBackend::Consul(consul) = &config.registries[1].backend else {
+        panic!("consul expected");
+    };
+    assert_eq!(consul.wait, Duration::from_secs(60));
+    assert_eq!(config.discovery.mode, DiscoveryMode::Merge);
+
+    let config =
+        Config::from_toml("[discovery]\nfailback = \"5s\"\n[[registry]]\nname = \"only\"\n")
+            .expect("valid");
+    assert_eq!(config.discovery.mode, DiscoveryMode::Failover);
+    assert_eq!(config.discovery.failback, Duration::from_secs(5));
+    assert_eq!(config.registries[0].name, "only");
+}
+
+#[test]
+fn registry_list_problems_name_the_registry() {
+    let found = problems(
+        r#"
+        [discovery]
+        mode = "fastest"
+        typo = 1
+        [[registry]]
+        name = "primary"
+        kind = "etcd"
+        ttl = "1s"
+        [[registry]]
+        kind = "consul"
+        wait = "11m"
+        dir = "/tmp/x"
+        [[registry]]
+        name = "primary"
+        kind = "local"
+        [[registry]]
+        name = "back up"
+        kind = "consul"
+        [[registry]]
+        name = "backup"
+        kind = "consul"
+        colour = "red"
+        timeout = 5
+        "#,
+    );
+    let expected = [
+        "discovery.typo: unknown key",
+        "discovery.mode: unknown mode \"fastest\"",
+        "registry.primary.ttl: must be at least 2s",
+        "registry[1].name: required",
+        "registry[1].wait: must be between 1s and 10m",
+        "registry[1].dir: only applies to kind = \"local\"",
+        "registry[2].name: \"primary\" is already the name of registry[0]",
+        "registry[3].name: \"back up\" contains ' '",
+        "registry.backup.colour: unknown key",
+        "registry.backup.timeout: invalid type: integer `5`, expected a string",
+    ];
+    assert_problems(&found, &expected);
+}
+
+#[test]
+fn an_empty_registry_list_and_failback_with_merge_are_refused() {
+    assert_eq!(
+        problems("registry = []\n"),
+        ["registry: must list at least one registry (or leave it out for the local one)"]
+    );
+    assert_eq!(
+        problems("registry = 5\n"),
+        ["registry: must be a table ([registry]) or an array of tables ([[registry]])"]
+    );
+    assert_eq!(
+        problems("[discovery]\nmode = \"merge\"\nfailback = \"1s\"\n"),
+        ["discovery.failback: only applies to mode = \"failover\" (merge reads every registry all the time)"]
+    );
+    assert_eq!(
+        problems("[discovery]\nfailback = \"10ms\"\n"),
+        ["discovery.failback: must be at least 100ms"]
+    );
+}
+
+#[test]
+fn consul_rules_apply_to_the_service_when_any_registry_is_consul() {
+    let found = problems(
+        r#"
+        [[registry]]
+        name = "primary"
+        kind = "etcd"
+        [[registry]]
+        name = "backup"
+        kind = "consul"
+        [service]
+        name = "a"
+        host = "10.0.0.1"
+        port = 1
+        weight = 0
+        "#,
+    );
+    assert_eq!(
+        found,
+        ["service.weight: 0 is out of range for Consul weights (1-65535)"]
+    );
+}
+
+#[test]
+fn prefix_is_normalized() {
+    let config =
+        Config::from_toml("[registry]\nkind = \"etcd\"\nprefix = \"/game/\"\n").expect("valid");
+    let RegistryBackend::Etcd(etcd) = &config.registries[0].backend else {
+        panic!("etcd backend expected");
+    };
+    assert_eq!(etcd.prefix, "/game");
+}

@@ -1,0 +1,378 @@
+//! `[[upstream]]`: one listener and the service it forwards to, with its
+//! filter, retries, load balancing and ejection. The `protocol = "http"`
+//! keys are validated in [`super::http`].
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::http::{self, HttpUpstreamConfig};
+use super::problems::{check_name, duration, required, socket_addr, unspecified, Problems};
+use super::raw::{RawEjection, RawUpstream};
+use crate::balance::{EjectionPolicy, Filter, HashKey, Strategy};
+use crate::registry::Status;
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub service: String,
+    pub listen: SocketAddr,
+    pub protocol: Protocol,
+    pub strategy: Strategy,
+    /// Which instances may take new connections.
+    pub filter: Filter,
+    pub connect_timeout: Duration,
+    /// Further connect attempts after the first, each on another instance.
+    pub retries: u32,
+    /// Delay before the first retry (jittered, doubling per retry).
+    pub retry_backoff: Duration,
+    /// Where `consistent_hash` takes its key from.
+    pub hash_key: HashKey,
+    /// How long a client may take to send its `ROUTE` line.
+    pub preamble_timeout: Duration,
+    /// The longest `ROUTE` line, newline included.
+    pub preamble_max_bytes: usize,
+    /// Below this share of healthy endpoints, route to all (0: never).
+    pub panic_threshold: f64,
+    pub ejection: EjectionPolicy,
+}
+
+#[derive(Debug, Clone)]
+pub enum Protocol {
+    Tcp,
+    Http(Box<HttpUpstreamConfig>),
+}
+
+impl Protocol {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http(_) => "http",
+        }
+    }
+}
+
+pub(super) fn validate_upstream(
+    index: usize,
+    mut raw: RawUpstream,
+    listens: &mut HashSet<SocketAddr>,
+    problems: &mut Problems,
+) -> UpstreamConfig {
+    let base = upstream_path(index, raw.service.as_deref());
+    let at = |key: &str| format!("{base}.{key}");
+    let mut raw_balancing = RawBalancing {
+        hash_key: raw.hash_key.take(),
+        preamble_timeout: raw.preamble_timeout.take(),
+        preamble_max_bytes: raw.preamble_max_bytes.take(),
+        panic_threshold: raw.panic_threshold.take(),
+        retry_backoff: raw.retry_backoff.take(),
+        ejection: std::mem::take(&mut raw.ejection),
+    };
+    let service = required(&at("service"), raw.service.take(), problems);
+    check_name(&at("service"), &service, problems);
+    let listen = match raw.listen.take() {
+        Some(listen) => socket_addr(&at("listen"), &listen, problems),
+        None => {
+            problems.push(at("listen"), "required");
+            unspecified()
+        }
+    };
+    if listen.port() != 0 && !listens.insert(listen) {
+        problems.push(
+            at("listen"),
+            format!("{listen} is used by another upstream"),
+        );
+    }
+    let is_http = match raw.protocol.as_deref() {
+        None | Some("tcp") => false,
+        Some("http") => true,
+        Some(other) => {
+            problems.push(
+                at("protocol"),
+                format!("unknown protocol {other:?}; expected \"tcp\" or \"http\""),
+            );
+            false
+        }
+    };
+    let protocol = match http::validate(&base, &mut raw, is_http, problems) {
+        Some(http) => Protocol::Http(Box::new(http)),
+        None => Protocol::Tcp,
+    };
+    let strategy = match raw.strategy.as_deref() {
+        None => Strategy::RoundRobin,
+        Some(name) => Strategy::from_name(name).unwrap_or_else(|reason| {
+            problems.push(at("strategy"), reason);
+            Strategy::RoundRobin
+        }),
+    };
+    let statuses = match raw.statuses {
+        None => vec![Status::Healthy],
+        Some(names) => names
+            .iter()
+            .filter_map(|name| match Status::from_name(name) {
+                Some(s @ (Status::Healthy | Status::Warning | Status::Unknown)) => Some(s),
+                _ => {
+                    problems.push(
+                        at("statuses"),
+                        format!("{name:?} cannot take new connections; use \"healthy\", \"warning\" or \"unknown\""),
+                    );
+                    None
+                }
+            })
+            .collect(),
+    };
+    if statuses.is_empty() {
+        problems.push(at("statuses"), "must list at least one status");
+    }
+    let filter = Filter {
+        statuses,
+        tags: raw.tags.unwrap_or_default(),
+        version: raw.version,
+        metadata: raw.metadata.unwrap_or_default(),
+    };
+    let connect_timeout = duration(&at("connect_timeout"), raw.connect_timeout, "1s", problems);
+    if connect_timeout.is_zero() {
+        problems.push(at("connect_timeout"), "must be greater than zero");
+    }
+    let retries = match raw.retries {
+        None => 2,
+        Some(r) => u32::try_from(r)
+            .ok()
+            .filter(|r| *r <= 16)
+            .unwrap_or_else(|| {
+                problems.push(at("retries"), format!("{r} is out of range (0-16)"));
+                0
+            }),
+    };
+    let is_http = matches!(protocol, Protocol::Http(_));
+    let balancing = validate_balancing(&base, strategy, is_http, &mut raw_balancing, problems);
+    UpstreamConfig {
+        service,
+        listen,
+        protocol,
+        strategy,
+        filter,
+        connect_timeout,
+        retries,
+        retry_backoff: balancing.retry_backoff,
+        hash_key: balancing.hash_key,
+        preamble_timeout: balancing.preamble_timeout,
+        preamble_max_bytes: balancing.preamble_max_bytes,
+        panic_threshold: balancing.panic_threshold,
+        ejection: balancing.ejection,
+    }
+}
+
+/// The load-balancing keys of one upstream, taken out of [`RawUpstream`]
+/// before the rest is consumed.
+#[derive(Default)]
+struct RawBalancing {
+    hash_key: Option<String>,
+    preamble_timeout: Option<String>,
+    preamble_max_bytes: Option<i64>,
+    panic_threshold: Option<toml::Value>,
+    retry_backoff: Option<String>,
+    ejection: RawEjection,
+}
+
+struct Balancing {
+    retry_backoff: Duration,
+    hash_key: HashKey,
+    preamble_timeout: Duration,
+    preamble_max_bytes: usize,
+    panic_threshold: f64,
+    ejection: EjectionPolicy,
+}
+
+fn validate_balancing(
+    base: &str,
+    strategy: Strategy,
+    http: bool,
+    raw: &mut RawBalancing,
+    problems: &mut Problems,
+) -> Balancing {
+    let at = |key: &str| format!("{base}.{key}");
+    let hash_key = match raw.hash_key.as_deref() {
+        None | Some("client_ip") => HashKey::ClientIp,
+        Some("preamble") if !http => HashKey::Preamble,
+        Some("preamble") => {
+            problems.push(
+                at("hash_key"),
+                "\"preamble\" is for tcp listeners; an http listener hashes \"client_ip\", header:NAME, cookie:NAME or query:NAME",
+            );
+            HashKey::ClientIp
+        }
+        Some(other) => {
+            let named = |prefix: &str| other.strip_prefix(prefix).filter(|n| !n.is_empty());
+            match (named("header:"), named("cookie:"), named("query:")) {
+                (Some(name), _, _)
+                    if http && hyper::header::HeaderName::from_bytes(name.as_bytes()).is_ok() =>
+                {
+                    HashKey::Header(name.to_ascii_lowercase())
+                }
+                (_, Some(name), _) if http => HashKey::Cookie(name.to_owned()),
+                (_, _, Some(name)) if http => HashKey::Query(name.to_owned()),
+                (None, None, None) => {
+                    problems.push(
+                        at("hash_key"),
+                        format!(
+                            "unknown hash key {other:?}; expected \"client_ip\", \"preamble\" (tcp), \
+                             or header:NAME, cookie:NAME, query:NAME (http)"
+                        ),
+                    );
+                    HashKey::ClientIp
+                }
+                _ if !http => {
+                    problems.push(
+                        at("hash_key"),
+                        format!("{other:?} needs protocol = \"http\"; a tcp listener hashes \"client_ip\" or \"preamble\""),
+                    );
+                    HashKey::ClientIp
+                }
+                _ => {
+                    problems.push(
+                        at("hash_key"),
+                        format!("{other:?} does not name a valid header"),
+                    );
+                    HashKey::ClientIp
+                }
+            }
+        }
+    };
+    if raw.hash_key.is_some() && strategy != Strategy::ConsistentHash {
+        let reason = if strategy == Strategy::IpHash {
+            "ip_hash always hashes the client address; use strategy = \"consistent_hash\" to choose the key".to_owned()
+        } else {
+            format!(
+                "only applies to strategy = \"consistent_hash\" (this upstream uses {:?})",
+                strategy.name()
+            )
+        };
+        problems.push(at("hash_key"), reason);
+    }
+    let preamble = hash_key == HashKey::Preamble && strategy == Strategy::ConsistentHash;
+    for (key, set) in [
+        ("preamble_timeout", raw.preamble_timeout.is_some()),
+        ("preamble_max_bytes", raw.preamble_max_bytes.is_some()),
+    ] {
+        if set && !preamble {
+            problems.push(at(key), "only applies to hash_key = \"preamble\"");
+        }
+    }
+    let preamble_timeout = duration(
+        &at("preamble_timeout"),
+        raw.preamble_timeout.take(),
+        "1s",
+        problems,
+    );
+    if preamble_timeout.is_zero() {
+        problems.push(at("preamble_timeout"), "must be greater than zero");
+    }
+    let preamble_max_bytes = match raw.preamble_max_bytes {
+        None => 256,
+        Some(n) if (8..=4096).contains(&n) => n as usize,
+        Some(n) => {
+            problems.push(
+                at("preamble_max_bytes"),
+                format!("{n} is out of range (8-4096)"),
+            );
+            256
+        }
+    };
+    let panic_threshold = fraction(
+        &at("panic_threshold"),
+        raw.panic_threshold.take(),
+        0.0,
+        problems,
+    );
+    let retry_backoff = duration(
+        &at("retry_backoff"),
+        raw.retry_backoff.take(),
+        "10ms",
+        problems,
+    );
+    let ejection = validate_ejection(base, std::mem::take(&mut raw.ejection), problems);
+    Balancing {
+        retry_backoff,
+        hash_key,
+        preamble_timeout,
+        preamble_max_bytes,
+        panic_threshold,
+        ejection,
+    }
+}
+
+fn validate_ejection(base: &str, raw: RawEjection, problems: &mut Problems) -> EjectionPolicy {
+    let at = |key: &str| format!("{base}.ejection.{key}");
+    let defaults = EjectionPolicy::default();
+    let consecutive_failures = match raw.consecutive_failures {
+        None => defaults.consecutive_failures,
+        Some(n) => u32::try_from(n)
+            .ok()
+            .filter(|n| *n <= 1000)
+            .unwrap_or_else(|| {
+                problems.push(
+                    at("consecutive_failures"),
+                    format!("{n} is out of range (0-1000; 0 turns ejection off)"),
+                );
+                defaults.consecutive_failures
+            }),
+    };
+    let base_time = duration(&at("base_time"), raw.base_time, "10s", problems);
+    if base_time.is_zero() {
+        problems.push(at("base_time"), "must be greater than zero");
+    }
+    let max_time = duration(&at("max_time"), raw.max_time, "5m", problems);
+    if max_time < base_time {
+        problems.push(
+            at("max_time"),
+            format!(
+                "must be at least base_time ({})",
+                humantime::format_duration(base_time)
+            ),
+        );
+    }
+    let max_share = fraction(
+        &at("max_share"),
+        raw.max_share,
+        defaults.max_share,
+        problems,
+    );
+    EjectionPolicy {
+        consecutive_failures,
+        base_time,
+        max_time,
+        max_share,
+    }
+}
+
+/// A share between 0 and 1, written as a float or an integer.
+fn fraction(path: &str, value: Option<toml::Value>, default: f64, problems: &mut Problems) -> f64 {
+    let number = match value {
+        None => return default,
+        Some(toml::Value::Float(f)) => f,
+        Some(toml::Value::Integer(i)) => i as f64,
+        Some(other) => {
+            problems.push(
+                path,
+                format!(
+                    "expected a number between 0 and 1, found {}",
+                    other.type_str()
+                ),
+            );
+            return default;
+        }
+    };
+    if !(0.0..=1.0).contains(&number) {
+        problems.push(path, format!("{number} is out of range (0-1)"));
+        return default;
+    }
+    number
+}
+
+/// `upstream.gate` when the upstream names its service, else `upstream[0]`.
+pub(super) fn upstream_path(index: usize, service: Option<&str>) -> String {
+    match service {
+        Some(name) if !name.is_empty() => format!("upstream.{name}"),
+        _ => format!("upstream[{index}]"),
+    }
+}
