@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod config;
 pub mod consul;
 
 use std::future::Future;
@@ -253,9 +254,10 @@ pub struct TestAgent {
 }
 
 impl TestAgent {
-    pub async fn start(toml: &str) -> TestAgent {
+    pub async fn start(toml: &config::AgentToml) -> TestAgent {
+        let toml = toml.to_string();
         let config =
-            squire::Config::from_toml(toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
+            squire::Config::from_toml(&toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
         let agent = squire::Agent::bind(config).await.expect("agent binds");
         let admin = agent.admin_addr();
         let listens = agent.listen_addrs();
