@@ -1,5 +1,6 @@
 //! End to end against a real etcd: registration, lease loss, discovery,
-//! proxying, and what happens while etcd is down.
+//! proxying, and what happens while etcd is down; and the harness reporting
+//! an etcd that cannot start.
 
 mod support;
 
@@ -373,4 +374,27 @@ async fn credentials_authenticate_and_a_wrong_password_is_reported_not_fatal() {
         "the password never shows"
     );
     bad.stop().await;
+}
+
+#[tokio::test]
+async fn an_etcd_that_exits_at_start_fails_the_harness_at_once() {
+    // The client port is taken: etcd cannot listen and exits.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let started = Instant::now();
+    let error = match Etcd::try_start_on(port).await {
+        Ok(_) => panic!("etcd served on a port the test holds"),
+        Err(e) => e,
+    };
+    let took = started.elapsed();
+    assert!(
+        took < DEADLINE / 4,
+        "took {took:?}: the harness waited instead of seeing the exit"
+    );
+    assert!(error.contains("etcd exited (exit status: "), "{error}");
+    assert!(
+        error.contains("address already in use"),
+        "the end of etcd's log says why: {error}"
+    );
+    drop(taken);
 }

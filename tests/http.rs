@@ -372,7 +372,7 @@ async fn a_100_mb_body_streams_through_both_ways_in_flat_memory() {
         .upstream(Section::http_upstream("shop").set("listen", listen.to_string()))
         .to_string();
     std::fs::write(&config_path, text).expect("write config");
-    let child = Child(
+    let mut child = Child(
         std::process::Command::new(env!("CARGO_BIN_EXE_squire"))
             .args(["run", "-c"])
             .arg(&config_path)
@@ -380,24 +380,29 @@ async fn a_100_mb_body_streams_through_both_ways_in_flat_memory() {
             .spawn()
             .expect("start squire"),
     );
-    eventually("the agent to route", DEADLINE, || async {
-        match TcpStream::connect(listen).await {
-            Ok(stream) => {
-                let Ok((mut sender, connection)) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-                else {
-                    return false;
-                };
-                tokio::spawn(connection);
-                let request = Request::get("/")
-                    .body(Full::<Bytes>::default())
-                    .expect("request");
-                sender
-                    .send_request(request)
-                    .await
-                    .is_ok_and(|r| r.status() == StatusCode::OK)
+    eventually("the agent to route", DEADLINE, || {
+        if let Some(status) = child.0.try_wait().expect("squire's exit status") {
+            panic!("squire exited ({status}) before it routed");
+        }
+        async move {
+            match TcpStream::connect(listen).await {
+                Ok(stream) => {
+                    let Ok((mut sender, connection)) =
+                        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+                    else {
+                        return false;
+                    };
+                    tokio::spawn(connection);
+                    let request = Request::get("/")
+                        .body(Full::<Bytes>::default())
+                        .expect("request");
+                    sender
+                        .send_request(request)
+                        .await
+                        .is_ok_and(|r| r.status() == StatusCode::OK)
+                }
+                Err(_) => false,
             }
-            Err(_) => false,
         }
     })
     .await;

@@ -61,15 +61,24 @@ pub struct Etcd {
 
 impl Etcd {
     pub async fn start() -> Etcd {
+        Etcd::try_start_on(free_port())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts etcd with its client URL on `client_port`; an etcd that exits
+    /// before it serves is an error at once, with its status and the end of
+    /// its log.
+    pub async fn try_start_on(client_port: u16) -> Result<Etcd, String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut etcd = Etcd {
             child: None,
             dir,
-            client_port: free_port(),
+            client_port,
             peer_port: free_port(),
         };
-        etcd.spawn().await;
-        etcd
+        etcd.spawn().await?;
+        Ok(etcd)
     }
 
     pub fn endpoint(&self) -> String {
@@ -94,10 +103,10 @@ impl Etcd {
     /// Starts again on the same ports and data directory.
     pub async fn restart(&mut self) {
         self.kill();
-        self.spawn().await;
+        self.spawn().await.unwrap_or_else(|e| panic!("{e}"));
     }
 
-    async fn spawn(&mut self) {
+    async fn spawn(&mut self) -> Result<(), String> {
         let data = self.dir.path().join("data");
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log file");
         let client = format!("http://127.0.0.1:{}", self.client_port);
@@ -124,22 +133,45 @@ impl Etcd {
             .spawn()
             .expect("cannot start etcd: install it with `apt-get install -y etcd-server`");
         self.child = Some(child);
-        let endpoint = self.endpoint();
-        eventually("etcd to serve", DEADLINE, || {
-            let endpoint = endpoint.clone();
-            async move {
-                let options =
-                    etcd_client::ConnectOptions::new().with_timeout(Duration::from_millis(500));
-                match etcd_client::Client::connect([endpoint], Some(options)).await {
-                    Ok(mut c) => c.get("probe", None).await.is_ok(),
-                    Err(_) => false,
-                }
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let child = self.child.as_mut().expect("etcd was just spawned");
+            if let Some(status) = child.try_wait().expect("etcd's exit status") {
+                return Err(format!(
+                    "etcd exited ({status}) before serving; the end of its log:\n{}",
+                    self.log_tail(20)
+                ));
             }
-        })
-        .await;
+            if self.serves().await {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "etcd did not serve within {DEADLINE:?}; the end of its log:\n{}",
+                    self.log_tail(20)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
-    pub fn log(&self) -> PathBuf {
+    /// One `get` answered within half a second.
+    async fn serves(&self) -> bool {
+        let options = etcd_client::ConnectOptions::new().with_timeout(Duration::from_millis(500));
+        match etcd_client::Client::connect([self.endpoint()], Some(options)).await {
+            Ok(mut c) => c.get("probe", None).await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// The last `lines` lines of `etcd.log`.
+    fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.log()).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn log(&self) -> PathBuf {
         self.dir.path().join("etcd.log")
     }
 }
