@@ -102,7 +102,7 @@ async fn failing_health_takes_the_instance_out_of_rotation_and_recovery_brings_i
         to_registry <= bound,
         "took {to_registry:?} to reach the registry, bound {bound:?}"
     );
-    println!("failure -> registry unhealthy: {to_registry:?}; failure -> peer stops routing: {to_peer:?}");
+    eprintln!("measured: failure -> registry unhealthy {to_registry:?}, -> peer stops routing {to_peer:?}");
 
     let this = a.json("/v1/self").await;
     assert_eq!(this["status"], "unhealthy");
@@ -131,7 +131,10 @@ async fn failing_health_takes_the_instance_out_of_rotation_and_recovery_brings_i
         b.routable().await == ["game-1"]
     })
     .await;
-    println!("recovery -> peer routes again: {:?}", recovered.elapsed());
+    eprintln!(
+        "measured: recovery -> peer routes again {:?}",
+        recovered.elapsed()
+    );
     assert!(routes(b.listen()).await);
     let services = b.json("/v1/services").await;
     assert_eq!(services["summary"]["total"], 1);
@@ -277,7 +280,7 @@ async fn a_new_instance_starts_unknown_and_a_flapping_one_cannot_flood_the_regis
         }
     }
     backend.set_health(200);
-    println!("{flips} flips in 3 s -> {writes} status writes");
+    eprintln!("measured: {flips} flips in 3 s -> {writes} status writes");
     // A burst of 3, then one a second: at most 3 + 3 in 3 s (+1 for timing).
     assert!(
         writes <= 7,
