@@ -384,12 +384,11 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// An HTTP/1.1 backend (hyper) whose `/health` answers with a status that a
-/// test can switch; every other path answers 200 `{name}`. It counts
-/// connections and keeps the headers of the last `/health` request.
+/// test can switch; every other path answers 200 `{name}`. It keeps the
+/// headers of the last `/health` request.
 pub struct HttpBackend {
     pub addr: SocketAddr,
     pub health: Arc<std::sync::atomic::AtomicU16>,
-    pub connections: Arc<AtomicUsize>,
     pub last_health_headers: Arc<std::sync::Mutex<Vec<(String, String)>>>,
     task: JoinHandle<()>,
 }
@@ -402,17 +401,11 @@ impl HttpBackend {
             .expect("bind http backend");
         let addr = listener.local_addr().expect("addr");
         let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
-        let connections = Arc::new(AtomicUsize::new(0));
         let last_health_headers = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (h, c, l) = (
-            health.clone(),
-            connections.clone(),
-            last_health_headers.clone(),
-        );
+        let (h, l) = (health.clone(), last_health_headers.clone());
         let name = name.to_owned();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                c.fetch_add(1, Ordering::SeqCst);
                 let (h, l, name) = (h.clone(), l.clone(), name.clone());
                 tokio::spawn(async move {
                     let service =
@@ -449,7 +442,6 @@ impl HttpBackend {
         HttpBackend {
             addr,
             health,
-            connections,
             last_health_headers,
             task,
         }
