@@ -8,25 +8,10 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 
+use support::config::{AgentToml, Section};
 use support::{eventually, greeting, session, Backend, TestAgent, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn registry(dir: &Path) -> String {
-    format!(
-        r#"
-        [agent]
-        admin = "127.0.0.1:0"
-        drain_delay = "0s"
-        drain_timeout = "1s"
-        [registry]
-        kind = "local"
-        dir = "{}"
-        ttl = "3s"
-        "#,
-        dir.display()
-    )
-}
 
 /// `n` backends named `battle-0`.., each announced by its own agent.
 async fn fleet(dir: &Path, n: usize) -> (Vec<Backend>, Vec<TestAgent>) {
@@ -34,21 +19,16 @@ async fn fleet(dir: &Path, n: usize) -> (Vec<Backend>, Vec<TestAgent>) {
     let mut agents = Vec::new();
     for i in 0..n {
         let backend = Backend::start(&format!("battle-{i}")).await;
-        let toml = registry(dir)
-            + &format!(
-                "[service]\nname = \"battle\"\nid = \"battle-{i}\"\nhost = \"127.0.0.1\"\nport = {}\n",
-                backend.addr.port()
-            );
-        agents.push(TestAgent::start(&toml).await);
+        let service = Section::service("battle", backend.addr).set("id", format!("battle-{i}"));
+        agents.push(TestAgent::start(&AgentToml::local(dir).service(service)).await);
         backends.push(backend);
     }
     (backends, agents)
 }
 
-async fn proxy(dir: &Path, upstream: &str, n: usize) -> TestAgent {
-    let toml =
-        registry(dir) + "[[upstream]]\nservice = \"battle\"\nlisten = \"127.0.0.1:0\"\n" + upstream;
-    let agent = TestAgent::start(&toml).await;
+/// An agent proxying `battle` through `upstream`, once it sees `n` instances.
+async fn proxy(dir: &Path, upstream: Section, n: usize) -> TestAgent {
+    let agent = TestAgent::start(&AgentToml::local(dir).upstream(upstream)).await;
     eventually("the proxy to see every backend", DEADLINE, || async {
         agent.routable().await.len() == n
     })
@@ -104,12 +84,11 @@ async fn metric(agent: &TestAgent, name: &str, listen: SocketAddr) -> f64 {
 async fn a_route_preamble_sticks_to_one_backend_and_keys_spread() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (_backends, announcers) = fleet(dir.path(), 3).await;
-    let agent = proxy(
-        dir.path(),
-        "strategy = \"consistent_hash\"\nhash_key = \"preamble\"\npreamble_timeout = \"5s\"\n",
-        3,
-    )
-    .await;
+    let upstream = Section::upstream("battle")
+        .set("strategy", "consistent_hash")
+        .set("hash_key", "preamble")
+        .set("preamble_timeout", "5s");
+    let agent = proxy(dir.path(), upstream, 3).await;
     let listen = agent.listen();
 
     let first = routed_session(listen, "room-42").await;
@@ -144,12 +123,11 @@ async fn a_route_preamble_sticks_to_one_backend_and_keys_spread() {
 async fn a_dead_backend_is_retried_around_then_ejected_without_client_failures() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (backends, announcers) = fleet(dir.path(), 3).await;
-    let agent = proxy(
-        dir.path(),
-        "strategy = \"round_robin\"\nretries = 1\nconnect_timeout = \"2s\"\n",
-        3,
-    )
-    .await;
+    let upstream = Section::upstream("battle")
+        .set("strategy", "round_robin")
+        .set("retries", 1)
+        .set("connect_timeout", "2s");
+    let agent = proxy(dir.path(), upstream, 3).await;
     let listen = agent.listen();
     for _ in 0..6 {
         assert!(greeting(listen)
@@ -239,8 +217,13 @@ async fn panic_mode_routes_to_unhealthy_instances_and_off_fails_fast() {
     ];
     announce(dir.path(), "battle-ok", backends[0].addr, "healthy");
     announce(dir.path(), "battle-sick-1", backends[1].addr, "unhealthy");
-    let calm = proxy(dir.path(), "panic_threshold = 0.5\n", 1).await;
-    let strict = proxy(dir.path(), "", 1).await;
+    let calm = proxy(
+        dir.path(),
+        Section::upstream("battle").set("panic_threshold", 0.5),
+        1,
+    )
+    .await;
+    let strict = proxy(dir.path(), Section::upstream("battle"), 1).await;
     // 1 of 2 healthy is not below 0.5: only the healthy one.
     for _ in 0..6 {
         assert_eq!(

@@ -12,15 +12,19 @@
 //! Each `# expect:` is a substring that must appear in the error's message;
 //! `# expect-count:` (optional) is the exact number of problems.
 
+mod support;
+
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use squire::Config;
+use support::config::{AgentToml, Section};
+use support::free_port;
 
 /// A config problem is reported at once; this bounds a `squire check`/`run`
 /// that should fail before doing anything.
@@ -319,12 +323,6 @@ fn check_of_a_missing_file_says_it_cannot_read_it() {
 // Graceful shutdown of the real binary
 // ---------------------------------------------------------------------------
 
-/// A port that was free a moment ago (the binary cannot report a `:0` port).
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local_addr").port()
-}
-
 /// `GET path` over HTTP/1.1: the status code and body, or `None` if the
 /// server is not answering (yet).
 fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
@@ -368,33 +366,16 @@ impl Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let registry = dir.path().join("registry");
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let config = format!(
-            r#"
-[agent]
-node = "test-node"
-admin = "{admin}"
-drain_delay = "{drain_delay}"
-drain_timeout = "2s"
-
-[registry]
-kind = "local"
-dir = "{registry}"
-ttl = "2s"
-
-[service]
-name = "{SERVICE}"
-id = "{ID}"
-host = "127.0.0.1"
-port = {service_port}
-
-[[upstream]]
-service = "gate"
-listen = "127.0.0.1:{listen_port}"
-"#,
-            registry = registry.display(),
-            service_port = free_port(),
-            listen_port = free_port(),
-        );
+        // Fixed ports: the binary cannot report a `:0` port.
+        let service = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let config = AgentToml::new(Section::local(&registry).set("ttl", "2s"))
+            .agent("node", "test-node")
+            .agent("admin", admin.to_string())
+            .agent("drain_delay", drain_delay)
+            .service(Section::service(SERVICE, service).set("id", ID))
+            .upstream(Section::upstream("gate").set("listen", listen.to_string()))
+            .to_string();
         let path = dir.path().join("agent.toml");
         fs::write(&path, config).expect("write config");
         Config::load(&path).expect("the generated config is valid");

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use squire::registry::{Instance, RegistryError, Status, WatchEvent};
+use support::config::{AgentToml, Section};
 use support::consul::{Acl, AclToken, FakeConsul, FakeOptions, Level};
 use support::{eventually, session, Backend, TestAgent, DEADLINE};
 
@@ -54,58 +55,6 @@ fn logs() -> String {
     String::from_utf8_lossy(&LOGS.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
 }
 
-/// An agent config on the fake; `registry` adds lines to `[registry]`.
-fn config(
-    fake: &FakeConsul,
-    registry: &str,
-    service: Option<(&str, SocketAddr)>,
-    upstream: Option<&str>,
-) -> String {
-    let mut toml = format!(
-        r#"
-        [agent]
-        admin = "127.0.0.1:0"
-        drain_delay = "0s"
-        drain_timeout = "2s"
-        [registry]
-        kind = "consul"
-        address = "{}"
-        ttl = "2s"
-        timeout = "2s"
-        {registry}
-        "#,
-        fake.address()
-    );
-    if let Some((name, addr)) = service {
-        toml += &format!(
-            r#"
-            [service]
-            name = "{name}"
-            id = "{name}-1"
-            host = "{}"
-            port = {}
-            tags = ["game"]
-            version = "1.0.0"
-            metadata = {{ zone = "a" }}
-            "#,
-            addr.ip(),
-            addr.port()
-        );
-    }
-    if let Some(name) = upstream {
-        toml += &format!(
-            r#"
-            [[upstream]]
-            service = "{name}"
-            listen = "127.0.0.1:0"
-            connect_timeout = "500ms"
-            retries = 1
-            "#
-        );
-    }
-    toml
-}
-
 /// An agent on its own runtime, so a test can kill it the way a crash
 /// would: every task stops at once, nothing is deregistered.
 struct CrashableAgent {
@@ -114,8 +63,8 @@ struct CrashableAgent {
 }
 
 impl CrashableAgent {
-    async fn start(toml: &str) -> CrashableAgent {
-        let config = squire::Config::from_toml(toml).unwrap_or_else(|e| panic!("{e}"));
+    async fn start(toml: &AgentToml) -> CrashableAgent {
+        let config = squire::Config::from_toml(&toml.to_string()).unwrap_or_else(|e| panic!("{e}"));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -160,7 +109,9 @@ async fn registration_is_the_exact_service_definition_and_leaves_on_stop() {
     capture_logs();
     let fake = FakeConsul::start().await;
     let addr = "127.0.0.1:7000".parse().expect("addr");
-    let agent = TestAgent::start(&config(&fake, "", Some(("battle", addr)), None)).await;
+    let agent =
+        TestAgent::start(&AgentToml::consul(&fake).service(Section::game_service("battle", addr)))
+            .await;
     eventually("the service in Consul", DEADLINE, || async {
         fake.service("battle-1").is_some()
     })
@@ -241,7 +192,10 @@ async fn heartbeats_keep_the_check_passing_and_a_crash_lets_it_expire() {
     capture_logs();
     let fake = FakeConsul::start().await;
     let addr = "127.0.0.1:7001".parse().expect("addr");
-    let mut agent = CrashableAgent::start(&config(&fake, "", Some(("logic", addr)), None)).await;
+    let mut agent = CrashableAgent::start(
+        &AgentToml::consul(&fake).service(Section::game_service("logic", addr)),
+    )
+    .await;
     eventually("the first heartbeat", DEADLINE, || async {
         heartbeats(&fake, "service:logic-1") >= 1
     })
@@ -304,14 +258,9 @@ fn instance(name: &str, port: u16) -> Instance {
     }
 }
 
-fn consul_registry(
-    fake: &FakeConsul,
-    extra: &str,
-) -> std::sync::Arc<dyn squire::registry::Registry> {
-    let toml = format!(
-        "[registry]\nkind = \"consul\"\naddress = \"{}\"\nttl = \"2s\"\ntimeout = \"2s\"\n{extra}",
-        fake.address()
-    );
+/// The Consul backend alone, built from `registry` as the agent would.
+fn consul_registry(registry: Section) -> std::sync::Arc<dyn squire::registry::Registry> {
+    let toml = AgentToml::new(registry).to_string();
     let config = squire::Config::from_toml(&toml).unwrap_or_else(|e| panic!("{e}"));
     squire::agent::connect_registry(&config.registries[0])
 }
@@ -320,7 +269,7 @@ fn consul_registry(
 async fn status_changes_reach_the_check_and_maintenance_mode_at_once() {
     capture_logs();
     let fake = FakeConsul::start().await;
-    let registry = consul_registry(&fake, "");
+    let registry = consul_registry(Section::consul(&fake));
     let mut me = instance("room", 7002);
     let mut lease = registry.register(&me).await.expect("register");
     let check = "service:room-1";
@@ -388,14 +337,14 @@ async fn status_changes_reach_the_check_and_maintenance_mode_at_once() {
     assert_eq!(fake.check(check).expect("check").status, "warning");
 
     // The datacenter goes on queries; an unknown one is an error.
-    let in_dc1 = consul_registry(&fake, "datacenter = \"dc1\"");
+    let in_dc1 = consul_registry(Section::consul(&fake).set("datacenter", "dc1"));
     let mut dc_watch = in_dc1.watch("room").await.expect("watch in dc1");
     assert!(matches!(dc_watch.next().await, Ok(WatchEvent::Reset(e)) if e.len() == 1));
     assert!(fake
         .requests()
         .iter()
         .any(|r| r.path == "/v1/health/service/room" && r.query == "dc=dc1"));
-    match consul_registry(&fake, "datacenter = \"dc9\"")
+    match consul_registry(Section::consul(&fake).set("datacenter", "dc9"))
         .watch("room")
         .await
     {
@@ -426,7 +375,8 @@ async fn a_blocking_watch_routes_to_a_new_instance_within_a_second() {
     capture_logs();
     let fake = FakeConsul::start().await;
     let backend = Backend::start("A").await;
-    let b = TestAgent::start(&config(&fake, "", None, Some("echo"))).await;
+    let b =
+        TestAgent::start(&AgentToml::consul(&fake).upstream(Section::fast_upstream("echo"))).await;
     eventually("B's watch to block", DEADLINE, || async {
         b.json("/v1/services").await["services"][0]["watch_up"] == true
             && !fake.blocked().is_empty()
@@ -434,7 +384,10 @@ async fn a_blocking_watch_routes_to_a_new_instance_within_a_second() {
     .await;
     let queries_before = fake.requests().len();
 
-    let a = TestAgent::start(&config(&fake, "", Some(("echo", backend.addr)), None)).await;
+    let a = TestAgent::start(
+        &AgentToml::consul(&fake).service(Section::game_service("echo", backend.addr)),
+    )
+    .await;
     eventually("A in Consul", DEADLINE, || async {
         fake.service("echo-1").is_some()
     })
@@ -475,8 +428,12 @@ async fn an_agent_restarted_empty_gets_registered_again_and_watched_again() {
     capture_logs();
     let fake = FakeConsul::start().await;
     let backend = Backend::start("A").await;
-    let a = TestAgent::start(&config(&fake, "", Some(("gate", backend.addr)), None)).await;
-    let b = TestAgent::start(&config(&fake, "", None, Some("gate"))).await;
+    let a = TestAgent::start(
+        &AgentToml::consul(&fake).service(Section::game_service("gate", backend.addr)),
+    )
+    .await;
+    let b =
+        TestAgent::start(&AgentToml::consul(&fake).upstream(Section::fast_upstream("gate"))).await;
     eventually("B to route to A", DEADLINE, || async {
         b.routable().await == ["gate-1"]
     })
@@ -520,8 +477,12 @@ async fn an_unreachable_consul_keeps_the_last_snapshot_in_service() {
     capture_logs();
     let fake = FakeConsul::start().await;
     let backend = Backend::start("A").await;
-    let a = TestAgent::start(&config(&fake, "", Some(("lobby", backend.addr)), None)).await;
-    let b = TestAgent::start(&config(&fake, "", None, Some("lobby"))).await;
+    let a = TestAgent::start(
+        &AgentToml::consul(&fake).service(Section::game_service("lobby", backend.addr)),
+    )
+    .await;
+    let b =
+        TestAgent::start(&AgentToml::consul(&fake).upstream(Section::fast_upstream("lobby"))).await;
     eventually("B to route to A", DEADLINE, || async {
         b.routable().await == ["lobby-1"]
     })
@@ -561,7 +522,10 @@ async fn a_rewound_index_resets_the_watch() {
     let fake = FakeConsul::start().await;
     let first = Backend::start("A").await;
     let second = Backend::start("C").await;
-    let a = TestAgent::start(&config(&fake, "", Some(("shop", first.addr)), None)).await;
+    let a = TestAgent::start(
+        &AgentToml::consul(&fake).service(Section::game_service("shop", first.addr)),
+    )
+    .await;
     // Pad the index so the rewind goes well below what B is blocked on.
     for i in 0..5 {
         let body = format!(r#"{{"Name":"pad","ID":"pad-{i}","Port":1}}"#);
@@ -572,7 +536,11 @@ async fn a_rewound_index_resets_the_watch() {
             200
         );
     }
-    let b = TestAgent::start(&config(&fake, "wait = \"1s\"", None, Some("shop"))).await;
+    let b = TestAgent::start(
+        &AgentToml::new(Section::consul(&fake).set("wait", "1s"))
+            .upstream(Section::fast_upstream("shop")),
+    )
+    .await;
     eventually("B to route to A", DEADLINE, || async {
         b.routable().await == ["shop-1"]
     })
@@ -638,10 +606,12 @@ async fn the_token_is_sent_and_never_logged() {
     })
     .await;
     let backend = Backend::start("A").await;
-    let with_token = format!("token = \"{TOKEN}\"");
-    let a_toml = config(&fake, &with_token, Some(("chat", backend.addr)), None);
+    let with_token = Section::consul(&fake).set("token", TOKEN);
+    let a_toml =
+        AgentToml::new(with_token.clone()).service(Section::game_service("chat", backend.addr));
     let a = TestAgent::start(&a_toml).await;
-    let b = TestAgent::start(&config(&fake, &with_token, None, Some("chat"))).await;
+    let b = TestAgent::start(&AgentToml::new(with_token).upstream(Section::fast_upstream("chat")))
+        .await;
     eventually("B to route to A through ACLs", DEADLINE, || async {
         b.routable().await == ["chat-1"]
     })
@@ -658,12 +628,10 @@ async fn the_token_is_sent_and_never_logged() {
 
     // A wrong token: refused, reported, and not logged either.
     let wrong = "wr0ng-t0ken-91c3";
-    let c = TestAgent::start(&config(
-        &fake,
-        &format!("token = \"{wrong}\""),
-        Some(("other", backend.addr)),
-        None,
-    ))
+    let c = TestAgent::start(
+        &AgentToml::new(Section::consul(&fake).set("token", wrong))
+            .service(Section::game_service("other", backend.addr)),
+    )
     .await;
     eventually("C's registration to fail", DEADLINE, || async {
         c.json("/v1/self").await["registrations"][0]["last_error"]
@@ -672,7 +640,7 @@ async fn the_token_is_sent_and_never_logged() {
     })
     .await;
 
-    let config = squire::Config::from_toml(&a_toml).expect("valid");
+    let config = squire::Config::from_toml(&a_toml.to_string()).expect("valid");
     assert!(
         !format!("{config:?}").contains(TOKEN),
         "Debug of the config"
@@ -721,22 +689,26 @@ async fn https_with_a_custom_ca() {
     std::fs::write(&ca_file, ca.pem()).expect("write the CA");
 
     let backend = Backend::start("A").await;
-    let with_ca = format!("ca = \"{}\"", ca_file.display());
-    let a = TestAgent::start(&config(&fake, &with_ca, Some(("tls", backend.addr)), None)).await;
-    let b = TestAgent::start(&config(&fake, &with_ca, None, Some("tls"))).await;
+    let with_ca = Section::consul(&fake).set("ca", ca_file.display().to_string());
+    let a = TestAgent::start(
+        &AgentToml::new(with_ca.clone()).service(Section::game_service("tls", backend.addr)),
+    )
+    .await;
+    let b =
+        TestAgent::start(&AgentToml::new(with_ca).upstream(Section::fast_upstream("tls"))).await;
     eventually("B to route to A over https", DEADLINE, || async {
         b.routable().await == ["tls-1"]
     })
     .await;
 
     // Without the CA the system roots do not know it.
-    let untrusted = backend_registry_error(&fake, "").await;
+    let untrusted = backend_registry_error(Section::consul(&fake)).await;
     assert!(
         matches!(&untrusted, RegistryError::Unavailable(e) if e.contains("certificate")),
         "{untrusted:?}"
     );
     // tls_skip_verify, explicitly.
-    consul_registry(&fake, "tls_skip_verify = true")
+    consul_registry(Section::consul(&fake).set("tls_skip_verify", true))
         .register(&instance("skip", 1))
         .await
         .expect("skip verify registers");
@@ -744,11 +716,8 @@ async fn https_with_a_custom_ca() {
     b.stop().await;
 }
 
-async fn backend_registry_error(fake: &FakeConsul, extra: &str) -> RegistryError {
-    match consul_registry(fake, extra)
-        .register(&instance("x", 1))
-        .await
-    {
+async fn backend_registry_error(registry: Section) -> RegistryError {
+    match consul_registry(registry).register(&instance("x", 1)).await {
         Ok(_) => panic!("registration should fail"),
         Err(e) => e,
     }

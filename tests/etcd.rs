@@ -1,65 +1,14 @@
 //! End to end against a real etcd: registration, lease loss, discovery,
-//! proxying, and what happens while etcd is down.
+//! proxying, and what happens while etcd is down; and the harness reporting
+//! an etcd that cannot start.
 
 mod support;
 
 use std::time::{Duration, Instant};
 
 use etcd_client::GetOptions;
+use support::config::{AgentToml, Section};
 use support::{eventually, session, Backend, Etcd, TestAgent, DEADLINE};
-
-/// An agent config on `etcd` with a unique `prefix`; `service` announces
-/// `name` at `addr`, `upstream` proxies a service from 127.0.0.1:0.
-fn config(
-    etcd: &Etcd,
-    prefix: &str,
-    service: Option<(&str, std::net::SocketAddr)>,
-    upstream: Option<&str>,
-) -> String {
-    let mut toml = format!(
-        r#"
-        [agent]
-        admin = "127.0.0.1:0"
-        drain_delay = "0s"
-        drain_timeout = "2s"
-        [registry]
-        kind = "etcd"
-        endpoints = ["{}"]
-        prefix = "{prefix}"
-        ttl = "3s"
-        timeout = "2s"
-        "#,
-        etcd.endpoint()
-    );
-    if let Some((name, addr)) = service {
-        toml += &format!(
-            r#"
-            [service]
-            name = "{name}"
-            id = "{name}-1"
-            host = "{}"
-            port = {}
-            tags = ["game"]
-            version = "1.0.0"
-            metadata = {{ zone = "a" }}
-            "#,
-            addr.ip(),
-            addr.port()
-        );
-    }
-    if let Some(name) = upstream {
-        toml += &format!(
-            r#"
-            [[upstream]]
-            service = "{name}"
-            listen = "127.0.0.1:0"
-            connect_timeout = "500ms"
-            retries = 1
-            "#
-        );
-    }
-    toml
-}
 
 async fn value(etcd: &Etcd, key: &str) -> Option<(String, i64)> {
     let mut client = etcd.client().await;
@@ -74,7 +23,10 @@ async fn value(etcd: &Etcd, key: &str) -> Option<(String, i64)> {
 async fn registration_is_the_exact_json_under_a_lease_and_leaves_at_once() {
     let etcd = Etcd::start().await;
     let addr = "127.0.0.1:7000".parse().expect("addr");
-    let agent = TestAgent::start(&config(&etcd, "/reg", Some(("battle", addr)), None)).await;
+    let agent = TestAgent::start(
+        &AgentToml::etcd(&etcd, "/reg").service(Section::game_service("battle", addr)),
+    )
+    .await;
 
     let key = "/reg/battle/battle-1";
     eventually("the key in etcd", DEADLINE, || async {
@@ -118,7 +70,10 @@ async fn registration_is_the_exact_json_under_a_lease_and_leaves_at_once() {
 async fn a_revoked_lease_is_replaced_within_one_keep_alive() {
     let etcd = Etcd::start().await;
     let addr = "127.0.0.1:7001".parse().expect("addr");
-    let agent = TestAgent::start(&config(&etcd, "/revoke", Some(("logic", addr)), None)).await;
+    let agent = TestAgent::start(
+        &AgentToml::etcd(&etcd, "/revoke").service(Section::game_service("logic", addr)),
+    )
+    .await;
     let key = "/revoke/logic/logic-1";
     eventually("the key in etcd", DEADLINE, || async {
         value(&etcd, key).await.is_some()
@@ -157,8 +112,14 @@ async fn a_revoked_lease_is_replaced_within_one_keep_alive() {
 async fn a_peer_proxies_to_an_announced_instance_and_stops_when_it_leaves() {
     let etcd = Etcd::start().await;
     let backend = Backend::start("A").await;
-    let a = TestAgent::start(&config(&etcd, "/proxy", Some(("echo", backend.addr)), None)).await;
-    let b = TestAgent::start(&config(&etcd, "/proxy", None, Some("echo"))).await;
+    let a = TestAgent::start(
+        &AgentToml::etcd(&etcd, "/proxy").service(Section::game_service("echo", backend.addr)),
+    )
+    .await;
+    let b = TestAgent::start(
+        &AgentToml::etcd(&etcd, "/proxy").upstream(Section::fast_upstream("echo")),
+    )
+    .await;
 
     eventually("B to see A", DEADLINE, || async {
         b.routable().await == ["echo-1"]
@@ -210,14 +171,14 @@ async fn a_peer_proxies_to_an_announced_instance_and_stops_when_it_leaves() {
 async fn an_etcd_outage_keeps_routes_and_registration_recovers() {
     let mut etcd = Etcd::start().await;
     let backend = Backend::start("A").await;
-    let a = TestAgent::start(&config(
-        &etcd,
-        "/outage",
-        Some(("room", backend.addr)),
-        None,
-    ))
+    let a = TestAgent::start(
+        &AgentToml::etcd(&etcd, "/outage").service(Section::game_service("room", backend.addr)),
+    )
     .await;
-    let b = TestAgent::start(&config(&etcd, "/outage", None, Some("room"))).await;
+    let b = TestAgent::start(
+        &AgentToml::etcd(&etcd, "/outage").upstream(Section::fast_upstream("room")),
+    )
+    .await;
     eventually("B to see A", DEADLINE, || async {
         b.routable().await == ["room-1"]
     })
@@ -297,7 +258,10 @@ async fn a_garbage_value_is_skipped_and_counted() {
         .await
         .expect("put");
 
-    let b = TestAgent::start(&config(&etcd, "/garbage", None, Some("shop"))).await;
+    let b = TestAgent::start(
+        &AgentToml::etcd(&etcd, "/garbage").upstream(Section::fast_upstream("shop")),
+    )
+    .await;
     eventually("the good instance", DEADLINE, || async {
         b.routable().await == ["shop-1"]
     })
@@ -352,18 +316,13 @@ async fn credentials_authenticate_and_a_wrong_password_is_reported_not_fatal() {
     admin.auth_enable().await.expect("auth on");
 
     let with = |password: &str| {
-        config(
-            &etcd,
-            "/auth",
-            Some(("vault", "127.0.0.1:7400".parse().expect("addr"))),
-            None,
-        )
-        .replace(
-            "ttl = \"3s\"",
-            &format!(
-                "ttl = \"3s\"\n        username = \"squire\"\n        password = \"{password}\""
-            ),
-        )
+        let registry = Section::etcd(&etcd, "/auth")
+            .set("username", "squire")
+            .set("password", password);
+        AgentToml::new(registry).service(Section::game_service(
+            "vault",
+            "127.0.0.1:7400".parse().expect("addr"),
+        ))
     };
     let good = TestAgent::start(&with("squirepw")).await;
     let root = ConnectOptions::new()
@@ -415,4 +374,27 @@ async fn credentials_authenticate_and_a_wrong_password_is_reported_not_fatal() {
         "the password never shows"
     );
     bad.stop().await;
+}
+
+#[tokio::test]
+async fn an_etcd_that_exits_at_start_fails_the_harness_at_once() {
+    // The client port is taken: etcd cannot listen and exits.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let started = Instant::now();
+    let error = match Etcd::try_start_on(port).await {
+        Ok(_) => panic!("etcd served on a port the test holds"),
+        Err(e) => e,
+    };
+    let took = started.elapsed();
+    assert!(
+        took < DEADLINE / 4,
+        "took {took:?}: the harness waited instead of seeing the exit"
+    );
+    assert!(error.contains("etcd exited (exit status: "), "{error}");
+    assert!(
+        error.contains("address already in use"),
+        "the end of etcd's log says why: {error}"
+    );
+    drop(taken);
 }

@@ -6,6 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use etcd_client::{EventType, WatchOptions};
+use support::config::{AgentToml, Section};
 use support::{eventually, http_exchange, Etcd, HttpBackend, TestAgent, DEADLINE};
 use tokio::net::TcpStream;
 
@@ -13,65 +14,28 @@ const INTERVAL_MS: u64 = 200;
 const FALL: u64 = 2;
 const RISE: u64 = 2;
 
-/// Agent A announces `service` (the HTTP backend) with an http check;
-/// `extra` goes into its [service] section.
-fn announcing(
-    etcd: &Etcd,
-    prefix: &str,
-    service: &str,
-    backend: &HttpBackend,
-    extra: &str,
-) -> String {
-    format!(
-        r#"
-        [agent]
-        admin = "127.0.0.1:0"
-        drain_delay = "0s"
-        drain_timeout = "2s"
-        [registry]
-        kind = "etcd"
-        endpoints = ["{endpoint}"]
-        prefix = "{prefix}"
-        ttl = "3s"
-        [service]
-        name = "{service}"
-        id = "{service}-1"
-        host = "127.0.0.1"
-        port = {port}
-        {extra}
-        [[service.check]]
-        kind = "http"
-        path = "/health"
-        interval = "{INTERVAL_MS}ms"
-        timeout = "150ms"
-        rise = {RISE}
-        fall = {FALL}
-        "#,
-        endpoint = etcd.endpoint(),
-        port = backend.addr.port(),
-    )
+/// Agent A's `[service]`: `name` (id `{name}-1`) on the HTTP backend.
+fn service(name: &str, backend: &HttpBackend) -> Section {
+    Section::service(name, backend.addr).set("id", format!("{name}-1"))
 }
 
-fn proxying(etcd: &Etcd, prefix: &str, service: &str) -> String {
-    format!(
-        r#"
-        [agent]
-        admin = "127.0.0.1:0"
-        drain_delay = "0s"
-        drain_timeout = "2s"
-        [registry]
-        kind = "etcd"
-        endpoints = ["{endpoint}"]
-        prefix = "{prefix}"
-        ttl = "3s"
-        [[upstream]]
-        service = "{service}"
-        listen = "127.0.0.1:0"
-        connect_timeout = "500ms"
-        retries = 0
-        "#,
-        endpoint = etcd.endpoint(),
-    )
+/// A's check: GET `/health` every 200 ms, rise 2, fall 2.
+fn http_check() -> Section {
+    Section::new()
+        .set("kind", "http")
+        .set("path", "/health")
+        .set("interval", format!("{INTERVAL_MS}ms"))
+        .set("timeout", "150ms")
+        .set("rise", RISE as i64)
+        .set("fall", FALL as i64)
+}
+
+/// Agent B proxies `service`, without retries.
+fn proxying(etcd: &Etcd, prefix: &str, service: &str) -> AgentToml {
+    let upstream = Section::upstream(service)
+        .set("connect_timeout", "500ms")
+        .set("retries", 0);
+    AgentToml::etcd(etcd, prefix).upstream(upstream)
 }
 
 async fn registered_status(etcd: &Etcd, key: &str) -> Option<String> {
@@ -95,7 +59,12 @@ async fn failing_health_takes_the_instance_out_of_rotation_and_recovery_brings_i
     let etcd = Etcd::start().await;
     let backend = HttpBackend::start("game").await;
     let key = "/hc/game/game-1";
-    let a = TestAgent::start(&announcing(&etcd, "/hc", "game", &backend, "")).await;
+    let a = TestAgent::start(
+        &AgentToml::etcd(&etcd, "/hc")
+            .service(service("game", &backend))
+            .check(http_check()),
+    )
+    .await;
     let b = TestAgent::start(&proxying(&etcd, "/hc", "game")).await;
 
     eventually("healthy after rise", DEADLINE, || async {
@@ -133,7 +102,7 @@ async fn failing_health_takes_the_instance_out_of_rotation_and_recovery_brings_i
         to_registry <= bound,
         "took {to_registry:?} to reach the registry, bound {bound:?}"
     );
-    println!("failure -> registry unhealthy: {to_registry:?}; failure -> peer stops routing: {to_peer:?}");
+    eprintln!("measured: failure -> registry unhealthy {to_registry:?}, -> peer stops routing {to_peer:?}");
 
     let this = a.json("/v1/self").await;
     assert_eq!(this["status"], "unhealthy");
@@ -162,7 +131,10 @@ async fn failing_health_takes_the_instance_out_of_rotation_and_recovery_brings_i
         b.routable().await == ["game-1"]
     })
     .await;
-    println!("recovery -> peer routes again: {:?}", recovered.elapsed());
+    eprintln!(
+        "measured: recovery -> peer routes again {:?}",
+        recovered.elapsed()
+    );
     assert!(routes(b.listen()).await);
     let services = b.json("/v1/services").await;
     assert_eq!(services["summary"]["total"], 1);
@@ -176,7 +148,12 @@ async fn maintenance_stops_new_connections_while_open_ones_keep_flowing() {
     let etcd = Etcd::start().await;
     let backend = HttpBackend::start("lobby").await;
     let key = "/mt/lobby/lobby-1";
-    let a = TestAgent::start(&announcing(&etcd, "/mt", "lobby", &backend, "")).await;
+    let a = TestAgent::start(
+        &AgentToml::etcd(&etcd, "/mt")
+            .service(service("lobby", &backend))
+            .check(http_check()),
+    )
+    .await;
     let b = TestAgent::start(&proxying(&etcd, "/mt", "lobby")).await;
     eventually("B routes to A", DEADLINE, || async {
         b.routable().await == ["lobby-1"]
@@ -250,14 +227,14 @@ async fn a_new_instance_starts_unknown_and_a_flapping_one_cannot_flood_the_regis
         .watch("/flap/", Some(WatchOptions::new().with_prefix()))
         .await
         .expect("watch");
-    let config = announcing(&etcd, "/flap", "chat", &backend, "")
-        .replace(
-            &format!("interval = \"{INTERVAL_MS}ms\""),
-            "interval = \"50ms\"",
-        )
-        .replace("timeout = \"150ms\"", "timeout = \"40ms\"")
-        .replace(&format!("rise = {RISE}"), "rise = 1")
-        .replace(&format!("fall = {FALL}"), "fall = 1");
+    let check = http_check()
+        .set("interval", "50ms")
+        .set("timeout", "40ms")
+        .set("rise", 1)
+        .set("fall", 1);
+    let config = AgentToml::etcd(&etcd, "/flap")
+        .service(service("chat", &backend))
+        .check(check);
     let a = TestAgent::start(&config).await;
 
     let mut statuses = Vec::new();
@@ -303,7 +280,7 @@ async fn a_new_instance_starts_unknown_and_a_flapping_one_cannot_flood_the_regis
         }
     }
     backend.set_health(200);
-    println!("{flips} flips in 3 s -> {writes} status writes");
+    eprintln!("measured: {flips} flips in 3 s -> {writes} status writes");
     // A burst of 3, then one a second: at most 3 + 3 in 3 s (+1 for timing).
     assert!(
         writes <= 7,
@@ -335,13 +312,11 @@ async fn an_instance_unhealthy_past_the_limit_is_deregistered_until_it_recovers(
     let etcd = Etcd::start().await;
     let backend = HttpBackend::start("match").await;
     let key = "/dca/match/match-1";
-    let a = TestAgent::start(&announcing(
-        &etcd,
-        "/dca",
-        "match",
-        &backend,
-        "deregister_critical_after = \"1s\"",
-    ))
+    let a = TestAgent::start(
+        &AgentToml::etcd(&etcd, "/dca")
+            .service(service("match", &backend).set("deregister_critical_after", "1s"))
+            .check(http_check()),
+    )
     .await;
     eventually("healthy", DEADLINE, || async {
         registered_status(&etcd, key).await.as_deref() == Some("healthy")

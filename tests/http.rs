@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::config::{AgentToml, Section};
 use support::{eventually, TestAgent, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -145,29 +146,6 @@ fn announce(dir: &Path, service: &str, id: &str, addr: SocketAddr) {
     std::fs::write(service_dir.join(format!("{id}.json")), record).expect("write record");
 }
 
-fn config(dir: &Path, service: &str, extra: &str) -> String {
-    format!(
-        r#"
-        [agent]
-        admin = "127.0.0.1:0"
-        drain_delay = "0s"
-        drain_timeout = "2s"
-        [registry]
-        kind = "local"
-        dir = "{}"
-        ttl = "3s"
-        [[upstream]]
-        service = "{service}"
-        listen = "127.0.0.1:0"
-        protocol = "http"
-        connect_timeout = "500ms"
-        retries = 1
-        {extra}
-        "#,
-        dir.display()
-    )
-}
-
 /// A keep-alive HTTP/1.1 client connection to `addr`.
 async fn h1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
     let stream = TcpStream::connect(addr).await.expect("connect");
@@ -210,7 +188,9 @@ async fn connections_to_the_instance_are_kept_alive_and_reused() {
     let dir = tempfile::tempdir().expect("dir");
     let backend = Backend::start("login").await;
     announce(dir.path(), "login", "login-1", backend.addr);
-    let agent = TestAgent::start(&config(dir.path(), "login", "")).await;
+    let agent =
+        TestAgent::start(&AgentToml::local(dir.path()).upstream(Section::http_upstream("login")))
+            .await;
     wait_routable(&agent, 1).await;
 
     // 50 requests on 10 client connections: the instance sees one connection.
@@ -266,7 +246,11 @@ async fn h2c_from_the_client_and_to_the_instance() {
     let dir = tempfile::tempdir().expect("dir");
     let backend = Backend::start("match").await;
     announce(dir.path(), "match", "match-1", backend.addr);
-    let agent = TestAgent::start(&config(dir.path(), "match", "upstream_protocol = \"h2\"")).await;
+    let agent = TestAgent::start(
+        &AgentToml::local(dir.path())
+            .upstream(Section::http_upstream("match").set("upstream_protocol", "h2")),
+    )
+    .await;
     wait_routable(&agent, 1).await;
 
     let stream = TcpStream::connect(agent.listen()).await.expect("connect");
@@ -313,15 +297,12 @@ async fn a_websocket_upgrade_becomes_a_byte_stream() {
     let dir = tempfile::tempdir().expect("dir");
     let backend = Backend::start("chat").await;
     announce(dir.path(), "chat", "chat-1", backend.addr);
-    let agent = TestAgent::start(&config(dir.path(), "chat", "")).await;
+    let agent =
+        TestAgent::start(&AgentToml::local(dir.path()).upstream(Section::http_upstream("chat")))
+            .await;
     wait_routable(&agent, 1).await;
 
-    let target = if std::env::var("WS_DIRECT").is_ok() {
-        backend.addr
-    } else {
-        agent.listen()
-    };
-    let mut stream = TcpStream::connect(target).await.expect("connect");
+    let mut stream = TcpStream::connect(agent.listen()).await.expect("connect");
     stream
         .write_all(b"GET /ws HTTP/1.1\r\nHost: chat\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
         .await
@@ -381,14 +362,12 @@ async fn a_100_mb_body_streams_through_both_ways_in_flat_memory() {
         .parse()
         .expect("addr");
     let config_path = dir.path().join("agent.toml");
-    let text = config(dir.path(), "shop", "")
-        .replace("admin = \"127.0.0.1:0\"", &format!("admin = \"{admin}\""))
-        .replace(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"{listen}\""),
-        );
+    let text = AgentToml::local(dir.path())
+        .agent("admin", admin.to_string())
+        .upstream(Section::http_upstream("shop").set("listen", listen.to_string()))
+        .to_string();
     std::fs::write(&config_path, text).expect("write config");
-    let child = Child(
+    let mut child = Child(
         std::process::Command::new(env!("CARGO_BIN_EXE_squire"))
             .args(["run", "-c"])
             .arg(&config_path)
@@ -396,24 +375,29 @@ async fn a_100_mb_body_streams_through_both_ways_in_flat_memory() {
             .spawn()
             .expect("start squire"),
     );
-    eventually("the agent to route", DEADLINE, || async {
-        match TcpStream::connect(listen).await {
-            Ok(stream) => {
-                let Ok((mut sender, connection)) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-                else {
-                    return false;
-                };
-                tokio::spawn(connection);
-                let request = Request::get("/")
-                    .body(Full::<Bytes>::default())
-                    .expect("request");
-                sender
-                    .send_request(request)
-                    .await
-                    .is_ok_and(|r| r.status() == StatusCode::OK)
+    eventually("the agent to route", DEADLINE, || {
+        if let Some(status) = child.0.try_wait().expect("squire's exit status") {
+            panic!("squire exited ({status}) before it routed");
+        }
+        async move {
+            match TcpStream::connect(listen).await {
+                Ok(stream) => {
+                    let Ok((mut sender, connection)) =
+                        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+                    else {
+                        return false;
+                    };
+                    tokio::spawn(connection);
+                    let request = Request::get("/")
+                        .body(Full::<Bytes>::default())
+                        .expect("request");
+                    sender
+                        .send_request(request)
+                        .await
+                        .is_ok_and(|r| r.status() == StatusCode::OK)
+                }
+                Err(_) => false,
             }
-            Err(_) => false,
         }
     })
     .await;
@@ -463,8 +447,8 @@ async fn a_100_mb_body_streams_through_both_ways_in_flat_memory() {
     assert_eq!(total, SIZE);
 
     let peak = peak_resident_kib(child.0.id());
-    println!(
-        "agent peak resident memory: {before} KiB before, {peak} KiB after moving 2 x 100 MiB"
+    eprintln!(
+        "measured: agent peak resident memory {before} KiB before, {peak} KiB after moving 2 x 100 MiB"
     );
     assert!(
         peak < before + 16 * 1024,
@@ -484,9 +468,10 @@ async fn retries_go_to_another_instance_only_when_safe() {
         .parse()
         .expect("addr");
     announce(dir.path(), "api", "api-3", dead);
-    let agent =
-        TestAgent::start(&config(dir.path(), "api", "").replace("retries = 1", "retries = 2"))
-            .await;
+    let agent = TestAgent::start(
+        &AgentToml::local(dir.path()).upstream(Section::http_upstream("api").set("retries", 2)),
+    )
+    .await;
     wait_routable(&agent, 3).await;
 
     // Connect failures are always retried, whatever the method.
@@ -569,7 +554,9 @@ async fn a_get_is_retried_past_a_503_to_a_healthy_instance() {
     });
     announce(dir.path(), "api", "api-1", good.addr);
     announce(dir.path(), "api", "api-2", sick_addr);
-    let agent = TestAgent::start(&config(dir.path(), "api", "")).await;
+    let agent =
+        TestAgent::start(&AgentToml::local(dir.path()).upstream(Section::http_upstream("api")))
+            .await;
     wait_routable(&agent, 2).await;
     let mut client = h1(agent.listen()).await;
     for _ in 0..10 {
@@ -593,11 +580,10 @@ async fn a_slow_header_client_is_cut_while_others_are_served() {
     let dir = tempfile::tempdir().expect("dir");
     let backend = Backend::start("gate").await;
     announce(dir.path(), "gate", "gate-1", backend.addr);
-    let agent = TestAgent::start(&config(
-        dir.path(),
-        "gate",
-        "header_read_timeout = \"500ms\"",
-    ))
+    let agent = TestAgent::start(
+        &AgentToml::local(dir.path())
+            .upstream(Section::http_upstream("gate").set("header_read_timeout", "500ms")),
+    )
     .await;
     wait_routable(&agent, 1).await;
 
@@ -631,7 +617,7 @@ async fn only_discovered_instances_are_ever_reached() {
     let shop = Backend::start("shop").await;
     let outsider = Backend::start("outsider").await;
     announce(dir.path(), "shop", "shop-1", shop.addr);
-    let extra = r#"
+    let routes = r#"
         [[upstream.route]]
         host = "shop.game.local"
         service = "shop"
@@ -639,7 +625,10 @@ async fn only_discovered_instances_are_ever_reached() {
         path_prefix = "/chat/"
         service = "chat"
     "#;
-    let agent = TestAgent::start(&config(dir.path(), "lobby", extra)).await;
+    let agent = TestAgent::start(
+        &AgentToml::local(dir.path()).upstream(Section::http_upstream("lobby").raw(routes)),
+    )
+    .await;
     eventually("shop to be discovered", DEADLINE, || async {
         agent.json("/v1/services").await["services"]
             .as_array()
@@ -693,7 +682,11 @@ async fn connections_beyond_the_limit_are_refused_and_counted() {
     let dir = tempfile::tempdir().expect("dir");
     let backend = Backend::start("gate").await;
     announce(dir.path(), "gate", "gate-1", backend.addr);
-    let agent = TestAgent::start(&config(dir.path(), "gate", "max_connections = 2")).await;
+    let agent = TestAgent::start(
+        &AgentToml::local(dir.path())
+            .upstream(Section::http_upstream("gate").set("max_connections", 2)),
+    )
+    .await;
     wait_routable(&agent, 1).await;
     let mut first = h1(agent.listen()).await;
     let mut second = h1(agent.listen()).await;
@@ -743,8 +736,10 @@ async fn a_hash_key_header_keeps_a_room_on_one_instance() {
         announce(dir.path(), "room", &format!("room-{i}"), backend.addr);
         backends.push(backend);
     }
-    let extra = "strategy = \"consistent_hash\"\nhash_key = \"header:x-room\"";
-    let agent = TestAgent::start(&config(dir.path(), "room", extra)).await;
+    let upstream = Section::http_upstream("room")
+        .set("strategy", "consistent_hash")
+        .set("hash_key", "header:x-room");
+    let agent = TestAgent::start(&AgentToml::local(dir.path()).upstream(upstream)).await;
     wait_routable(&agent, 3).await;
 
     let mut client = h1(agent.listen()).await;
@@ -782,7 +777,11 @@ async fn an_idle_client_connection_is_closed_and_a_busy_one_is_not() {
     let dir = tempfile::tempdir().expect("dir");
     let backend = Backend::start("lobby").await;
     announce(dir.path(), "lobby", "lobby-1", backend.addr);
-    let agent = TestAgent::start(&config(dir.path(), "lobby", "idle_timeout = \"300ms\"")).await;
+    let agent = TestAgent::start(
+        &AgentToml::local(dir.path())
+            .upstream(Section::http_upstream("lobby").set("idle_timeout", "300ms")),
+    )
+    .await;
     wait_routable(&agent, 1).await;
 
     let mut idle = TcpStream::connect(agent.listen()).await.expect("connect");

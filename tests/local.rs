@@ -3,57 +3,23 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use support::config::{AgentToml, Section};
 use support::{eventually, session, Backend, TestAgent, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn config(
-    dir: &Path,
-    service: Option<(&str, std::net::SocketAddr)>,
-    upstream: Option<&str>,
-    drain_timeout: &str,
-) -> String {
-    let mut toml = format!(
-        r#"
-        [agent]
-        admin = "127.0.0.1:0"
-        drain_delay = "0s"
-        drain_timeout = "{drain_timeout}"
-        [registry]
-        kind = "local"
-        dir = "{}"
-        ttl = "3s"
-        "#,
-        dir.display()
-    );
-    if let Some((name, addr)) = service {
-        toml += &format!(
-            "[service]\nname = \"{name}\"\nhost = \"{}\"\nport = {}\n",
-            addr.ip(),
-            addr.port()
-        );
-    }
-    if let Some(name) = upstream {
-        toml += &format!("[[upstream]]\nservice = \"{name}\"\nlisten = \"127.0.0.1:0\"\n");
-    }
-    toml
-}
 
 #[tokio::test]
 async fn two_agents_on_one_host_find_each_other() {
     let dir = tempfile::tempdir().expect("temp dir");
     let backend = Backend::start("gate-A").await;
-    let a = TestAgent::start(&config(
-        dir.path(),
-        Some(("gate", backend.addr)),
-        None,
-        "1s",
-    ))
+    let a = TestAgent::start(
+        &AgentToml::local(dir.path()).service(Section::service("gate", backend.addr)),
+    )
     .await;
-    let b = TestAgent::start(&config(dir.path(), None, Some("gate"), "1s")).await;
+    let b =
+        TestAgent::start(&AgentToml::local(dir.path()).upstream(Section::upstream("gate"))).await;
     let id = format!("gate-127.0.0.1-{}", backend.addr.port());
 
     eventually("B to see A", DEADLINE, || async {
@@ -98,7 +64,8 @@ async fn stale_and_malformed_files_are_not_routed() {
     std::fs::write(service_dir.join("lobby-crashed.json"), record).expect("write record");
     std::fs::write(service_dir.join("junk.json"), "{ not json").expect("write junk");
 
-    let b = TestAgent::start(&config(dir.path(), None, Some("lobby"), "1s")).await;
+    let b =
+        TestAgent::start(&AgentToml::local(dir.path()).upstream(Section::upstream("lobby"))).await;
     eventually("the live entry", DEADLINE, || async {
         b.routable().await == ["lobby-crashed"]
     })
@@ -119,14 +86,16 @@ async fn stale_and_malformed_files_are_not_routed() {
 async fn shutdown_drains_open_connections_then_cuts_at_the_deadline() {
     let dir = tempfile::tempdir().expect("temp dir");
     let backend = Backend::start("chat").await;
-    let a = TestAgent::start(&config(
-        dir.path(),
-        Some(("chat", backend.addr)),
-        None,
-        "1s",
-    ))
+    let a = TestAgent::start(
+        &AgentToml::local(dir.path()).service(Section::service("chat", backend.addr)),
+    )
     .await;
-    let mut b = TestAgent::start(&config(dir.path(), None, Some("chat"), "1s")).await;
+    let mut b = TestAgent::start(
+        &AgentToml::local(dir.path())
+            .agent("drain_timeout", "1s")
+            .upstream(Section::upstream("chat")),
+    )
+    .await;
     eventually("B to see A", DEADLINE, || async {
         b.routable().await.len() == 1
     })
@@ -167,12 +136,9 @@ async fn shutdown_drains_open_connections_then_cuts_at_the_deadline() {
 async fn the_maintenance_command_drains_and_restores_the_instance() {
     let dir = tempfile::tempdir().expect("temp dir");
     let backend = Backend::start("patchy").await;
-    let a = TestAgent::start(&config(
-        dir.path(),
-        Some(("patchy", backend.addr)),
-        None,
-        "1s",
-    ))
+    let a = TestAgent::start(
+        &AgentToml::local(dir.path()).service(Section::service("patchy", backend.addr)),
+    )
     .await;
     let record = dir
         .path()

@@ -9,81 +9,20 @@ use std::net::SocketAddr;
 use std::time::{Instant, SystemTime};
 
 use etcd_client::GetOptions;
+use support::config::{AgentToml, Section};
 use support::consul::FakeConsul;
 use support::{eventually, session, Backend, Etcd, TestAgent, DEADLINE};
 
-/// An agent on both registries, etcd first. `discovery` goes in
-/// `[discovery]`; `service` announces (name, id, addr); `upstream` proxies
-/// a service from 127.0.0.1:0.
-fn config(
-    etcd: &Etcd,
-    fake: &FakeConsul,
-    prefix: &str,
-    discovery: &str,
-    service: Option<(&str, &str, SocketAddr)>,
-    upstream: Option<&str>,
-) -> String {
-    let mut toml = format!(
-        r#"
-        [agent]
-        admin = "127.0.0.1:0"
-        drain_delay = "0s"
-        drain_timeout = "2s"
-
-        [discovery]
-        {discovery}
-
-        [[registry]]
-        name = "primary"
-        kind = "etcd"
-        endpoints = ["{}"]
-        prefix = "{prefix}"
-        ttl = "3s"
-        timeout = "2s"
-
-        [[registry]]
-        name = "backup"
-        kind = "consul"
-        address = "{}"
-        ttl = "2s"
-        timeout = "2s"
-        "#,
-        etcd.endpoint(),
-        fake.address(),
-    );
-    if let Some((name, id, addr)) = service {
-        toml += &service_section(name, id, addr);
-    }
-    if let Some(name) = upstream {
-        toml += &upstream_section(name);
-    }
-    toml
+/// An agent on both registries: etcd first ("primary"), then Consul
+/// ("backup").
+fn both(etcd: &Etcd, fake: &FakeConsul, prefix: &str) -> AgentToml {
+    AgentToml::new(Section::etcd(etcd, prefix).set("name", "primary"))
+        .registry(Section::consul(fake).set("name", "backup"))
 }
 
-fn service_section(name: &str, id: &str, addr: SocketAddr) -> String {
-    format!(
-        r#"
-        [service]
-        name = "{name}"
-        id = "{id}"
-        host = "{}"
-        port = {}
-        "#,
-        addr.ip(),
-        addr.port()
-    )
-}
-
-fn upstream_section(name: &str) -> String {
-    format!(
-        r#"
-        [[upstream]]
-        service = "{name}"
-        listen = "127.0.0.1:0"
-        connect_timeout = "500ms"
-        retries = 1
-        "#
-    )
+/// `[service]` announcing `name` as `id` at `addr`.
+fn service(name: &str, id: &str, addr: SocketAddr) -> Section {
+    Section::service(name, addr).set("id", id)
 }
 
 async fn etcd_has(etcd: &Etcd, key: &str) -> bool {
@@ -157,17 +96,16 @@ async fn both_hold_the_registration_and_discovery_fails_over_to_consul_and_back(
     let fake = FakeConsul::start().await;
     let first = Backend::start("A").await;
     let second = Backend::start("C").await;
-    let failover = "mode = \"failover\"\nfailback = \"500ms\"";
-    let a = TestAgent::start(&config(
-        &etcd,
-        &fake,
-        "/fo",
-        "",
-        Some(("room", "room-1", first.addr)),
-        None,
-    ))
+    let a =
+        TestAgent::start(&both(&etcd, &fake, "/fo").service(service("room", "room-1", first.addr)))
+            .await;
+    let peer = TestAgent::start(
+        &both(&etcd, &fake, "/fo")
+            .discovery("mode", "failover")
+            .discovery("failback", "500ms")
+            .upstream(Section::fast_upstream("room")),
+    )
     .await;
-    let peer = TestAgent::start(&config(&etcd, &fake, "/fo", failover, None, Some("room"))).await;
 
     // Both registries hold A.
     eventually("A in etcd and in Consul", DEADLINE, || async {
@@ -267,14 +205,11 @@ async fn both_hold_the_registration_and_discovery_fails_over_to_consul_and_back(
 
     // An instance that starts while etcd is down registers into Consul only,
     // is ready, and the peer routes to it through Consul.
-    let c = TestAgent::start(&config(
-        &etcd,
-        &fake,
-        "/fo",
-        "",
-        Some(("room", "room-2", second.addr)),
-        None,
-    ))
+    let c = TestAgent::start(&both(&etcd, &fake, "/fo").service(service(
+        "room",
+        "room-2",
+        second.addr,
+    )))
     .await;
     eventually("C in Consul, and ready", DEADLINE, || async {
         consul_passing(&fake, "room-2") && c.get("/ready").await.0 == 200
@@ -350,50 +285,27 @@ async fn merge_routes_to_instances_that_are_in_only_one_registry() {
     let only_etcd = Backend::start("E").await;
     let only_consul = Backend::start("K").await;
     // Each announcer is on one registry only.
-    let in_etcd = TestAgent::start(&format!(
-        r#"
-        [agent]
-        admin = "127.0.0.1:0"
-        drain_delay = "0s"
-        [registry]
-        kind = "etcd"
-        endpoints = ["{}"]
-        prefix = "/merge"
-        ttl = "3s"
-        timeout = "2s"
-        {}
-        "#,
-        etcd.endpoint(),
-        service_section("lobby", "lobby-e", only_etcd.addr)
-    ))
+    let in_etcd = TestAgent::start(&AgentToml::etcd(&etcd, "/merge").service(service(
+        "lobby",
+        "lobby-e",
+        only_etcd.addr,
+    )))
     .await;
-    let in_consul = TestAgent::start(&format!(
-        r#"
-        [agent]
-        admin = "127.0.0.1:0"
-        drain_delay = "0s"
-        [registry]
-        kind = "consul"
-        address = "{}"
-        ttl = "2s"
-        timeout = "2s"
-        {}
-        "#,
-        fake.address(),
-        service_section("lobby", "lobby-k", only_consul.addr)
-    ))
+    let in_consul = TestAgent::start(&AgentToml::consul(&fake).service(service(
+        "lobby",
+        "lobby-k",
+        only_consul.addr,
+    )))
     .await;
-    let merging = TestAgent::start(&config(
-        &etcd,
-        &fake,
-        "/merge",
-        "mode = \"merge\"",
-        None,
-        Some("lobby"),
-    ))
+    let merging = TestAgent::start(
+        &both(&etcd, &fake, "/merge")
+            .discovery("mode", "merge")
+            .upstream(Section::fast_upstream("lobby")),
+    )
     .await;
     let failing_over =
-        TestAgent::start(&config(&etcd, &fake, "/merge", "", None, Some("lobby"))).await;
+        TestAgent::start(&both(&etcd, &fake, "/merge").upstream(Section::fast_upstream("lobby")))
+            .await;
 
     eventually("the merging peer to route to both", DEADLINE, || async {
         merging.routable().await == ["lobby-e", "lobby-k"]

@@ -325,11 +325,6 @@ impl FakeConsul {
         self.shared.lock()
     }
 
-    /// The fake's clock: time since start, advanced by [`advance`](Self::advance).
-    pub fn now(&self) -> Duration {
-        self.shared.now(&self.state())
-    }
-
     /// Moves the clock forward, firing every timer that falls due on the way
     /// (TTL expiries, deferred outputs, reaper ticks) in order.
     pub fn advance(&self, by: Duration) {

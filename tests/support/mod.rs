@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod config;
 pub mod consul;
 
 use std::future::Future;
@@ -60,15 +61,24 @@ pub struct Etcd {
 
 impl Etcd {
     pub async fn start() -> Etcd {
+        Etcd::try_start_on(free_port())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts etcd with its client URL on `client_port`; an etcd that exits
+    /// before it serves is an error at once, with its status and the end of
+    /// its log.
+    pub async fn try_start_on(client_port: u16) -> Result<Etcd, String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut etcd = Etcd {
             child: None,
             dir,
-            client_port: free_port(),
+            client_port,
             peer_port: free_port(),
         };
-        etcd.spawn().await;
-        etcd
+        etcd.spawn().await?;
+        Ok(etcd)
     }
 
     pub fn endpoint(&self) -> String {
@@ -93,10 +103,10 @@ impl Etcd {
     /// Starts again on the same ports and data directory.
     pub async fn restart(&mut self) {
         self.kill();
-        self.spawn().await;
+        self.spawn().await.unwrap_or_else(|e| panic!("{e}"));
     }
 
-    async fn spawn(&mut self) {
+    async fn spawn(&mut self) -> Result<(), String> {
         let data = self.dir.path().join("data");
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log file");
         let client = format!("http://127.0.0.1:{}", self.client_port);
@@ -123,22 +133,45 @@ impl Etcd {
             .spawn()
             .expect("cannot start etcd: install it with `apt-get install -y etcd-server`");
         self.child = Some(child);
-        let endpoint = self.endpoint();
-        eventually("etcd to serve", DEADLINE, || {
-            let endpoint = endpoint.clone();
-            async move {
-                let options =
-                    etcd_client::ConnectOptions::new().with_timeout(Duration::from_millis(500));
-                match etcd_client::Client::connect([endpoint], Some(options)).await {
-                    Ok(mut c) => c.get("probe", None).await.is_ok(),
-                    Err(_) => false,
-                }
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let child = self.child.as_mut().expect("etcd was just spawned");
+            if let Some(status) = child.try_wait().expect("etcd's exit status") {
+                return Err(format!(
+                    "etcd exited ({status}) before serving; the end of its log:\n{}",
+                    self.log_tail(20)
+                ));
             }
-        })
-        .await;
+            if self.serves().await {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "etcd did not serve within {DEADLINE:?}; the end of its log:\n{}",
+                    self.log_tail(20)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
-    pub fn log(&self) -> PathBuf {
+    /// One `get` answered within half a second.
+    async fn serves(&self) -> bool {
+        let options = etcd_client::ConnectOptions::new().with_timeout(Duration::from_millis(500));
+        match etcd_client::Client::connect([self.endpoint()], Some(options)).await {
+            Ok(mut c) => c.get("probe", None).await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// The last `lines` lines of `etcd.log`.
+    fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.log()).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn log(&self) -> PathBuf {
         self.dir.path().join("etcd.log")
     }
 }
@@ -253,9 +286,10 @@ pub struct TestAgent {
 }
 
 impl TestAgent {
-    pub async fn start(toml: &str) -> TestAgent {
+    pub async fn start(toml: &config::AgentToml) -> TestAgent {
+        let toml = toml.to_string();
         let config =
-            squire::Config::from_toml(toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
+            squire::Config::from_toml(&toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
         let agent = squire::Agent::bind(config).await.expect("agent binds");
         let admin = agent.admin_addr();
         let listens = agent.listen_addrs();
@@ -350,12 +384,11 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// An HTTP/1.1 backend (hyper) whose `/health` answers with a status that a
-/// test can switch; every other path answers 200 `{name}`. It counts
-/// connections and keeps the headers of the last `/health` request.
+/// test can switch; every other path answers 200 `{name}`. It keeps the
+/// headers of the last `/health` request.
 pub struct HttpBackend {
     pub addr: SocketAddr,
     pub health: Arc<std::sync::atomic::AtomicU16>,
-    pub connections: Arc<AtomicUsize>,
     pub last_health_headers: Arc<std::sync::Mutex<Vec<(String, String)>>>,
     task: JoinHandle<()>,
 }
@@ -368,17 +401,11 @@ impl HttpBackend {
             .expect("bind http backend");
         let addr = listener.local_addr().expect("addr");
         let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
-        let connections = Arc::new(AtomicUsize::new(0));
         let last_health_headers = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (h, c, l) = (
-            health.clone(),
-            connections.clone(),
-            last_health_headers.clone(),
-        );
+        let (h, l) = (health.clone(), last_health_headers.clone());
         let name = name.to_owned();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                c.fetch_add(1, Ordering::SeqCst);
                 let (h, l, name) = (h.clone(), l.clone(), name.clone());
                 tokio::spawn(async move {
                     let service =
@@ -415,7 +442,6 @@ impl HttpBackend {
         HttpBackend {
             addr,
             health,
-            connections,
             last_health_headers,
             task,
         }
