@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::metrics as m;
 use crate::registry::{Instance, Lease, Registry, RegistryError, Status};
+use crate::time::{rfc3339, sleep_or_shutdown, sleep_until_some, TokenBucket};
 
 /// Status writes allowed in a burst, then one per [`WRITE_REFILL`].
 const WRITE_BURST: u32 = 3;
@@ -58,16 +59,6 @@ pub struct RegistrationState {
     pub registrations: u64,
     /// The instance as last written, with the status the registry holds.
     pub instance: Instance,
-}
-
-pub(crate) fn rfc3339<S: serde::Serializer>(
-    time: &Option<SystemTime>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match time {
-        Some(t) => s.collect_str(&humantime::format_rfc3339_millis(*t)),
-        None => s.serialize_none(),
-    }
 }
 
 /// Shared view of the registration, updated by the loop, read by admin.
@@ -374,97 +365,5 @@ fn set_announced_gauge(current: Status) {
     for status in Status::ALL {
         let value = if status == current { 1.0 } else { 0.0 };
         metrics::gauge!(m::ANNOUNCED_STATUS, "status" => status.as_str()).set(value);
-    }
-}
-
-/// Sleeps until `at`, or forever when there is nothing to wait for.
-pub(crate) async fn sleep_until_some(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Sleeps for `delay`; true if shutdown came first.
-pub(crate) async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = shutdown.cancelled() => true,
-        _ = tokio::time::sleep(delay) => false,
-    }
-}
-
-/// A token bucket: `burst` tokens, one more every `refill`.
-#[derive(Debug)]
-struct TokenBucket {
-    burst: u32,
-    refill: Duration,
-    tokens: u32,
-    /// When the next token is added (meaningful while below `burst`).
-    next: Instant,
-}
-
-impl TokenBucket {
-    fn new(burst: u32, refill: Duration) -> Self {
-        TokenBucket {
-            burst,
-            refill,
-            tokens: burst,
-            next: Instant::now() + refill,
-        }
-    }
-
-    fn top_up(&mut self) {
-        let now = Instant::now();
-        while self.tokens < self.burst && self.next <= now {
-            self.tokens += 1;
-            self.next += self.refill;
-        }
-        if self.tokens == self.burst {
-            self.next = now + self.refill;
-        }
-    }
-
-    /// When a token is (or will be) available.
-    fn ready_at(&mut self) -> Instant {
-        self.top_up();
-        if self.tokens > 0 {
-            Instant::now()
-        } else {
-            self.next
-        }
-    }
-
-    fn take(&mut self) {
-        self.top_up();
-        self.tokens = self.tokens.saturating_sub(1);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn the_bucket_allows_a_burst_then_one_per_refill() {
-        let mut bucket = TokenBucket::new(3, Duration::from_secs(1));
-        let start = Instant::now();
-        for _ in 0..3 {
-            assert_eq!(bucket.ready_at(), start);
-            bucket.take();
-        }
-        assert_eq!(bucket.ready_at(), start + Duration::from_secs(1));
-        tokio::time::advance(Duration::from_millis(1500)).await;
-        assert!(bucket.ready_at() <= Instant::now());
-        bucket.take();
-        assert_eq!(bucket.ready_at(), start + Duration::from_secs(2));
-        tokio::time::advance(Duration::from_secs(10)).await;
-        for _ in 0..3 {
-            assert!(bucket.ready_at() <= Instant::now());
-            bucket.take();
-        }
-        assert!(
-            bucket.ready_at() > Instant::now(),
-            "never more than the burst"
-        );
     }
 }

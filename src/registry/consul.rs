@@ -48,10 +48,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 
 use super::{Entry, Instance, Lease, Registry, RegistryError, Status, Watch, WatchEvent};
 use crate::config::ConsulConfig;
+use crate::time::TokenBucket;
 
 /// Consul caps `wait` at 10 minutes.
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -181,7 +181,7 @@ impl Registry for ConsulRegistry {
         };
         // The first answer is immediate (index 0): an unreachable agent shows
         // up here, as a failed listing does for etcd.
-        watch.bucket.take().await;
+        watch.bucket.acquire().await;
         let (index, entries) = watch.query().await?;
         watch.index = index;
         watch.initial = Some(entries);
@@ -456,7 +456,7 @@ impl Watch for ConsulWatch {
             return Ok(WatchEvent::Reset(entries));
         }
         loop {
-            self.bucket.take().await;
+            self.bucket.acquire().await;
             let (index, entries) = self.query().await?;
             if index < self.index {
                 // A restored snapshot or a rebuilt cluster: the answer is the
@@ -766,51 +766,6 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// A token bucket: `burst` takes at once, then one per `interval`.
-struct TokenBucket {
-    burst: u32,
-    interval: Duration,
-    tokens: u32,
-    /// When the bucket last gained a token (or was full).
-    refilled: Instant,
-}
-
-impl TokenBucket {
-    fn new(burst: u32, interval: Duration) -> Self {
-        TokenBucket {
-            burst,
-            interval,
-            tokens: burst,
-            refilled: Instant::now(),
-        }
-    }
-
-    async fn take(&mut self) {
-        loop {
-            let now = Instant::now();
-            if self.tokens >= self.burst {
-                self.refilled = now;
-            } else {
-                let gained = (now - self.refilled).as_nanos() / self.interval.as_nanos().max(1);
-                let gained = u32::try_from(gained).unwrap_or(u32::MAX);
-                if gained > 0 {
-                    self.tokens = self.tokens.saturating_add(gained).min(self.burst);
-                    self.refilled = if self.tokens >= self.burst {
-                        now
-                    } else {
-                        self.refilled + self.interval * gained
-                    };
-                }
-            }
-            if self.tokens > 0 {
-                self.tokens -= 1;
-                return;
-            }
-            tokio::time::sleep_until(self.refilled + self.interval).await;
-        }
-    }
-}
-
 /// The HTTP client: plain HTTP, or rustls with the configured CA, the
 /// system's roots, or (explicitly) no verification.
 fn http_client(config: &ConsulConfig, timeout: Duration) -> Result<HttpClient, String> {
@@ -975,25 +930,5 @@ mod tests {
         assert_eq!(go_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(go_duration(Duration::from_nanos(5)), "5ns");
         assert_eq!(encode("a b/c:d"), "a%20b%2Fc%3Ad");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_bucket_allows_a_burst_then_one_per_interval() {
-        let mut bucket = TokenBucket::new(2, Duration::from_secs(1));
-        let start = Instant::now();
-        bucket.take().await;
-        bucket.take().await;
-        assert_eq!(start.elapsed(), Duration::ZERO);
-        bucket.take().await;
-        assert_eq!(start.elapsed(), Duration::from_secs(1));
-        bucket.take().await;
-        assert_eq!(start.elapsed(), Duration::from_secs(2));
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        let later = Instant::now();
-        bucket.take().await;
-        bucket.take().await;
-        assert_eq!(later.elapsed(), Duration::ZERO, "refilled to the burst");
-        bucket.take().await;
-        assert_eq!(later.elapsed(), Duration::from_secs(1));
     }
 }
