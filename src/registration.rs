@@ -70,7 +70,8 @@ pub type Maintenance = Option<String>;
 pub struct Registration {
     name: String,
     registry: Arc<dyn Registry>,
-    /// `registry` (the name) and `kind`, on every metric.
+    /// `registry` (the name) and `kind`, on every metric (the announced
+    /// status adds `status`).
     labels: Vec<metrics::Label>,
     instance: Instance,
     refresh: Duration,
@@ -189,7 +190,7 @@ impl Registration {
                 metrics::counter!(m::LEASE_REGRANTS, self.labels.iter()).increment(1);
             }
             metrics::gauge!(m::REGISTERED, self.labels.iter()).set(1.0);
-            set_announced_gauge(self.instance.status);
+            self.set_announced_gauge(self.instance.status);
             tracing::info!(registry = %self.name, kind, lease = %lease.id(), id = %self.instance.id, status = %self.instance.status, "registered");
             let instance = self.instance.clone();
             self.update(|s| {
@@ -268,7 +269,7 @@ impl Registration {
                     match tokio::time::timeout(self.timeout, lease.update(&instance)).await {
                         Ok(Ok(())) => {
                             metrics::counter!(m::STATUS_WRITES, self.labels.iter()).increment(1);
-                            set_announced_gauge(wanted);
+                            self.set_announced_gauge(wanted);
                             tracing::info!(registry = %self.name, kind, from = %self.instance.status, to = %wanted, "status announced");
                             self.instance = instance.clone();
                             self.update(|s| s.instance = instance);
@@ -353,17 +354,20 @@ impl Registration {
         });
     }
 
+    /// 1 for the status this registry was last told, 0 for the others.
+    fn set_announced_gauge(&self, current: Status) {
+        for status in Status::ALL {
+            let value = if status == current { 1.0 } else { 0.0 };
+            let mut labels = self.labels.clone();
+            labels.push(metrics::Label::new("status", status.as_str()));
+            metrics::gauge!(m::ANNOUNCED_STATUS, labels).set(value);
+        }
+    }
+
     fn update(&self, change: impl FnOnce(&mut RegistrationState)) {
         // A poisoned lock only means a panic elsewhere mid-update; the state
         // is plain data and still usable.
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         change(&mut state);
-    }
-}
-
-fn set_announced_gauge(current: Status) {
-    for status in Status::ALL {
-        let value = if status == current { 1.0 } else { 0.0 };
-        metrics::gauge!(m::ANNOUNCED_STATUS, "status" => status.as_str()).set(value);
     }
 }
