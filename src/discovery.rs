@@ -41,10 +41,10 @@ use crate::backoff::Backoff;
 use crate::balance::Upstream;
 use crate::config::{DiscoveryConfig, DiscoveryMode};
 use crate::metrics as m;
-use crate::registration::{sleep_or_shutdown, sleep_until_some};
 use crate::registry::{
     Change, Entry, Instance, Registry, RegistryError, Status, Watch, WatchEvent,
 };
+use crate::time::{sleep_or_shutdown, sleep_until_some};
 
 /// One registry discovery reads: its configured name and its backend.
 #[derive(Clone)]

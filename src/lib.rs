@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod registration;
 pub mod registry;
+pub mod time;
 pub mod tls;
 
 pub use agent::{run, Agent, AgentError};

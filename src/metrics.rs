@@ -65,7 +65,7 @@ pub const CHECK_RESULTS: &str = "squire_check_results_total";
 pub const CHECK_TRANSITIONS: &str = "squire_check_transitions_total";
 /// 1 for the current status of a check, 0 for the others. Labels: check, status.
 pub const CHECK_STATUS: &str = "squire_check_status";
-/// 1 for the status we announce, 0 for the others. Labels: status.
+/// 1 for the status last written to a registry, 0 for the others. Labels: registry (its name), kind, status.
 pub const ANNOUNCED_STATUS: &str = "squire_announced_status";
 /// Status writes to the registry. Labels: registry (its name), kind.
 pub const STATUS_WRITES: &str = "squire_status_writes_total";

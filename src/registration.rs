@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::metrics as m;
 use crate::registry::{Instance, Lease, Registry, RegistryError, Status};
+use crate::time::{rfc3339, sleep_or_shutdown, sleep_until_some, TokenBucket};
 
 /// Status writes allowed in a burst, then one per [`WRITE_REFILL`].
 const WRITE_BURST: u32 = 3;
@@ -60,16 +61,6 @@ pub struct RegistrationState {
     pub instance: Instance,
 }
 
-pub(crate) fn rfc3339<S: serde::Serializer>(
-    time: &Option<SystemTime>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match time {
-        Some(t) => s.collect_str(&humantime::format_rfc3339_millis(*t)),
-        None => s.serialize_none(),
-    }
-}
-
 /// Shared view of the registration, updated by the loop, read by admin.
 pub type SharedState = Arc<Mutex<RegistrationState>>;
 
@@ -79,7 +70,8 @@ pub type Maintenance = Option<String>;
 pub struct Registration {
     name: String,
     registry: Arc<dyn Registry>,
-    /// `registry` (the name) and `kind`, on every metric.
+    /// `registry` (the name) and `kind`, on every metric (the announced
+    /// status adds `status`).
     labels: Vec<metrics::Label>,
     instance: Instance,
     refresh: Duration,
@@ -198,7 +190,7 @@ impl Registration {
                 metrics::counter!(m::LEASE_REGRANTS, self.labels.iter()).increment(1);
             }
             metrics::gauge!(m::REGISTERED, self.labels.iter()).set(1.0);
-            set_announced_gauge(self.instance.status);
+            self.set_announced_gauge(self.instance.status);
             tracing::info!(registry = %self.name, kind, lease = %lease.id(), id = %self.instance.id, status = %self.instance.status, "registered");
             let instance = self.instance.clone();
             self.update(|s| {
@@ -277,7 +269,7 @@ impl Registration {
                     match tokio::time::timeout(self.timeout, lease.update(&instance)).await {
                         Ok(Ok(())) => {
                             metrics::counter!(m::STATUS_WRITES, self.labels.iter()).increment(1);
-                            set_announced_gauge(wanted);
+                            self.set_announced_gauge(wanted);
                             tracing::info!(registry = %self.name, kind, from = %self.instance.status, to = %wanted, "status announced");
                             self.instance = instance.clone();
                             self.update(|s| s.instance = instance);
@@ -362,109 +354,20 @@ impl Registration {
         });
     }
 
+    /// 1 for the status this registry was last told, 0 for the others.
+    fn set_announced_gauge(&self, current: Status) {
+        for status in Status::ALL {
+            let value = if status == current { 1.0 } else { 0.0 };
+            let mut labels = self.labels.clone();
+            labels.push(metrics::Label::new("status", status.as_str()));
+            metrics::gauge!(m::ANNOUNCED_STATUS, labels).set(value);
+        }
+    }
+
     fn update(&self, change: impl FnOnce(&mut RegistrationState)) {
         // A poisoned lock only means a panic elsewhere mid-update; the state
         // is plain data and still usable.
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         change(&mut state);
-    }
-}
-
-fn set_announced_gauge(current: Status) {
-    for status in Status::ALL {
-        let value = if status == current { 1.0 } else { 0.0 };
-        metrics::gauge!(m::ANNOUNCED_STATUS, "status" => status.as_str()).set(value);
-    }
-}
-
-/// Sleeps until `at`, or forever when there is nothing to wait for.
-pub(crate) async fn sleep_until_some(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Sleeps for `delay`; true if shutdown came first.
-pub(crate) async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = shutdown.cancelled() => true,
-        _ = tokio::time::sleep(delay) => false,
-    }
-}
-
-/// A token bucket: `burst` tokens, one more every `refill`.
-#[derive(Debug)]
-struct TokenBucket {
-    burst: u32,
-    refill: Duration,
-    tokens: u32,
-    /// When the next token is added (meaningful while below `burst`).
-    next: Instant,
-}
-
-impl TokenBucket {
-    fn new(burst: u32, refill: Duration) -> Self {
-        TokenBucket {
-            burst,
-            refill,
-            tokens: burst,
-            next: Instant::now() + refill,
-        }
-    }
-
-    fn top_up(&mut self) {
-        let now = Instant::now();
-        while self.tokens < self.burst && self.next <= now {
-            self.tokens += 1;
-            self.next += self.refill;
-        }
-        if self.tokens == self.burst {
-            self.next = now + self.refill;
-        }
-    }
-
-    /// When a token is (or will be) available.
-    fn ready_at(&mut self) -> Instant {
-        self.top_up();
-        if self.tokens > 0 {
-            Instant::now()
-        } else {
-            self.next
-        }
-    }
-
-    fn take(&mut self) {
-        self.top_up();
-        self.tokens = self.tokens.saturating_sub(1);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn the_bucket_allows_a_burst_then_one_per_refill() {
-        let mut bucket = TokenBucket::new(3, Duration::from_secs(1));
-        let start = Instant::now();
-        for _ in 0..3 {
-            assert_eq!(bucket.ready_at(), start);
-            bucket.take();
-        }
-        assert_eq!(bucket.ready_at(), start + Duration::from_secs(1));
-        tokio::time::advance(Duration::from_millis(1500)).await;
-        assert!(bucket.ready_at() <= Instant::now());
-        bucket.take();
-        assert_eq!(bucket.ready_at(), start + Duration::from_secs(2));
-        tokio::time::advance(Duration::from_secs(10)).await;
-        for _ in 0..3 {
-            assert!(bucket.ready_at() <= Instant::now());
-            bucket.take();
-        }
-        assert!(
-            bucket.ready_at() > Instant::now(),
-            "never more than the burst"
-        );
     }
 }

@@ -339,3 +339,71 @@ async fn merge_routes_to_instances_that_are_in_only_one_registry() {
     merging.stop().await;
     failing_over.stop().await;
 }
+
+#[tokio::test]
+async fn each_registry_reports_the_status_it_was_last_told() {
+    let mut etcd = Etcd::start().await;
+    let fake = FakeConsul::start().await;
+    let backend = Backend::start("G").await;
+    // Registry names of this test only: the metrics recorder is shared by
+    // every agent in this binary.
+    let agent = TestAgent::start(&format!(
+        r#"
+        [agent]
+        admin = "127.0.0.1:0"
+        drain_delay = "0s"
+        [[registry]]
+        name = "gauge-etcd"
+        kind = "etcd"
+        endpoints = ["{}"]
+        prefix = "/gauge"
+        ttl = "3s"
+        timeout = "1s"
+        [[registry]]
+        name = "gauge-consul"
+        kind = "consul"
+        address = "{}"
+        ttl = "2s"
+        timeout = "1s"
+        {}
+        "#,
+        etcd.endpoint(),
+        fake.address(),
+        service_section("gauge", "gauge-1", backend.addr)
+    ))
+    .await;
+    eventually("registered in both", DEADLINE, || async {
+        let this = agent.json("/v1/self").await;
+        this["registrations"]
+            .as_array()
+            .is_some_and(|r| r.len() == 2 && r.iter().all(|r| r["registered"] == true))
+    })
+    .await;
+    let healthy = (Some(1.0), Some(0.0));
+    assert_eq!(announced(&agent, "gauge-etcd", "etcd").await, healthy);
+    assert_eq!(announced(&agent, "gauge-consul", "consul").await, healthy);
+
+    // With etcd gone, draining reaches Consul only: each series keeps what
+    // its own registry holds.
+    etcd.kill();
+    squire::admin::set_maintenance(agent.admin, true, None)
+        .await
+        .expect("maintenance on");
+    eventually("Consul told draining", DEADLINE, || async {
+        announced(&agent, "gauge-consul", "consul").await == (Some(0.0), Some(1.0))
+    })
+    .await;
+    assert_eq!(announced(&agent, "gauge-etcd", "etcd").await, healthy);
+    agent.stop().await;
+}
+
+/// One registry's `squire_announced_status`: its healthy and draining series.
+async fn announced(agent: &TestAgent, registry: &str, kind: &str) -> (Option<f64>, Option<f64>) {
+    let series = |status: &str| {
+        format!("squire_announced_status{{registry=\"{registry}\",kind=\"{kind}\",status=\"{status}\"}} ")
+    };
+    (
+        agent.metric(&series("healthy")).await,
+        agent.metric(&series("draining")).await,
+    )
+}

@@ -37,7 +37,7 @@ pub struct CheckReport {
     pub name: String,
     pub kind: &'static str,
     pub status: CheckStatus,
-    #[serde(serialize_with = "crate::registration::rfc3339")]
+    #[serde(serialize_with = "crate::time::rfc3339")]
     pub since: Option<SystemTime>,
     /// Consecutive results of the current run, and whether they were up.
     pub streak: u32,
@@ -45,7 +45,7 @@ pub struct CheckReport {
     pub last_outcome: Option<Outcome>,
     pub last_output: String,
     pub last_duration_seconds: f64,
-    #[serde(serialize_with = "crate::registration::rfc3339")]
+    #[serde(serialize_with = "crate::time::rfc3339")]
     pub last_run: Option<SystemTime>,
     #[serde(with = "humantime_serde_str")]
     pub interval: Duration,
