@@ -347,31 +347,18 @@ async fn each_registry_reports_the_status_it_was_last_told() {
     let backend = Backend::start("G").await;
     // Registry names of this test only: the metrics recorder is shared by
     // every agent in this binary.
-    let agent = TestAgent::start(&format!(
-        r#"
-        [agent]
-        admin = "127.0.0.1:0"
-        drain_delay = "0s"
-        [[registry]]
-        name = "gauge-etcd"
-        kind = "etcd"
-        endpoints = ["{}"]
-        prefix = "/gauge"
-        ttl = "3s"
-        timeout = "1s"
-        [[registry]]
-        name = "gauge-consul"
-        kind = "consul"
-        address = "{}"
-        ttl = "2s"
-        timeout = "1s"
-        {}
-        "#,
-        etcd.endpoint(),
-        fake.address(),
-        service_section("gauge", "gauge-1", backend.addr)
-    ))
-    .await;
+    let config = AgentToml::new(
+        Section::etcd(&etcd, "/gauge")
+            .set("name", "gauge-etcd")
+            .set("timeout", "1s"),
+    )
+    .registry(
+        Section::consul(&fake)
+            .set("name", "gauge-consul")
+            .set("timeout", "1s"),
+    )
+    .service(service("gauge", "gauge-1", backend.addr));
+    let agent = TestAgent::start(&config).await;
     eventually("registered in both", DEADLINE, || async {
         let this = agent.json("/v1/self").await;
         this["registrations"]
