@@ -21,6 +21,10 @@
 //! [`run`] takes the shutdown trigger as a parameter, so a test (or another
 //! program) can start and stop a whole agent in-process.
 
+// STYLE.md's rules that lints can keep (see also clippy.toml): no unwrap
+// outside tests, tokio's clock and sleeps in async code.
+#![deny(clippy::unwrap_used, clippy::disallowed_methods)]
+
 pub mod admin;
 pub mod agent;
 pub mod backoff;

@@ -20,7 +20,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use squire::Config;
 use support::config::{AgentToml, Section};
@@ -212,6 +214,7 @@ impl Running {
             if Instant::now() >= deadline {
                 panic!("squire did not exit within {limit:?}\n{}", self.output());
             }
+            #[allow(clippy::disallowed_methods)] // a plain thread polling a child, no runtime
             sleep(POLL);
         }
     }
@@ -408,6 +411,7 @@ impl Agent {
             if Instant::now() >= deadline {
                 panic!("{what}: not within {limit:?}\n{}", self.running.output());
             }
+            #[allow(clippy::disallowed_methods)] // a plain thread polling a child, no runtime
             sleep(POLL);
         }
     }

@@ -4,7 +4,9 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde_json::{json, Value};
 use support::consul::{Acl, AclToken, FakeConsul, FakeOptions, Level};

@@ -4,7 +4,9 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use etcd_client::GetOptions;
 use support::config::{AgentToml, Section};

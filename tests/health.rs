@@ -3,7 +3,9 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use etcd_client::{EventType, WatchOptions};
 use support::config::{AgentToml, Section};

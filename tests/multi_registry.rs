@@ -6,7 +6,9 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
+
+use tokio::time::Instant;
 
 use etcd_client::GetOptions;
 use support::config::{AgentToml, Section};

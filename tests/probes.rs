@@ -345,7 +345,7 @@ async fn exec_that_hangs_is_killed_at_the_timeout_with_its_children() {
         args: Vec::new(),
     })
     .expect("probe");
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let result = probe.run(Duration::from_millis(500)).await;
     assert_eq!(result.outcome, Outcome::Critical);
     assert_eq!(result.output, "timed out after 500ms");
