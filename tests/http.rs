@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -145,21 +145,8 @@ async fn handle(
     }
 }
 
-/// Announces an instance in the embedded registry the way another squire
-/// would: a record file with a lease that outlives the test.
 fn announce(dir: &Path, service: &str, id: &str, addr: SocketAddr) {
-    let service_dir = dir.join(service);
-    std::fs::create_dir_all(&service_dir).expect("mkdir");
-    let expires = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64
-        + 600_000;
-    let record = format!(
-        r#"{{"expires_at_ms":{expires},"instance":{{"name":"{service}","id":"{id}","host":"127.0.0.1","port":{}}}}}"#,
-        addr.port()
-    );
-    std::fs::write(service_dir.join(format!("{id}.json")), record).expect("write record");
+    support::announce_local(dir, service, id, addr);
 }
 
 /// A keep-alive HTTP/1.1 client connection to `addr`.
