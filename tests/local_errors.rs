@@ -6,62 +6,16 @@
 
 mod support;
 
-use std::fs::File;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use support::config::{AgentToml, Section};
+use support::process::Squire;
 use support::{announce_local, eventually, free_port, http_get, Backend, DEADLINE};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// The squire binary under `ulimit -n`, killed when dropped.
-struct Limited {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Limited {
-    fn spawn(config: &std::path::Path, open_files: u32, log: std::path::PathBuf) -> Limited {
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "ulimit -n {open_files} && exec \"$0\" run -c \"$1\"",
-            ))
-            .arg(env!("CARGO_BIN_EXE_squire"))
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).expect("log file"))
-            .spawn()
-            .expect("squire starts");
-        Limited { child, log }
-    }
-
-    /// User + system CPU time so far, in clock ticks (`/proc/PID/stat`).
-    fn cpu_ticks(&self) -> u64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("proc stat");
-        // Fields after the parenthesised command name; utime and stime are
-        // the 14th and 15th fields of the line.
-        let after = &stat[stat.rfind(')').expect("comm") + 2..];
-        let fields: Vec<&str> = after.split(' ').collect();
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Limited {
-    fn drop(&mut self) {
-        // Already gone is fine.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// How long CPU use is measured over.
+const WINDOW: Duration = Duration::from_secs(2);
 
 #[tokio::test]
 async fn out_of_file_descriptors_squire_pauses_logs_once_and_blames_no_upstream() {
@@ -76,7 +30,7 @@ async fn out_of_file_descriptors_squire_pauses_logs_once_and_blames_no_upstream(
         .to_string();
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, &config).expect("config");
-    let squire = Limited::spawn(&path, 48, dir.path().join("squire.log"));
+    let squire = Squire::spawn(&path, Some(48), dir.path().join("squire.log"));
     let admin = admin.parse().expect("admin");
     let listen: std::net::SocketAddr = listen.parse().expect("listen");
     eventually("squire to route to gate", DEADLINE, || async {
@@ -97,9 +51,9 @@ async fn out_of_file_descriptors_squire_pauses_logs_once_and_blames_no_upstream(
         }
     }
     // Out of descriptors for a while: squire must be idle, not spinning.
-    let (ticks, started) = (squire.cpu_ticks(), Instant::now());
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let busy = (squire.cpu_ticks() - ticks) as f64 / 100.0;
+    let (cpu, started) = (squire.cpu_seconds(), Instant::now());
+    tokio::time::sleep(WINDOW).await;
+    let busy = squire.cpu_seconds() - cpu;
     let wall = started.elapsed().as_secs_f64();
     eprintln!("measured: {busy:.2} s of CPU in {wall:.2} s out of descriptors");
     assert!(

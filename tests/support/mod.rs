@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod consul;
+pub mod process;
 
 use std::future::Future;
 use std::net::SocketAddr;
