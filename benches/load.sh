@@ -54,18 +54,22 @@ for tool in haproxy nginx taskset curl; do
   command -v "$tool" >/dev/null || {
     echo "missing $tool: apt-get install -y haproxy nginx libnginx-mod-stream curl" >&2; exit 1; }
 done
-need_files=$((2 * IDLE_CONNS + 1000))
-ulimit -Hn $((need_files > 65536 ? need_files : 65536)) 2>/dev/null || true
-ulimit -n "$(ulimit -Hn)"
-if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$need_files" ]; then
-  echo "open-files limit $(ulimit -n) < $need_files: run as root or raise the hard limit" >&2; exit 1
+# Each idle proxied connection costs the proxy two descriptors.
+ulimit -Hn $((2 * IDLE_CONNS + 1000)) 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+FILES=$(ulimit -n); [ "$FILES" = unlimited ] && FILES=1048576
+if [ $((2 * IDLE_CONNS + 1000)) -gt "$FILES" ]; then
+  IDLE_CONNS=$(( (FILES - 1000) / 2 ))
+  echo "open-files limit $FILES (cannot raise the hard limit here): holding $IDLE_CONNS idle connections" >&2
 fi
-
+PROXY_MAXCONN=$(( (FILES - 200) / 2 ))
 echo "building squire and the load tool..." >&2
 cargo build --release --quiet --bin squire
 cargo build --release --quiet --manifest-path benches/loadgen/Cargo.toml --target-dir target/loadgen
 SQUIRE=$PWD/target/release/squire
 LG=$PWD/target/loadgen/release/squire-loadgen
+# For foreground runs only: a function run in the background is a subshell,
+# and its $! is not the program's pid (so background starts call taskset).
 pin() { taskset -c "$CORE" "$@"; }
 
 work=$(mktemp -d)
@@ -86,7 +90,7 @@ list() { local IFS=,; echo "${*/#/127.0.0.1:}"; }
 
 for i in 0 1 2; do
   extra=(); [ "$i" = 0 ] && extra=(--sink "127.0.0.1:$sink")
-  pin "$LG" serve --tcp "127.0.0.1:${tcp[$i]}" --http "127.0.0.1:${http[$i]}" "${extra[@]}" \
+  taskset -c "$CORE" "$LG" serve --tcp "127.0.0.1:${tcp[$i]}" --http "127.0.0.1:${http[$i]}" "${extra[@]}" \
     --max-secs 3600 2>>"$work/backends.log" & pids+=($!)
 done
 "$LG" wait "$(list "${tcp[@]}" "${http[@]}" "$sink")"
@@ -106,6 +110,8 @@ cat > "$work/squire.toml" <<TOML
 admin = "127.0.0.1:$sq_admin"
 log = "warn"
 threads = 1
+drain_delay = "0s"
+drain_timeout = "1s"
 [registry]
 kind = "local"
 dir = "$work/registry"
@@ -122,14 +128,14 @@ strategy = "round_robin"
 service = "bench-bulk"
 listen = "127.0.0.1:${sq[2]}"
 TOML
-pin "$SQUIRE" run -c "$work/squire.toml" 2>"$work/squire.log" & squire_pid=$!; pids+=($squire_pid)
+taskset -c "$CORE" "$SQUIRE" run -c "$work/squire.toml" 2>"$work/squire.log" & squire_pid=$!; pids+=($squire_pid)
 
 cat > "$work/haproxy.cfg" <<CFG
 global
   nbthread 1
-  maxconn 40000
+  maxconn $PROXY_MAXCONN
 defaults
-  maxconn 40000
+  maxconn $PROXY_MAXCONN
   timeout connect 1s
   timeout client 60s
   timeout server 60s
@@ -158,17 +164,17 @@ backend bulk_pool
   mode tcp
   server sink 127.0.0.1:$sink
 CFG
-pin haproxy -f "$work/haproxy.cfg" -db 2>"$work/haproxy.log" & haproxy_pid=$!; pids+=($haproxy_pid)
+taskset -c "$CORE" haproxy -f "$work/haproxy.cfg" -db 2>"$work/haproxy.log" & haproxy_pid=$!; pids+=($haproxy_pid)
 
 mkdir -p "$work/nginx"
 cat > "$work/nginx/nginx.conf" <<CFG
 $([ -f "$NGINX_STREAM_MODULE" ] && echo "load_module $NGINX_STREAM_MODULE;")
 worker_processes 1;
-worker_rlimit_nofile 65536;
+worker_rlimit_nofile $FILES;
 daemon off;
 pid $work/nginx/nginx.pid;
 error_log $work/nginx/error.log warn;
-events { worker_connections 40000; }
+events { worker_connections $((FILES - 100)); }
 stream {
   upstream tcp_pool { $(for i in 0 1 2; do echo -n "server 127.0.0.1:${tcp[$i]}; "; done) }
   upstream bulk_pool { server 127.0.0.1:$sink; }
@@ -193,7 +199,7 @@ http {
   }
 }
 CFG
-pin nginx -p "$work/nginx/" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" & nginx_pid=$!; pids+=($nginx_pid)
+taskset -c "$CORE" nginx -p "$work/nginx/" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" & nginx_pid=$!; pids+=($nginx_pid)
 
 "$LG" wait "$(list "${hap[@]}" "${ngx[@]}" "${sq[@]}")" || {
   tail -n 20 "$work"/*.log "$work/nginx/error.log" >&2; exit 1; }
@@ -229,6 +235,9 @@ meta setup "everything on core $CORE; REPS=$REPS, DURATION=${DURATION}s measured
 meta "load average at start" "$(cut -d' ' -f1-3 /proc/loadavg)"
 calibrate() { for _ in 1 2 3 4 5; do printf 'calib\t-\t-\t%s\n' "$(pin "$LG" calib)" >> "$results"; done; }
 calibrate
+for t in haproxy nginx squire; do
+  printf 'idle\t%s\t-\t%s\n' "$t" "$("$LG" idle --pids "$(pids_of "$t")" --secs 3)" >> "$results"
+done
 
 targets=(direct haproxy nginx squire)
 workloads=("tcp-1 tcp tcp 1" "tcp-50 tcp tcp 50" "tcp-churn tcp-churn tcp 50" "tcp-bulk bulk bulk 1"

@@ -9,6 +9,7 @@
 //! - `load`: one timed workload against a target: exact percentiles (every
 //!   request is timed and kept), the proxy's CPU time over the measured window
 //! - `hold`: memory with many idle proxied connections, and a burst of connects
+//! - `idle`: the share of a core the proxy uses with no traffic
 //! - `procfs`: CPU time and RSS of a process from `/proc`
 //! - `report`: medians, spreads and ratios of a results file as Markdown
 //!
@@ -33,6 +34,7 @@ usage:
   squire-loadgen run --workload tcp|tcp-churn|http|http-churn|bulk --targets ADDR,..
                      [--conns N] [--warmup S] [--duration S] [--pids PID,..] [--max-ops N]
   squire-loadgen hold --targets ADDR,.. [--conns N] [--burst N] [--pids PID,..]
+  squire-loadgen idle --pids PID,.. [--secs S]
   squire-loadgen calib
   squire-loadgen report FILE";
 
@@ -52,7 +54,10 @@ fn dispatch(args: &[String]) -> Result<(), String> {
     let flags = Flags::parse(rest)?;
     match command.as_str() {
         "ports" => {
-            let n: usize = flags.positional(0)?.parse().map_err(|e| format!("N: {e}"))?;
+            let n: usize = flags
+                .positional(0)?
+                .parse()
+                .map_err(|e| format!("N: {e}"))?;
             for port in net::free_ports(n.min(1000)).map_err(|e| e.to_string())? {
                 println!("{port}");
             }
@@ -91,6 +96,15 @@ fn dispatch(args: &[String]) -> Result<(), String> {
                 flags.pids()?,
             ))?;
             println!("{line}");
+            Ok(())
+        }
+        "idle" => {
+            let pids = flags.pids()?;
+            let secs = flags.num("secs", 3.0)?.clamp(0.1, 60.0);
+            let before = procfs::cpu_seconds(&pids)?;
+            std::thread::sleep(Duration::from_secs_f64(secs));
+            let used = procfs::cpu_seconds(&pids)? - before;
+            println!("cpu_share={:.3}", used / secs);
             Ok(())
         }
         "calib" => {

@@ -3,7 +3,7 @@
 //!
 //! The file has one line per measurement, tab-separated:
 //! `kind  target  rep  key=value key=value ...`, where kind is `meta`
-//! (target is the key, the rest the value), `calib`, `memory` or a workload
+//! (target is the key, the rest the value), `calib`, `idle`, `memory` or a workload
 //! (`tcp-1`, `tcp-50`, `tcp-churn`, `tcp-bulk`, `http-1`, `http-50`,
 //! `http-churn`).
 
@@ -27,7 +27,11 @@ type Fields = BTreeMap<String, f64>;
 pub fn render(text: &str) -> Result<String, String> {
     let mut meta: Vec<(String, String)> = Vec::new();
     let mut runs: BTreeMap<(String, String), Vec<Fields>> = BTreeMap::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let cols: Vec<&str> = line.splitn(4, '\t').collect();
         let [kind, target, _rep, rest] = cols[..] else {
             return Err(format!("line {}: expected 4 tab-separated columns", i + 1));
@@ -63,6 +67,20 @@ pub fn render(text: &str) -> Result<String, String> {
         );
     }
 
+    let idle: Vec<String> = PROXIES
+        .iter()
+        .filter_map(|proxy| {
+            let v = values(&runs, "idle", proxy, "cpu_share");
+            (!v.is_empty()).then(|| format!("{proxy} {:.0}%", median(&v) * 100.0))
+        })
+        .collect();
+    if !idle.is_empty() {
+        let _ = writeln!(
+            out,
+            "- CPU with no traffic (share of one core, over 3 s): {}",
+            idle.join(", ")
+        );
+    }
     let mut table = String::from(
         "| Workload | Target | Throughput | spread | ÷ direct | ÷ nginx | p50 µs | p99 µs \
          | proxy CPU per op | spread | CPU ÷ nginx | errors |\n\
