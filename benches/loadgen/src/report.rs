@@ -33,18 +33,21 @@ pub fn render(text: &str) -> Result<String, String> {
         .filter(|(_, l)| !l.trim().is_empty())
     {
         let cols: Vec<&str> = line.splitn(4, '\t').collect();
-        let [kind, target, _rep, rest] = cols[..] else {
+        let [kind, target, rep, rest] = cols[..] else {
             return Err(format!("line {}: expected 4 tab-separated columns", i + 1));
         };
         if kind == "meta" {
             meta.push((target.to_owned(), rest.to_owned()));
             continue;
         }
-        let fields = rest
+        let mut fields: Fields = rest
             .split_whitespace()
             .filter_map(|kv| kv.split_once('='))
             .filter_map(|(k, v)| Some((k.to_owned(), v.parse::<f64>().ok()?)))
             .collect();
+        if let Ok(rep) = rep.parse() {
+            fields.insert("rep".to_owned(), rep);
+        }
         runs.entry((kind.to_owned(), target.to_owned()))
             .or_default()
             .push(fields);
@@ -170,17 +173,26 @@ pub fn render(text: &str) -> Result<String, String> {
     let mut memory = String::new();
     for proxy in PROXIES {
         let v = |key: &str| median(&values(&runs, "memory", proxy, key));
+        // The proxies run for the whole benchmark and keep what they
+        // allocated, so only the first repetition starts from a true idle RSS.
+        let first = |key: &str| {
+            runs.get(&("memory".to_owned(), proxy.to_string()))
+                .into_iter()
+                .flatten()
+                .find(|f| f.get("rep") == Some(&1.0))
+                .map_or(f64::NAN, |f| get(f, key))
+        };
         if values(&runs, "memory", proxy, "conns").is_empty() {
             continue;
         }
         let _ = writeln!(
             memory,
             "| {proxy} | {:.1} MiB | {:.1} MiB | {:.0} | {:.2} KiB | {:.1} MiB | {:.1} s | {:.0} / {:.0} / {:.0} ms | {:.0} | {:.0} |",
-            v("rss_idle_kib") / 1024.0,
-            v("rss_held_kib") / 1024.0,
-            v("conns"),
-            v("kib_per_conn"),
-            v("rss_after_kib") / 1024.0,
+            first("rss_idle_kib") / 1024.0,
+            first("rss_held_kib") / 1024.0,
+            first("conns"),
+            first("kib_per_conn"),
+            first("rss_after_kib") / 1024.0,
             v("open_secs"),
             v("burst_p50_ms"),
             v("burst_p99_ms"),
@@ -191,7 +203,9 @@ pub fn render(text: &str) -> Result<String, String> {
     }
     if !memory.is_empty() {
         out.push_str(
-            "\n| Proxy | RSS idle | RSS holding | idle proxied conns | per conn | RSS 2 s after close \
+            "\nMemory: the RSS columns are the first repetition's (the proxies run for the whole \
+             benchmark and keep what they allocated); the rest are medians over the repetitions.\n\
+             \n| Proxy | RSS idle | RSS holding | idle proxied conns | per conn | RSS 2 s after close \
              | time to open them | burst of 1,000 connects p50 / p99 / max | of them ≥ 0.9 s | errors |\n\
              |---|---|---|---|---|---|---|---|---|---|\n",
         );
