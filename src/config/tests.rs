@@ -292,7 +292,7 @@ fn prefix_is_normalized() {
 #[test]
 fn a_syntax_error_names_the_place_but_never_echoes_the_line() {
     let text = "[registry]\nkind = \"etcd\"\nusername = \"game\"\npassword = \"hunter2\n";
-    let error = Config::from_toml(text).err().expect("not TOML").to_string();
+    let error = Config::from_toml(text).expect_err("not TOML").to_string();
     assert!(error.contains("line 4, column 20"), "{error}");
     assert!(!error.contains("hunter2"), "the secret leaked: {error}");
 }
