@@ -8,13 +8,14 @@
 //! # Layout
 //!
 //! - [`config`]: `agent.toml`, validated in one pass that reports every problem.
-//! - [`agent`]: wires the tasks together; owns startup and shutdown order.
+//! - [`agent`]: wires the tasks together; owns startup, reload and shutdown order.
 //! - [`registry`]: the backend seam (`etcd`, `consul`, `local`) and the instance format.
 //! - [`registration`]: keeps our instance registered through outages and lease loss.
 //! - [`discovery`]: registry watches turned into endpoint snapshots.
 //! - [`balance`]: snapshots, per-endpoint stats and the strategies that pick.
 //! - [`proxy`]: the localhost listeners that forward to picked endpoints.
-//! - [`admin`]: `/live`, `/ready`, `/metrics`, `/v1/services`, `/v1/self`.
+//! - [`reload`]: reloading `agent.toml` while running (SIGHUP, `POST /v1/reload`).
+//! - [`admin`]: `/live`, `/ready`, `/metrics`, `/v1/services`, `/v1/self`, `/v1/reload`.
 //! - [`metrics`]: every metric name in one place.
 //! - [`backoff`]: jittered exponential backoff for the retry loops.
 //!
@@ -36,6 +37,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod registration;
 pub mod registry;
+pub mod reload;
 pub mod time;
 pub mod tls;
 
