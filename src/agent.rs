@@ -449,8 +449,8 @@ struct Running {
 
 impl Running {
     /// Starts, restarts or stops discovery tasks so that each service some
-    /// listener uses has one, feeding exactly the current upstreams. A
-    /// new upstream gets the instances already known at once.
+    /// listener uses has one, feeding exactly the current upstreams (new
+    /// ones were filled already, see [`Running::prefilled`]).
     async fn sync_discoveries(&mut self, sources_changed: bool) -> DiscoveryChanges {
         let mut wanted: BTreeMap<String, Vec<Arc<Upstream>>> = BTreeMap::new();
         for live in &self.listeners {
@@ -469,7 +469,6 @@ impl Running {
                     running
                 }
                 Some(running) => {
-                    let known = running.upstreams.clone();
                     let service = running.service.clone();
                     running.stop().await;
                     let service = if sources_changed {
@@ -477,12 +476,6 @@ impl Running {
                     } else {
                         service
                     };
-                    let instances = service.instances();
-                    for upstream in &upstreams {
-                        if !known.iter().any(|k| Arc::ptr_eq(k, upstream)) {
-                            upstream.refresh(&instances);
-                        }
-                    }
                     changes.restarted.push(name.clone());
                     LiveDiscovery::start(&self.sources, &self.config, service, upstreams)
                 }
@@ -499,6 +492,18 @@ impl Running {
             changes.stopped.push(name);
         }
         changes
+    }
+
+    /// Fills the new upstreams of `built` with the instances discovery
+    /// already knows, so that the listener routes from its first
+    /// connection (its discovery is restarted afterwards).
+    fn prefilled(&self, built: Built) -> Built {
+        for upstream in &built.upstreams {
+            if let Some(discovery) = self.discoveries.get(upstream.service()) {
+                upstream.refresh(&discovery.service.instances());
+            }
+        }
+        built
     }
 
     fn service_state(&self, name: &str) -> Arc<ServiceState> {
@@ -602,7 +607,7 @@ impl Running {
                         },
                     };
                     self.replaced.push(drain);
-                    let live = Live::start(build(upstream, listener));
+                    let live = Live::start(self.prefilled(build(upstream, listener)));
                     summary.changed.push(live.name());
                     listeners.push(live);
                 }
@@ -610,7 +615,7 @@ impl Running {
                     let Some(listener) = bound.remove(&new) else {
                         continue;
                     };
-                    let live = Live::start(build(&config.upstreams[new], listener));
+                    let live = Live::start(self.prefilled(build(&config.upstreams[new], listener)));
                     summary.added.push(live.name());
                     listeners.push(live);
                 }
@@ -687,7 +692,15 @@ impl Running {
                 }
             }
             ReloadOutcome::Invalid(e) => {
-                tracing::error!(%file, error = %e, "reload rejected: the new configuration is invalid; the running one stays");
+                let problems = match e.problems() {
+                    [] => e.to_string(),
+                    problems => problems
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                };
+                tracing::error!(%file, %problems, "reload rejected: the new configuration is invalid; the running one stays");
             }
             ReloadOutcome::Failed(reason) => {
                 tracing::error!(%file, %reason, "reload failed; the running configuration stays");
