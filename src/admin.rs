@@ -466,3 +466,40 @@ pub async fn set_maintenance(
         Err(format!("{status}: {body}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> AgentState {
+        AgentState {
+            node: "test".into(),
+            listeners_bound: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            maintenance: watch::Sender::new(None),
+            prometheus: metrics_exporter_prometheus::PrometheusBuilder::new()
+                .build_recorder()
+                .handle(),
+            catalog: ArcSwap::from_pointee(Catalog {
+                registrations: Vec::new(),
+                health: None,
+                services: Vec::new(),
+                upstreams: Vec::new(),
+            }),
+            reloader: Reloader(tokio::sync::mpsc::channel(1).0),
+        }
+    }
+
+    #[test]
+    fn ready_only_once_the_listeners_accept() {
+        let state = state();
+        assert_eq!(
+            not_ready_reason(&state),
+            Some("starting: listeners not bound")
+        );
+        state.listeners_bound.store(true, Ordering::Relaxed);
+        assert_eq!(not_ready_reason(&state), None);
+        state.draining.store(true, Ordering::Relaxed);
+        assert_eq!(not_ready_reason(&state), Some("draining"));
+    }
+}

@@ -48,6 +48,9 @@ pub const DRAIN_CUT: &str = "squire_drain_connections_cut_total";
 /// Configuration reloads (SIGHUP, POST /v1/reload). Labels: result (ok,
 /// invalid: the new file was rejected, failed: valid but could not be applied, e.g. a port taken).
 pub const CONFIG_RELOADS: &str = "squire_config_reloads_total";
+/// Errors that are squire's own (out of file descriptors, buffers, local
+/// ports): never counted against an endpoint. Labels: kind.
+pub const LOCAL_ERRORS: &str = "squire_local_errors_total";
 /// Connect attempts that failed (each retry counts). Labels: upstream, listen.
 pub const CONNECT_FAILURES: &str = "squire_upstream_connect_failures_total";
 /// Connect attempts made again on another endpoint after a failure. Labels: upstream, listen.
@@ -169,6 +172,10 @@ fn describe() {
         "Times failover discovery of a service moved to a registry"
     );
     describe_counter!(TCP_ACCEPTED, "Connections accepted by an upstream listener");
+    describe_counter!(
+        LOCAL_ERRORS,
+        "Errors that are squire's own (out of file descriptors, buffers, local ports), by kind"
+    );
     describe_gauge!(TCP_ACTIVE, "Connections open through an upstream listener");
     describe_counter!(
         TCP_FAILED,

@@ -77,11 +77,18 @@ impl Registry for LocalRegistry {
             .map_err(io_error(&dir))?;
         let changed = Arc::new(Notify::new());
         let wake = changed.clone();
-        let watcher =
-            notify::recommended_watcher(move |_event| wake.notify_one()).and_then(|mut w| {
-                w.watch(&dir, RecursiveMode::NonRecursive)?;
-                Ok(w)
-            });
+        // Only changes wake the watch: our own scans open the directory and
+        // its files, and an access event waking a scan would make it spin.
+        let on_event = move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| e.kind.is_access()) {
+                return;
+            }
+            wake.notify_one();
+        };
+        let watcher = notify::recommended_watcher(on_event).and_then(|mut w| {
+            w.watch(&dir, RecursiveMode::NonRecursive)?;
+            Ok(w)
+        });
         let watcher = match watcher {
             Ok(watcher) => Some(watcher),
             Err(e) => {
