@@ -366,6 +366,37 @@ async fn sighup_changing_the_strategy_keeps_the_open_session_and_the_port() {
     announcer.stop().await;
 }
 
+/// An agent in this process that reloads from `path`.
+struct InProcess {
+    admin: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl InProcess {
+    async fn start(path: &Path) -> InProcess {
+        let config = squire::Config::load(path).expect("valid");
+        let agent = squire::Agent::bind(config)
+            .await
+            .expect("binds")
+            .reload_from(path);
+        let admin = agent.admin_addr();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(agent.run(async {
+            let _ = stopped.await; // a dropped sender also means stop
+        }));
+        InProcess { admin, stop, task }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("stops")
+            .expect("no panic");
+    }
+}
+
 /// `POST path` with an empty body: status and body.
 async fn post(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
@@ -398,16 +429,8 @@ async fn post_v1_reload_applies_a_valid_file_and_rejects_an_invalid_one() {
     let path = dir.path().join("agent.toml");
     let base = AgentToml::local(&registry).upstream(Section::upstream("battle"));
     fs::write(&path, base.to_string()).expect("write");
-    let config = squire::Config::load(&path).expect("valid");
-    let agent = squire::Agent::bind(config)
-        .await
-        .expect("binds")
-        .reload_from(&path);
-    let admin = agent.admin_addr();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(agent.run(async {
-        let _ = stopped.await;
-    }));
+    let agent = InProcess::start(&path).await;
+    let admin = agent.admin;
 
     // Only POST.
     let (status, _) = support::http_get(admin, "/v1/reload").await;
@@ -462,10 +485,45 @@ async fn post_v1_reload_applies_a_valid_file_and_rejects_an_invalid_one() {
     let services: serde_json::Value = serde_json::from_str(&services).expect("json");
     assert_eq!(services["upstreams"][1]["protocol"], "http");
 
-    let _ = stop.send(());
-    tokio::time::timeout(DEADLINE, task)
-        .await
-        .expect("stops")
-        .expect("no panic");
+    agent.stop().await;
     announcer.stop().await;
+}
+
+#[tokio::test]
+async fn a_changed_service_registers_again() {
+    let dir = tempfile::tempdir().expect("dir");
+    let registry = dir.path().join("registry");
+    let path = dir.path().join("agent.toml");
+    let (old, new) = (loopback(7000), loopback(7001));
+    let config = |addr: SocketAddr| {
+        AgentToml::local(&registry)
+            .service(Section::service("battle", addr))
+            .to_string()
+    };
+    fs::write(&path, config(old)).expect("write");
+    let agent = InProcess::start(&path).await;
+    let admin = agent.admin;
+    // The id is {name}-{host}-{port}: a new port is a new instance.
+    let file = |addr: SocketAddr| {
+        registry
+            .join("battle")
+            .join(format!("battle-127.0.0.1-{}.json", addr.port()))
+    };
+    eventually("the first registration", DEADLINE, || async {
+        file(old).exists()
+    })
+    .await;
+
+    fs::write(&path, config(new)).expect("write");
+    let (status, body) = post(admin, "/v1/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"reregistered\":true"), "{body}");
+    eventually("the new registration", DEADLINE, || async {
+        file(new).exists()
+    })
+    .await;
+    assert!(!file(old).exists(), "the old instance is still registered");
+
+    agent.stop().await;
+    assert!(!file(new).exists(), "deregistered at shutdown");
 }
