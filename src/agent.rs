@@ -63,6 +63,8 @@ pub enum AgentError {
     },
     #[error("cannot install the metrics recorder: {0}")]
     Metrics(String),
+    #[error("registry {name}: {reason}")]
+    Registry { name: String, reason: String },
     #[error("cannot set up the health checks: {0}")]
     Health(#[from] crate::tls::TlsError),
 }
@@ -86,7 +88,7 @@ impl Agent {
     /// Binds the admin API and every listener. Nothing is announced yet.
     pub async fn bind(config: Config) -> Result<Agent, AgentError> {
         let prometheus = crate::metrics::install().map_err(AgentError::Metrics)?;
-        let sources = connect_sources(&config.registries);
+        let sources = connect_sources(&config.registries)?;
         let admin_listener = bind(config.agent.admin, "the admin API", "admin")?;
 
         let mut listeners = Vec::new();
@@ -548,6 +550,14 @@ impl Running {
         let discovery_changed = registries_changed || config.discovery != self.config.discovery;
 
         // Everything that can fail, before anything changes.
+        let sources = if registries_changed {
+            match connect_sources(&config.registries) {
+                Ok(sources) => Some(sources),
+                Err(e) => return ReloadOutcome::Failed(e.to_string()),
+            }
+        } else {
+            None
+        };
         let health = match (&config.service, service_changed) {
             (Some(service), true) => match Health::new(&service.checks) {
                 Ok(health) => Some(health),
@@ -642,8 +652,8 @@ impl Running {
                 registrations.stop().await;
             }
         }
-        if registries_changed {
-            self.sources = connect_sources(&config.registries);
+        if let Some(sources) = sources {
+            self.sources = sources;
         }
         self.config = config;
         let discoveries = self.sync_discoveries(discovery_changed).await;
@@ -807,12 +817,14 @@ fn restart_required(old: &AgentConfig, new: &AgentConfig) -> Vec<String> {
     keys
 }
 
-fn connect_sources(registries: &[RegistryConfig]) -> Vec<Source> {
+fn connect_sources(registries: &[RegistryConfig]) -> Result<Vec<Source>, AgentError> {
     registries
         .iter()
-        .map(|r| Source {
-            name: r.name.clone(),
-            registry: connect_registry(r),
+        .map(|r| {
+            Ok(Source {
+                name: r.name.clone(),
+                registry: connect_registry(r)?,
+            })
         })
         .collect()
 }
@@ -898,12 +910,18 @@ fn upstream(service: &str, config: &UpstreamConfig, listen: SocketAddr) -> Upstr
 }
 
 /// Builds the backend a `[registry]` names. Connecting is lazy: an
-/// unreachable registry shows up as errors in the loops, not here.
-pub fn connect_registry(config: &RegistryConfig) -> Arc<dyn Registry> {
-    match &config.backend {
-        RegistryBackend::Local { dir } => {
-            Arc::new(registry::local::LocalRegistry::new(dir.clone(), config.ttl))
-        }
+/// unreachable registry shows up as errors in the loops, not here. Only a
+/// setup squire cannot run with (an embedded-registry directory it must
+/// not trust) fails.
+pub fn connect_registry(config: &RegistryConfig) -> Result<Arc<dyn Registry>, AgentError> {
+    Ok(match &config.backend {
+        RegistryBackend::Local { dir, group } => Arc::new(
+            registry::local::LocalRegistry::open(dir.clone(), group.as_deref(), config.ttl)
+                .map_err(|reason| AgentError::Registry {
+                    name: config.name.clone(),
+                    reason,
+                })?,
+        ),
         RegistryBackend::Etcd(etcd) => Arc::new(registry::etcd::EtcdRegistry::new(
             etcd.clone(),
             config.ttl,
@@ -914,5 +932,5 @@ pub fn connect_registry(config: &RegistryConfig) -> Arc<dyn Registry> {
             config.ttl,
             config.timeout,
         )),
-    }
+    })
 }
