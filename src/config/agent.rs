@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::problems::{duration, socket_addr, Problems};
 use super::raw::RawAgent;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
     pub node: String,
     pub admin: SocketAddr,
@@ -16,6 +16,9 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     pub drain_delay: Duration,
     pub drain_timeout: Duration,
+    /// After `drain_timeout`, the connections still open are closed in
+    /// batches spread over this window (not all in the same millisecond).
+    pub drain_spread: Duration,
     /// Runtime worker threads; 0 means one per core.
     pub threads: usize,
 }
@@ -57,13 +60,19 @@ pub(super) fn validate_agent(raw: RawAgent, problems: &mut Problems) -> AgentCon
             LogFormat::Text
         }
     };
+    let drain_timeout = duration("agent.drain_timeout", raw.drain_timeout, "30s", problems);
+    let drain_spread = match raw.drain_spread {
+        Some(text) => duration("agent.drain_spread", Some(text), "1s", problems),
+        None => default_drain_spread(drain_timeout),
+    };
     AgentConfig {
         node,
         admin,
         log,
         log_format,
         drain_delay: duration("agent.drain_delay", raw.drain_delay, "2s", problems),
-        drain_timeout: duration("agent.drain_timeout", raw.drain_timeout, "30s", problems),
+        drain_timeout,
+        drain_spread,
         threads: match raw.threads {
             None => 0,
             Some(n) => usize::try_from(n)
@@ -78,6 +87,11 @@ pub(super) fn validate_agent(raw: RawAgent, problems: &mut Problems) -> AgentCon
                 }),
         },
     }
+}
+
+/// 10% of `drain_timeout`, at least one second.
+pub fn default_drain_spread(drain_timeout: Duration) -> Duration {
+    (drain_timeout / 10).max(Duration::from_secs(1))
 }
 
 fn hostname() -> String {
