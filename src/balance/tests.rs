@@ -2,12 +2,16 @@
 //! statistical bounds, weights, smooth order, state across rebuilds,
 //! ejection, panic mode, and property tests.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::{any, prop_assert, prop_assert_eq, proptest, ProptestConfig};
 
 use super::*;
+use crate::registry::{Instance, Status};
 
 fn instance(id: &str, status: Status, weight: u32) -> Instance {
     Instance {

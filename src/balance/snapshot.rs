@@ -1,0 +1,224 @@
+//! The immutable endpoint set of one upstream and the strategy structure
+//! built over it, rebuilt whole when membership changes.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::consistent_hash::Maglev;
+use super::ejection::Census;
+use super::least_connections::LeastConnections;
+use super::random::Random;
+use super::response_time::ResponseTime;
+use super::round_robin::RoundRobin;
+use super::stats::{self, now_ms, EndpointStats};
+use super::weighted_round_robin::WeightedRoundRobin;
+use super::{Balancer, Candidates, Filter, Strategy};
+use crate::registry::{Instance, Status};
+
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub instance: Instance,
+    /// `host:port` to dial, formatted once per rebuild rather than per
+    /// connection.
+    pub authority: String,
+    pub stats: Arc<EndpointStats>,
+}
+
+/// A strategy's structure over one set of endpoints, built at rebuild.
+#[derive(Debug)]
+pub(super) enum Selector {
+    RoundRobin(RoundRobin),
+    Random(Random),
+    Weighted(WeightedRoundRobin),
+    LeastConnections(LeastConnections),
+    /// `consistent_hash` and `ip_hash` (which differ only in the key).
+    Hash(Maglev),
+    ResponseTime(ResponseTime),
+}
+
+impl Selector {
+    fn build(strategy: Strategy, endpoints: &[Endpoint], members: &[u32]) -> Selector {
+        let weights = || -> Vec<u32> {
+            members
+                .iter()
+                .map(|&i| endpoints[i as usize].instance.weight)
+                .collect()
+        };
+        match strategy {
+            Strategy::RoundRobin => Selector::RoundRobin(RoundRobin::build(members)),
+            Strategy::Random => Selector::Random(Random::build(members)),
+            Strategy::WeightedRoundRobin => {
+                Selector::Weighted(WeightedRoundRobin::build(members, &weights()))
+            }
+            Strategy::LeastConnections => {
+                Selector::LeastConnections(LeastConnections::build(members))
+            }
+            Strategy::ConsistentHash | Strategy::IpHash => {
+                Selector::Hash(Maglev::build(endpoints, members, &weights()))
+            }
+            Strategy::ResponseTime => Selector::ResponseTime(ResponseTime::build(members)),
+        }
+    }
+
+    #[inline]
+    pub(super) fn pick(
+        &self,
+        cursor: &AtomicUsize,
+        key: Option<u64>,
+        c: &Candidates<'_>,
+    ) -> Option<usize> {
+        match self {
+            Selector::RoundRobin(s) => s.pick(cursor, c),
+            Selector::Random(s) => s.pick(c),
+            Selector::Weighted(s) => s.pick(cursor, c),
+            Selector::LeastConnections(s) => s.pick(c),
+            Selector::Hash(s) => s.pick(key, c),
+            Selector::ResponseTime(s) => s.pick(c),
+        }
+    }
+}
+
+/// The endpoints of one upstream right now: routable ones first, then
+/// standby ones, each part in instance-id order.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub(super) endpoints: Vec<Endpoint>,
+    /// `endpoints[..routable]` are routable.
+    pub(super) routable: usize,
+    /// Routable endpoints that take new traffic (weight > 0).
+    pub(super) eligible: Box<[u32]>,
+    /// Endpoints of either part that take new traffic, for the panic share.
+    pub(super) total: usize,
+    pub(super) normal: Selector,
+    /// Over every endpoint, built when panic mode is on and standby
+    /// endpoints exist; otherwise panic mode uses `normal`.
+    pub(super) panic: Option<Selector>,
+    pub(super) census: Census,
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Snapshot {
+            endpoints: Vec::new(),
+            routable: 0,
+            eligible: Box::default(),
+            total: 0,
+            normal: Selector::RoundRobin(RoundRobin::default()),
+            panic: None,
+            census: Census::default(),
+        }
+    }
+}
+
+impl Snapshot {
+    /// Builds the snapshot for `instances` (sorted by id, as discovery
+    /// publishes them), keeping the stats of every instance already in
+    /// `previous` and building what `balancer`'s strategy needs.
+    pub fn rebuild(
+        previous: &Snapshot,
+        instances: &[Instance],
+        filter: &Filter,
+        balancer: &Balancer,
+    ) -> Snapshot {
+        let now = now_ms();
+        let mut initial_rtt = None;
+        let mut endpoint = |instance: &Instance| {
+            let stats = match previous.find(&instance.id) {
+                Some(known) => known.stats.clone(),
+                None => {
+                    let rtt = *initial_rtt.get_or_insert_with(|| previous.highest_rtt(now));
+                    Arc::new(EndpointStats::new(
+                        rtt,
+                        now,
+                        balancer.picks_counter(&instance.id),
+                    ))
+                }
+            };
+            Endpoint {
+                instance: instance.clone(),
+                authority: instance.authority(),
+                stats,
+            }
+        };
+        let mut endpoints = Vec::with_capacity(instances.len());
+        let mut standby = Vec::new();
+        for instance in instances.iter().filter(|i| filter.matches(i)) {
+            if filter.statuses.contains(&instance.status) {
+                endpoints.push(endpoint(instance));
+            } else if instance.status != Status::Draining {
+                standby.push(endpoint(instance));
+            }
+        }
+        let routable = endpoints.len();
+        endpoints.append(&mut standby);
+        let takes_traffic = |i: &usize| endpoints[*i].instance.weight > 0;
+        let eligible: Vec<u32> = (0..routable)
+            .filter(takes_traffic)
+            .map(|i| i as u32)
+            .collect();
+        let everyone: Vec<u32> = (0..endpoints.len())
+            .filter(takes_traffic)
+            .map(|i| i as u32)
+            .collect();
+        let normal = Selector::build(balancer.strategy(), &endpoints, &eligible);
+        let panic = (balancer.panic_threshold() > 0.0 && everyone.len() > eligible.len())
+            .then(|| Selector::build(balancer.strategy(), &endpoints, &everyone));
+        Snapshot {
+            total: everyone.len(),
+            endpoints,
+            routable,
+            eligible: eligible.into(),
+            normal,
+            panic,
+            census: Census::default(),
+        }
+    }
+
+    /// Every endpoint, routable first, then standby.
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    /// The endpoints that take new connections when not in panic mode.
+    pub fn routable(&self) -> &[Endpoint] {
+        &self.endpoints[..self.routable]
+    }
+
+    /// Endpoints of this upstream whose status keeps them out (unhealthy,
+    /// critical, not yet healthy): only panic mode routes to them.
+    pub fn standby(&self) -> &[Endpoint] {
+        &self.endpoints[self.routable..]
+    }
+
+    /// Number of routable endpoints.
+    pub fn len(&self) -> usize {
+        self.routable
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routable == 0
+    }
+
+    fn find(&self, id: &str) -> Option<&Endpoint> {
+        let search = |part: &'_ [Endpoint]| {
+            part.binary_search_by(|e| e.instance.id.as_str().cmp(id))
+                .ok()
+        };
+        let (routable, standby) = self.endpoints.split_at(self.routable);
+        search(routable)
+            .map(|i| &routable[i])
+            .or_else(|| search(standby).map(|i| &standby[i]))
+    }
+
+    /// The conservative estimate a new endpoint starts from: the highest of
+    /// the known ones, at least [`stats::INITIAL_RTT`].
+    fn highest_rtt(&self, now: u64) -> Duration {
+        let highest = self
+            .endpoints
+            .iter()
+            .map(|e| e.stats.rtt_estimate(now))
+            .fold(0.0, f64::max);
+        Duration::from_nanos(highest as u64).max(stats::INITIAL_RTT)
+    }
+}
