@@ -79,6 +79,7 @@ impl Maglev {
         }
     }
 
+    #[inline]
     pub fn pick(&self, key: Option<u64>, c: &Candidates<'_>) -> Option<usize> {
         if self.table.is_empty() {
             return None;

@@ -34,6 +34,7 @@ impl LeastConnections {
         }
     }
 
+    #[inline]
     pub fn pick(&self, c: &Candidates<'_>) -> Option<usize> {
         let n = self.members.len();
         if n == 0 {

@@ -18,6 +18,7 @@ impl Random {
         }
     }
 
+    #[inline]
     pub fn pick(&self, c: &Candidates<'_>) -> Option<usize> {
         let n = self.members.len();
         if n == 0 {

@@ -31,6 +31,7 @@ impl ResponseTime {
         }
     }
 
+    #[inline]
     pub fn pick(&self, c: &Candidates<'_>) -> Option<usize> {
         let n = self.members.len();
         if n == 0 {

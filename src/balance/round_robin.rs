@@ -24,6 +24,7 @@ impl RoundRobin {
         }
     }
 
+    #[inline]
     pub fn pick(&self, cursor: &AtomicUsize, c: &Candidates<'_>) -> Option<usize> {
         let n = self.order.len();
         if n == 0 {

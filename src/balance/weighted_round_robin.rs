@@ -49,6 +49,7 @@ impl WeightedRoundRobin {
         }
     }
 
+    #[inline]
     pub fn pick(&self, cursor: &AtomicUsize, c: &Candidates<'_>) -> Option<usize> {
         let len = self.slots.len();
         if len == 0 {
