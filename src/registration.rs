@@ -181,10 +181,28 @@ impl Registration {
         let mut lost_before = false;
         loop {
             self.instance.status = self.wanted();
-            let registered = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = self.registry.register(&self.instance) => r,
+            // A registration in flight when shutdown comes may still land
+            // (and would then linger until its ttl): it gets one registry
+            // timeout to finish, and is revoked at once.
+            let registered = {
+                let register = self.registry.register(&self.instance);
+                tokio::pin!(register);
+                tokio::select! {
+                    r = &mut register => r,
+                    _ = shutdown.cancelled() => {
+                        match tokio::time::timeout(self.timeout, &mut register).await {
+                            Ok(r) => r,
+                            Err(_) => return,
+                        }
+                    }
+                }
             };
+            if shutdown.is_cancelled() {
+                if let Ok(lease) = registered {
+                    self.deregister(lease).await;
+                }
+                return;
+            }
             let lease = match registered {
                 Ok(lease) => lease,
                 Err(e) => {
