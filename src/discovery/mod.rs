@@ -24,15 +24,21 @@
 //!   entry of a registry whose watch is up wins over one whose watch is
 //!   down, then the earlier registry wins. A registry that is down keeps
 //!   its last known instances in the union, as a single registry would.
+//!
+//! Here: the task and its failover and merge loops. `state`: the admin
+//! read model ([`ServiceState`], [`SourceState`]). `view`: what one
+//! registry says, entry by entry.
 
-use std::collections::{BTreeMap, HashMap};
+mod state;
+mod view;
+
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -41,108 +47,17 @@ use crate::backoff::Backoff;
 use crate::balance::Upstream;
 use crate::config::{DiscoveryConfig, DiscoveryMode};
 use crate::metrics as m;
-use crate::registry::{
-    Change, Entry, Instance, Registry, RegistryError, Status, Watch, WatchEvent,
-};
+use crate::registry::{Instance, Registry, RegistryError, Status, Watch, WatchEvent};
 use crate::time::{sleep_or_shutdown, sleep_until_some};
+
+pub use state::{ServiceState, SourceState};
+use view::View;
 
 /// One registry discovery reads: its configured name and its backend.
 #[derive(Clone)]
 pub struct Source {
     pub name: String,
     pub registry: Arc<dyn Registry>,
-}
-
-/// Everything known of one service, for the admin API.
-pub struct ServiceState {
-    pub name: String,
-    pub mode: DiscoveryMode,
-    instances: ArcSwap<Vec<Instance>>,
-    watch_up: AtomicBool,
-    updated_at: Mutex<Option<SystemTime>>,
-    sources: Vec<SourceState>,
-}
-
-/// What one registry gives one service, for the admin API.
-pub struct SourceState {
-    pub name: String,
-    pub kind: &'static str,
-    watch_up: AtomicBool,
-    serving: AtomicBool,
-    last_error: Mutex<Option<String>>,
-}
-
-impl SourceState {
-    /// Whether this registry's watch of the service is established.
-    pub fn watch_up(&self) -> bool {
-        self.watch_up.load(Ordering::Relaxed)
-    }
-
-    /// Whether the service is served from this registry: in failover mode
-    /// the registry in use, in merge mode each whose watch is up.
-    pub fn serving(&self) -> bool {
-        self.serving.load(Ordering::Relaxed)
-    }
-
-    /// Why the last listing or watch of this registry failed, until one
-    /// succeeds.
-    pub fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
-
-impl ServiceState {
-    pub fn new(name: String, mode: DiscoveryMode, sources: &[Source]) -> Self {
-        ServiceState {
-            name,
-            mode,
-            instances: ArcSwap::from_pointee(Vec::new()),
-            watch_up: AtomicBool::new(false),
-            updated_at: Mutex::new(None),
-            sources: sources
-                .iter()
-                .map(|source| SourceState {
-                    name: source.name.clone(),
-                    kind: source.registry.kind(),
-                    watch_up: AtomicBool::new(false),
-                    serving: AtomicBool::new(false),
-                    last_error: Mutex::new(None),
-                })
-                .collect(),
-        }
-    }
-
-    /// Every known instance of the service, whatever its status, by id.
-    pub fn instances(&self) -> Arc<Vec<Instance>> {
-        self.instances.load_full()
-    }
-
-    /// Whether the service is being watched: in failover mode the registry
-    /// in use, in merge mode at least one.
-    pub fn watch_up(&self) -> bool {
-        self.watch_up.load(Ordering::Relaxed)
-    }
-
-    pub fn updated_at(&self) -> Option<SystemTime> {
-        *self.updated_at.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Every registry, in configured order.
-    pub fn sources(&self) -> &[SourceState] {
-        &self.sources
-    }
-
-    /// Names of the registries the service is served from now.
-    pub fn served_from(&self) -> Vec<&str> {
-        self.sources
-            .iter()
-            .filter(|s| s.serving())
-            .map(|s| s.name.as_str())
-            .collect()
-    }
 }
 
 /// A watch just opened and its first event (the full current set).
@@ -164,16 +79,6 @@ pub struct Discovery {
     views: Vec<View>,
     /// Failover: the registry whose view is in service.
     serving: Option<usize>,
-}
-
-/// What one registry says of the service.
-#[derive(Default)]
-struct View {
-    /// Instances by registry key.
-    known: BTreeMap<String, Instance>,
-    /// Keys whose value did not parse, with the reason: each is logged and
-    /// counted once, not again on every re-list.
-    malformed: HashMap<String, String>,
 }
 
 /// What a merge-mode feed tells the task that merges.
@@ -464,54 +369,6 @@ impl Discovery {
     }
 }
 
-impl View {
-    fn apply(&mut self, event: WatchEvent, service: &str) {
-        match event {
-            WatchEvent::Reset(entries) => {
-                let previous = std::mem::take(&mut self.malformed);
-                self.known.clear();
-                for entry in entries {
-                    let reason = previous.get(&entry.key).cloned();
-                    self.put(entry, reason, service);
-                }
-            }
-            WatchEvent::Changes(changes) => {
-                for change in changes {
-                    match change {
-                        Change::Put(entry) => {
-                            let reason = self.malformed.remove(&entry.key);
-                            self.put(entry, reason, service);
-                        }
-                        Change::Delete { key } => {
-                            self.known.remove(&key);
-                            self.malformed.remove(&key);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Takes in one entry. A value that cannot be used is skipped, and logged
-    /// and counted unless it was already skipped for the same reason.
-    fn put(&mut self, entry: Entry, skipped_before: Option<String>, service: &str) {
-        let reason = match entry.value {
-            Ok(instance) if instance.name == service => {
-                self.known.insert(entry.key, instance);
-                return;
-            }
-            Ok(instance) => format!("names service {:?}", instance.name),
-            Err(reason) => reason,
-        };
-        self.known.remove(&entry.key);
-        if skipped_before.as_ref() != Some(&reason) {
-            tracing::warn!(service, key = %entry.key, %reason, "skipping a malformed registry entry");
-            metrics::counter!(m::ENTRIES_SKIPPED, "service" => service.to_owned()).increment(1);
-        }
-        self.malformed.insert(entry.key, reason);
-    }
-}
-
 /// Watches `service` in `source` and waits for the first event, the full
 /// current set: a registry that gives it is reachable.
 async fn open(source: &Source, service: &str) -> Result<Opened, RegistryError> {
@@ -611,164 +468,4 @@ async fn poll_some<F: Future + Unpin>(slot: &mut Option<F>) -> F::Output {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use async_trait::async_trait;
-
-    use crate::registry::Lease;
-
-    /// A registry that holds a fixed set of instances, or is down.
-    struct Fixed {
-        up: AtomicBool,
-        instances: Vec<Instance>,
-    }
-
-    #[async_trait]
-    impl Registry for Fixed {
-        fn kind(&self) -> &'static str {
-            "local"
-        }
-        fn target(&self) -> String {
-            "fixed".into()
-        }
-        async fn register(&self, _: &Instance) -> Result<Box<dyn Lease>, RegistryError> {
-            Err(RegistryError::Rejected("read-only".into()))
-        }
-        async fn watch(&self, _: &str) -> Result<Box<dyn Watch>, RegistryError> {
-            if !self.up.load(Ordering::SeqCst) {
-                return Err(RegistryError::Unavailable("down".into()));
-            }
-            let entries = self
-                .instances
-                .iter()
-                .map(|i| Entry {
-                    key: i.id.clone(),
-                    value: Ok(i.clone()),
-                })
-                .collect();
-            Ok(Box::new(FixedWatch(Some(entries))))
-        }
-    }
-
-    struct FixedWatch(Option<Vec<Entry>>);
-
-    #[async_trait]
-    impl Watch for FixedWatch {
-        async fn next(&mut self) -> Result<WatchEvent, RegistryError> {
-            match self.0.take() {
-                Some(entries) => Ok(WatchEvent::Reset(entries)),
-                None => std::future::pending().await,
-            }
-        }
-    }
-
-    fn instance(id: &str, port: u16) -> Instance {
-        Instance {
-            name: "svc".into(),
-            id: id.into(),
-            host: "127.0.0.1".into(),
-            port,
-            tags: Vec::new(),
-            metadata: BTreeMap::new(),
-            version: String::new(),
-            weight: 100,
-            status: Status::Healthy,
-        }
-    }
-
-    fn discovery(mode: DiscoveryMode, registries: Vec<Arc<Fixed>>) -> Discovery {
-        let sources: Vec<Source> = registries
-            .into_iter()
-            .enumerate()
-            .map(|(i, registry)| Source {
-                name: format!("r{i}"),
-                registry,
-            })
-            .collect();
-        let service = Arc::new(ServiceState::new("svc".into(), mode, &sources));
-        let config = DiscoveryConfig {
-            mode,
-            failback: Duration::from_secs(30),
-        };
-        Discovery::new(sources, &config, service, Vec::new())
-    }
-
-    fn fixed(up: bool, instances: Vec<Instance>) -> Arc<Fixed> {
-        Arc::new(Fixed {
-            up: AtomicBool::new(up),
-            instances,
-        })
-    }
-
-    #[test]
-    fn merge_prefers_live_registries_then_the_earlier_one() {
-        let mut d = discovery(
-            DiscoveryMode::Merge,
-            vec![fixed(true, Vec::new()), fixed(true, Vec::new())],
-        );
-        let first = vec![instance("a", 1), instance("both", 2)];
-        let second = vec![instance("b", 3), instance("both", 4)];
-        let reset = |instances: &[Instance]| {
-            WatchEvent::Reset(
-                instances
-                    .iter()
-                    .map(|i| Entry {
-                        key: format!("k/{}", i.id),
-                        value: Ok(i.clone()),
-                    })
-                    .collect(),
-            )
-        };
-        d.on_feed(0, Feed::Up(reset(&first)));
-        d.on_feed(1, Feed::Up(reset(&second)));
-        let seen = |d: &Discovery| -> Vec<(String, u16)> {
-            d.service
-                .instances()
-                .iter()
-                .map(|i| (i.id.clone(), i.port))
-                .collect()
-        };
-        assert_eq!(
-            seen(&d),
-            [("a".into(), 1), ("b".into(), 3), ("both".into(), 2)]
-        );
-        assert_eq!(d.service.served_from(), ["r0", "r1"]);
-        // The first goes down: its instances stay, the live entry wins.
-        d.on_feed(0, Feed::Down(RegistryError::Unavailable("gone".into())));
-        assert_eq!(
-            seen(&d),
-            [("a".into(), 1), ("b".into(), 3), ("both".into(), 4)]
-        );
-        assert_eq!(d.service.served_from(), ["r1"]);
-        assert!(d.service.watch_up());
-        assert_eq!(
-            d.service.sources()[0].last_error().as_deref(),
-            Some("registry unavailable: gone")
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn failover_uses_the_first_that_answers_and_fails_back() {
-        let primary = fixed(false, vec![instance("p", 1)]);
-        let backup = fixed(true, vec![instance("b", 2)]);
-        let d = discovery(DiscoveryMode::Failover, vec![primary.clone(), backup]);
-        let service = d.service.clone();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(d.run(shutdown.clone()));
-        let ids = || -> Vec<String> { service.instances().iter().map(|i| i.id.clone()).collect() };
-        while ids() != ["b"] {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(service.served_from(), ["r1"]);
-        primary.up.store(true, Ordering::SeqCst);
-        // Not before the failback interval, then promptly.
-        tokio::time::sleep(Duration::from_secs(29)).await;
-        assert_eq!(ids(), ["b"]);
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(ids(), ["p"]);
-        assert_eq!(service.served_from(), ["r0"]);
-        assert!(!service.sources()[1].watch_up());
-        shutdown.cancel();
-        task.await.expect("discovery ends on shutdown");
-    }
-}
+mod tests;
