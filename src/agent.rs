@@ -124,12 +124,10 @@ impl Agent {
         for (name, upstreams) in upstreams_by_service {
             let service = Arc::new(ServiceState::new(name, config.discovery.mode, &sources));
             services.push(service.clone());
-            discoveries.push(Discovery::new(
-                sources.clone(),
-                &config.discovery,
-                service,
-                upstreams,
-            ));
+            discoveries.push(
+                Discovery::new(sources.clone(), &config.discovery, service, upstreams)
+                    .with_last_known(&config.agent.state_dir),
+            );
         }
 
         let (maintenance, maintenance_rx) = watch::channel(None);

@@ -56,6 +56,7 @@ pub struct RawAgent {
     pub drain_delay: Option<String>,
     pub drain_timeout: Option<String>,
     pub threads: Option<i64>,
+    pub state_dir: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

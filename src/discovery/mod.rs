@@ -25,15 +25,23 @@
 //!   down, then the earlier registry wins. A registry that is down keeps
 //!   its last known instances in the union, as a single registry would.
 //!
+//! **Last known good**: every listed instance set is also written to
+//! `agent.state_dir` (one file per service, see `last_known`). When at
+//! startup no registry can list a service, those instances are served,
+//! and the service is marked stale (`squire_discovery_stale`, `"stale"` in
+//! `/v1/services`) until the first listing replaces them.
+//!
 //! Here: the task and its failover and merge loops. `state`: the admin
 //! read model ([`ServiceState`], [`SourceState`]). `view`: what one
-//! registry says, entry by entry.
+//! registry says, entry by entry. `last_known`: the snapshot files.
 
+mod last_known;
 mod state;
 mod view;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -50,6 +58,7 @@ use crate::metrics as m;
 use crate::registry::{Instance, Registry, RegistryError, Status, Watch, WatchEvent};
 use crate::time::{sleep_or_shutdown, sleep_until_some};
 
+use last_known::{LastKnown, Snapshot, Writer};
 pub use state::{ServiceState, SourceState};
 use view::View;
 
@@ -79,6 +88,16 @@ pub struct Discovery {
     views: Vec<View>,
     /// Failover: the registry whose view is in service.
     serving: Option<usize>,
+    /// This service's snapshot file, when persisting.
+    last_known: Option<Arc<LastKnown>>,
+    /// Writes the snapshots while `run` runs.
+    writer: Option<Writer>,
+    /// Whether a registry has listed the service since startup.
+    listed: bool,
+    /// Whether the snapshot on disk was read (once, at the first failure).
+    loaded: bool,
+    /// The set last handed to the writer.
+    saved: Option<Vec<Instance>>,
 }
 
 /// What a merge-mode feed tells the task that merges.
@@ -105,13 +124,29 @@ impl Discovery {
             service,
             upstreams,
             serving: None,
+            last_known: None,
+            writer: None,
+            listed: false,
+            loaded: false,
+            saved: None,
         }
     }
 
+    /// Keeps the last listed instances in `state_dir` and serves them when
+    /// no registry can list the service at startup.
+    pub fn with_last_known(mut self, state_dir: &Path) -> Self {
+        self.last_known = Some(Arc::new(LastKnown::new(state_dir, &self.service.name)));
+        self
+    }
+
     pub async fn run(mut self, shutdown: CancellationToken) {
+        self.writer = self.last_known.clone().map(Writer::start);
         match self.mode {
             DiscoveryMode::Failover => self.failover(&shutdown).await,
             DiscoveryMode::Merge => self.merge(&shutdown).await,
+        }
+        if let Some(writer) = self.writer.take() {
+            writer.finish().await;
         }
     }
 
@@ -145,6 +180,7 @@ impl Discovery {
                 }
             }
             let Some((mut index, (mut watch, event))) = opened else {
+                self.serve_last_known();
                 let delay = backoff.next(retryable);
                 tracing::warn!(service = %name, retry_in = ?delay, "no registry can be watched; serving the last known endpoints");
                 if sleep_or_shutdown(delay, shutdown).await {
@@ -210,6 +246,7 @@ impl Discovery {
     fn take_over(&mut self, index: usize, event: WatchEvent) {
         let name = self.service.name.clone();
         self.views[index].apply(event, &name);
+        self.listed_now();
         self.set_source_watch_up(index, true);
         self.clear_error(index);
         if self.serving != Some(index) {
@@ -237,7 +274,7 @@ impl Discovery {
         self.publish_serving();
     }
 
-    fn publish_serving(&self) {
+    fn publish_serving(&mut self) {
         if let Some(index) = self.serving {
             self.publish(self.views[index].known.values().cloned().collect());
         }
@@ -274,6 +311,7 @@ impl Discovery {
         match feed {
             Feed::Up(event) => {
                 self.views[index].apply(event, &name);
+                self.listed_now();
                 self.set_source_watch_up(index, true);
                 self.set_merge_serving(index, true);
                 self.clear_error(index);
@@ -282,11 +320,16 @@ impl Discovery {
             Feed::Down(e) => {
                 self.source_failed(index, &e);
                 self.set_merge_serving(index, false);
+                self.serve_last_known();
             }
         }
         let up = self.service.sources.iter().any(SourceState::watch_up);
         self.set_watch_up(up);
-        self.publish(self.merged());
+        // Until a registry lists the service, the views are empty: what is
+        // in service is the snapshot from disk, or nothing.
+        if self.listed {
+            self.publish(self.merged());
+        }
     }
 
     fn set_merge_serving(&self, index: usize, serving: bool) {
@@ -346,10 +389,24 @@ impl Discovery {
         });
     }
 
-    fn publish(&self, mut instances: Vec<Instance>) {
+    /// Puts `instances` in service. A set listed by a registry is also
+    /// saved, when it differs from the one saved last.
+    fn publish(&mut self, mut instances: Vec<Instance>) {
         instances.sort_by(|a, b| a.id.cmp(&b.id));
+        if self.listed && self.saved.as_ref() != Some(&instances) {
+            if let Some(writer) = &self.writer {
+                writer.save(Snapshot {
+                    instances: instances.clone(),
+                    listed_at: SystemTime::now(),
+                });
+            }
+            self.saved = Some(instances.clone());
+        }
         if *self.service.instances.load_full() == instances {
             return;
+        }
+        if self.listed {
+            *lock(&self.service.listed_at) = Some(SystemTime::now());
         }
         for upstream in &self.upstreams {
             upstream.refresh(&instances);
@@ -361,12 +418,65 @@ impl Discovery {
         }
         tracing::info!(service = %self.service.name, instances = instances.len(), "endpoints changed");
         self.service.instances.store(Arc::new(instances));
-        *self
-            .service
-            .updated_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(SystemTime::now());
+        *lock(&self.service.updated_at) = Some(SystemTime::now());
     }
+
+    /// No registry could list the service. The first time, and only if none
+    /// ever has: serve the snapshot on disk, marked stale. Read here,
+    /// synchronously: once per service, a file of a few kilobytes, and
+    /// nothing else to do meanwhile.
+    fn serve_last_known(&mut self) {
+        let every_one_failed = self
+            .service
+            .sources
+            .iter()
+            .all(|s| s.last_error().is_some());
+        if self.listed || self.loaded || !every_one_failed {
+            return;
+        }
+        self.loaded = true;
+        let Some(last_known) = self.last_known.clone() else {
+            return;
+        };
+        let name = self.service.name.clone();
+        let snapshot = match last_known.load() {
+            Ok(Some(snapshot)) => snapshot,
+            Ok(None) => {
+                tracing::info!(service = %name, path = %last_known.path().display(), "no registry answers and no last known endpoints on disk");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(service = %name, error = %e, "ignoring the last known endpoints on disk");
+                metrics::counter!(m::SNAPSHOT_FAILURES, "service" => name, "op" => "load")
+                    .increment(1);
+                return;
+            }
+        };
+        let listed_at = humantime::format_rfc3339_millis(snapshot.listed_at);
+        tracing::warn!(service = %name, instances = snapshot.instances.len(), %listed_at, "no registry answers; serving the last known endpoints from disk (stale)");
+        *lock(&self.service.stale_since) = Some(SystemTime::now());
+        *lock(&self.service.listed_at) = Some(snapshot.listed_at);
+        metrics::gauge!(m::DISCOVERY_STALE, "service" => name).set(1.0);
+        self.publish(snapshot.instances);
+    }
+
+    /// A registry listed the service: from now on what is in service comes
+    /// from registries, and is saved.
+    fn listed_now(&mut self) {
+        if self.listed {
+            return;
+        }
+        self.listed = true;
+        if lock(&self.service.stale_since).take().is_some() {
+            tracing::info!(service = %self.service.name, "a registry listed the service; the last known endpoints from disk are replaced");
+        }
+        *lock(&self.service.listed_at) = Some(SystemTime::now());
+        metrics::gauge!(m::DISCOVERY_STALE, "service" => self.service.name.clone()).set(0.0);
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Watches `service` in `source` and waits for the first event, the full

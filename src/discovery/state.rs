@@ -18,6 +18,8 @@ pub struct ServiceState {
     pub(super) instances: ArcSwap<Vec<Instance>>,
     pub(super) watch_up: AtomicBool,
     pub(super) updated_at: Mutex<Option<SystemTime>>,
+    pub(super) listed_at: Mutex<Option<SystemTime>>,
+    pub(super) stale_since: Mutex<Option<SystemTime>>,
     pub(super) sources: Vec<SourceState>,
 }
 
@@ -60,6 +62,8 @@ impl ServiceState {
             instances: ArcSwap::from_pointee(Vec::new()),
             watch_up: AtomicBool::new(false),
             updated_at: Mutex::new(None),
+            listed_at: Mutex::new(None),
+            stale_since: Mutex::new(None),
             sources: sources
                 .iter()
                 .map(|source| SourceState {
@@ -86,6 +90,18 @@ impl ServiceState {
 
     pub fn updated_at(&self) -> Option<SystemTime> {
         *self.updated_at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When a registry gave the instance set in service (its last change);
+    /// while stale, when the set on disk was listed.
+    pub fn listed_at(&self) -> Option<SystemTime> {
+        *self.listed_at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Since when the service is served from the last known instances on
+    /// disk, because no registry has listed it since startup.
+    pub fn stale_since(&self) -> Option<SystemTime> {
+        *self.stale_since.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Every registry, in configured order.

@@ -6,6 +6,7 @@ use async_trait::async_trait;
 
 use super::*;
 use crate::registry::{Entry, Lease};
+use last_known::{LastKnown, Snapshot};
 
 /// A registry that holds a fixed set of instances, or is down.
 struct Fixed {
@@ -52,7 +53,8 @@ impl Watch for FixedWatch {
     }
 }
 
-fn instance(id: &str, port: u16) -> Instance {
+/// An instance of `svc` (also used by the sibling modules' tests).
+pub(super) fn instance(id: &str, port: u16) -> Instance {
     Instance {
         name: "svc".into(),
         id: id.into(),
@@ -160,4 +162,88 @@ async fn failover_uses_the_first_that_answers_and_fails_back() {
     assert!(!service.sources()[1].watch_up());
     shutdown.cancel();
     task.await.expect("discovery ends on shutdown");
+}
+
+fn ids(service: &ServiceState) -> Vec<String> {
+    service.instances().iter().map(|i| i.id.clone()).collect()
+}
+
+/// A snapshot of `svc` on disk in `dir`, listed at a known time.
+fn saved(dir: &std::path::Path, instances: Vec<Instance>) -> SystemTime {
+    let listed_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    LastKnown::new(dir, "svc")
+        .save(&Snapshot {
+            instances,
+            listed_at,
+        })
+        .expect("save");
+    listed_at
+}
+
+#[test]
+fn merge_serves_the_snapshot_once_every_registry_failed_until_one_lists() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listed_at = saved(dir.path(), vec![instance("old", 1)]);
+    let mut d = discovery(
+        DiscoveryMode::Merge,
+        vec![fixed(false, Vec::new()), fixed(false, Vec::new())],
+    )
+    .with_last_known(dir.path());
+    let down = || Feed::Down(RegistryError::Unavailable("down".into()));
+    d.on_feed(0, down());
+    assert!(ids(&d.service).is_empty(), "the other may still answer");
+    d.on_feed(1, down());
+    assert_eq!(ids(&d.service), ["old"]);
+    assert!(d.service.stale_since().is_some());
+    assert_eq!(d.service.listed_at(), Some(listed_at));
+    // Read once: later failures keep what is in service.
+    std::fs::remove_file(LastKnown::new(dir.path(), "svc").path()).expect("remove");
+    d.on_feed(0, down());
+    assert_eq!(ids(&d.service), ["old"]);
+
+    let reset = WatchEvent::Reset(vec![Entry {
+        key: "k/new".into(),
+        value: Ok(instance("new", 2)),
+    }]);
+    d.on_feed(1, Feed::Up(reset));
+    assert_eq!(ids(&d.service), ["new"]);
+    assert!(d.service.stale_since().is_none());
+    assert!(d.service.listed_at() > Some(listed_at));
+}
+
+#[tokio::test(start_paused = true)]
+async fn failover_serves_the_snapshot_and_saves_the_first_listing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    saved(dir.path(), vec![instance("old", 1)]);
+    let registry = fixed(false, vec![instance("new", 2)]);
+    let d = discovery(DiscoveryMode::Failover, vec![registry.clone()]).with_last_known(dir.path());
+    let service = d.service.clone();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(d.run(shutdown.clone()));
+    while ids(&service) != ["old"] {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(service.stale_since().is_some());
+    registry.up.store(true, Ordering::SeqCst);
+    while ids(&service) != ["new"] {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(service.stale_since().is_none());
+    shutdown.cancel();
+    task.await.expect("discovery ends on shutdown");
+    let on_disk = LastKnown::new(dir.path(), "svc")
+        .load()
+        .expect("load")
+        .expect("a snapshot");
+    assert_eq!(on_disk.instances, [instance("new", 2)]);
+}
+
+#[test]
+fn without_a_snapshot_a_failed_first_listing_serves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut d =
+        discovery(DiscoveryMode::Merge, vec![fixed(false, Vec::new())]).with_last_known(dir.path());
+    d.on_feed(0, Feed::Down(RegistryError::Unavailable("down".into())));
+    assert!(ids(&d.service).is_empty());
+    assert!(d.service.stale_since().is_none());
 }

@@ -181,6 +181,14 @@ impl AgentToml {
         self
     }
 
+    /// Sets a key in `[agent]` unless the test set it already.
+    pub fn agent_default(mut self, key: &str, value: impl Into<toml::Value>) -> AgentToml {
+        if !self.agent.keys.iter().any(|(k, _)| k == key) {
+            self.agent = self.agent.set(key, value);
+        }
+        self
+    }
+
     /// Sets a key in `[discovery]`.
     pub fn discovery(mut self, key: &str, value: impl Into<toml::Value>) -> AgentToml {
         self.discovery = self.discovery.set(key, value);
