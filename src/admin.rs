@@ -416,3 +416,37 @@ pub async fn set_maintenance(
         Err(format!("{status}: {body}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> AgentState {
+        AgentState {
+            node: "test".into(),
+            listeners_bound: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            registrations: Vec::new(),
+            health: None,
+            maintenance: watch::Sender::new(None),
+            services: Vec::new(),
+            upstreams: Vec::new(),
+            prometheus: metrics_exporter_prometheus::PrometheusBuilder::new()
+                .build_recorder()
+                .handle(),
+        }
+    }
+
+    #[test]
+    fn ready_only_once_the_listeners_accept() {
+        let state = state();
+        assert_eq!(
+            not_ready_reason(&state),
+            Some("starting: listeners not bound")
+        );
+        state.listeners_bound.store(true, Ordering::Relaxed);
+        assert_eq!(not_ready_reason(&state), None);
+        state.draining.store(true, Ordering::Relaxed);
+        assert_eq!(not_ready_reason(&state), Some("draining"));
+    }
+}

@@ -39,6 +39,8 @@ pub enum AgentError {
     },
     #[error("cannot install the metrics recorder: {0}")]
     Metrics(String),
+    #[error("registry {name}: {reason}")]
+    Registry { name: String, reason: String },
     #[error("cannot set up the health checks: {0}")]
     Health(#[from] crate::tls::TlsError),
 }
@@ -59,14 +61,16 @@ impl Agent {
     /// Binds the admin API and every listener. Nothing is announced yet.
     pub async fn bind(config: Config) -> Result<Agent, AgentError> {
         let prometheus = crate::metrics::install().map_err(AgentError::Metrics)?;
-        let sources: Vec<Source> = config
+        let sources = config
             .registries
             .iter()
-            .map(|r| Source {
-                name: r.name.clone(),
-                registry: connect_registry(r),
+            .map(|r| {
+                Ok(Source {
+                    name: r.name.clone(),
+                    registry: connect_registry(r)?,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<Source>, AgentError>>()?;
 
         let admin_listener = bind(config.agent.admin, "the admin API", "admin")?;
 
@@ -330,12 +334,18 @@ fn upstream(service: &str, config: &UpstreamConfig, listen: SocketAddr) -> Upstr
 }
 
 /// Builds the backend a `[registry]` names. Connecting is lazy: an
-/// unreachable registry shows up as errors in the loops, not here.
-pub fn connect_registry(config: &RegistryConfig) -> Arc<dyn Registry> {
-    match &config.backend {
-        RegistryBackend::Local { dir } => {
-            Arc::new(registry::local::LocalRegistry::new(dir.clone(), config.ttl))
-        }
+/// unreachable registry shows up as errors in the loops, not here. Only a
+/// setup squire cannot run with (an embedded-registry directory it must
+/// not trust) fails.
+pub fn connect_registry(config: &RegistryConfig) -> Result<Arc<dyn Registry>, AgentError> {
+    Ok(match &config.backend {
+        RegistryBackend::Local { dir, group } => Arc::new(
+            registry::local::LocalRegistry::open(dir.clone(), group.as_deref(), config.ttl)
+                .map_err(|reason| AgentError::Registry {
+                    name: config.name.clone(),
+                    reason,
+                })?,
+        ),
         RegistryBackend::Etcd(etcd) => Arc::new(registry::etcd::EtcdRegistry::new(
             etcd.clone(),
             config.ttl,
@@ -346,5 +356,5 @@ pub fn connect_registry(config: &RegistryConfig) -> Arc<dyn Registry> {
             config.ttl,
             config.timeout,
         )),
-    }
+    })
 }

@@ -11,12 +11,18 @@
 //! - [`agent`]: wires the tasks together; owns startup and shutdown order.
 //! - [`registry`]: the backend seam (`etcd`, `consul`, `local`) and the instance format.
 //! - [`registration`]: keeps our instance registered through outages and lease loss.
-//! - [`discovery`]: registry watches turned into endpoint snapshots.
-//! - [`balance`]: snapshots, per-endpoint stats and the strategies that pick.
-//! - [`proxy`]: the localhost listeners that forward to picked endpoints.
-//! - [`admin`]: `/live`, `/ready`, `/metrics`, `/v1/services`, `/v1/self`.
+//! - [`health`]: probes of the local service and the rise/fall verdict.
+//! - [`discovery`]: registry watches turned into [`balance::Upstream`] snapshots.
+//! - [`balance`]: upstreams, snapshots, per-endpoint stats and the strategies that pick.
+//! - [`proxy`]: the request path every listener shares: the accept loop
+//!   ([`proxy::listener`]), the attempt loop ([`proxy::attempts`]), and the
+//!   TCP and HTTP handlers.
+//! - [`admin`]: `/live`, `/ready`, `/metrics`, `/v1/services`, `/v1/self`,
+//!   maintenance; its read model [`admin::AgentState`].
 //! - [`metrics`]: every metric name in one place.
+//! - [`time`]: sleeps that end at shutdown, the one token bucket, RFC 3339.
 //! - [`backoff`]: jittered exponential backoff for the retry loops.
+//! - [`tls`]: rustls client setup shared by probes and registries.
 //!
 //! [`run`] takes the shutdown trigger as a parameter, so a test (or another
 //! program) can start and stop a whole agent in-process.

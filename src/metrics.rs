@@ -45,6 +45,9 @@ pub const TCP_ACCEPTED: &str = "squire_tcp_connections_accepted_total";
 pub const TCP_ACTIVE: &str = "squire_tcp_connections_active";
 /// Client connections closed without reaching an upstream. Labels: upstream, listen, reason.
 pub const TCP_FAILED: &str = "squire_tcp_connections_failed_total";
+/// Errors that are squire's own (out of file descriptors, buffers, local
+/// ports): never counted against an endpoint. Labels: kind.
+pub const LOCAL_ERRORS: &str = "squire_local_errors_total";
 /// Connect attempts that failed (each retry counts). Labels: upstream, listen.
 pub const CONNECT_FAILURES: &str = "squire_upstream_connect_failures_total";
 /// Connect attempts made again on another endpoint after a failure. Labels: upstream, listen.
@@ -178,6 +181,10 @@ fn describe() {
         "Snapshot files that could not be read or written"
     );
     describe_counter!(TCP_ACCEPTED, "Connections accepted by an upstream listener");
+    describe_counter!(
+        LOCAL_ERRORS,
+        "Errors that are squire's own (out of file descriptors, buffers, local ports), by kind"
+    );
     describe_gauge!(TCP_ACTIVE, "Connections open through an upstream listener");
     describe_counter!(
         TCP_FAILED,

@@ -8,9 +8,15 @@
 //! Each is one loop: register under a new lease, refresh it every ttl/3, and
 //!
 //! - on a refresh error (registry unreachable, stream broken) retry the
-//!   refresh with a jittered backoff, on the same lease: a lease survives an
-//!   outage shorter than its ttl, and etcd even extends leases across its own
-//!   restart;
+//!   refresh with a jittered backoff of at most [`RETRY_MAX`], on the same
+//!   lease: a lease survives an outage shorter than its ttl, etcd even
+//!   extends leases across its own restart, and a registry that answers
+//!   again is refreshed within [`RETRY_MAX`];
+//! - once a ttl has passed since the last successful refresh, say we are
+//!   not registered (`registered` false, the gauge 0, `/ready` 503): the
+//!   lease has expired unless the registry kept it for us. Keep refreshing
+//!   the same lease; the first refresh that succeeds says registered again,
+//!   and "lease lost" registers anew;
 //! - on [`RegistryError::LeaseLost`] (revoked, expired while we were cut
 //!   off) register again at once under a new lease, then back off if that
 //!   fails. Registering writes the whole value, so doing it twice is harmless;
@@ -33,6 +39,15 @@ use crate::backoff::Backoff;
 use crate::metrics as m;
 use crate::registry::{Instance, Lease, Registry, RegistryError, Status};
 use crate::time::{rfc3339, sleep_or_shutdown, sleep_until_some, TokenBucket};
+
+/// The longest wait between two tries of a registration or refresh while
+/// the registry fails: bounds how long after it answers again we are
+/// registered again.
+const RETRY_MAX: Duration = Duration::from_millis(500);
+
+/// The wait after the registry refused us (permissions, credentials):
+/// retrying soon will not help.
+const REJECTED_WAIT: Duration = Duration::from_secs(5);
 
 /// Status writes allowed in a burst, then one per [`WRITE_REFILL`].
 const WRITE_BURST: u32 = 3;
@@ -74,6 +89,7 @@ pub struct Registration {
     /// status adds `status`).
     labels: Vec<metrics::Label>,
     instance: Instance,
+    ttl: Duration,
     refresh: Duration,
     timeout: Duration,
     health: watch::Receiver<Status>,
@@ -126,6 +142,7 @@ impl Registration {
             registry,
             labels,
             instance,
+            ttl,
             refresh: ttl / 3,
             timeout,
             health,
@@ -160,10 +177,7 @@ impl Registration {
     /// Runs until `shutdown`, then revokes the registration and returns.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let kind = self.registry.kind();
-        let mut backoff = Backoff::new(
-            Duration::from_millis(200),
-            self.refresh.max(Duration::from_secs(1)),
-        );
+        let mut backoff = Backoff::new(Duration::from_millis(100), RETRY_MAX);
         let mut lost_before = false;
         loop {
             self.instance.status = self.wanted();
@@ -175,7 +189,7 @@ impl Registration {
                 Ok(lease) => lease,
                 Err(e) => {
                     metrics::counter!(m::REGISTRATION_FAILURES, self.labels.iter()).increment(1);
-                    let delay = backoff.next(e.is_retryable());
+                    let delay = retry_delay(&mut backoff, &e);
                     tracing::warn!(registry = %self.name, kind, error = %e, retry_in = ?delay, "registration failed");
                     self.update(|s| s.last_error = Some(e.to_string()));
                     if sleep_or_shutdown(delay, &shutdown).await {
@@ -239,6 +253,10 @@ impl Registration {
     ) -> Ended {
         let kind = self.registry.kind();
         let mut next_refresh = Instant::now() + self.refresh;
+        // Past this without a successful refresh the lease has expired,
+        // unless the registry kept it (etcd extends leases on a restart).
+        let mut expires = Instant::now() + self.ttl;
+        let mut held = true;
         let mut deferred = false;
         loop {
             let wanted = self.wanted();
@@ -254,6 +272,12 @@ impl Registration {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ended::Shutdown(lease),
                 _ = sleep_until_some(unhealthy_deadline) => return Ended::UnhealthyTooLong(lease),
+                _ = tokio::time::sleep_until(expires), if held => {
+                    held = false;
+                    tracing::warn!(registry = %self.name, kind, ttl = ?self.ttl, "no successful keep-alive for a ttl; the lease has likely expired");
+                    metrics::gauge!(m::REGISTERED, self.labels.iter()).set(0.0);
+                    self.update(|s| s.registered = false);
+                }
                 changed = self.health.changed() => if changed.is_err() {
                     // The checks are gone only when the agent is stopping.
                     return Ended::Shutdown(lease);
@@ -293,7 +317,16 @@ impl Registration {
                         Ok(()) => {
                             backoff.reset();
                             next_refresh = Instant::now() + self.refresh;
-                            self.update(|s| s.last_keep_alive = Some(SystemTime::now()));
+                            expires = Instant::now() + self.ttl;
+                            if !held {
+                                held = true;
+                                tracing::info!(registry = %self.name, kind, lease = %lease.id(), "keep-alive succeeded again; the registry kept the lease");
+                                metrics::gauge!(m::REGISTERED, self.labels.iter()).set(1.0);
+                            }
+                            self.update(|s| {
+                                s.registered = true;
+                                s.last_keep_alive = Some(SystemTime::now());
+                            });
                         }
                         Err(RegistryError::LeaseLost(reason)) => {
                             tracing::warn!(registry = %self.name, kind, %reason, "lease lost; registering again");
@@ -306,7 +339,7 @@ impl Registration {
                             // Never wait longer than one refresh period between
                             // tries, or an outage shorter than the ttl would
                             // still lose us.
-                            let delay = backoff.next(e.is_retryable()).min(self.refresh);
+                            let delay = retry_delay(backoff, &e).min(self.refresh);
                             next_refresh = Instant::now() + delay;
                             tracing::warn!(registry = %self.name, kind, error = %e, retry_in = ?delay, "keep-alive failed");
                             self.update(|s| s.last_error = Some(e.to_string()));
@@ -369,5 +402,14 @@ impl Registration {
         // is plain data and still usable.
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         change(&mut state);
+    }
+}
+
+/// The wait before retrying after `error`.
+fn retry_delay(backoff: &mut Backoff, error: &RegistryError) -> Duration {
+    if error.is_retryable() {
+        backoff.next(true)
+    } else {
+        REJECTED_WAIT
     }
 }

@@ -264,7 +264,7 @@ fn instance(name: &str, port: u16) -> Instance {
 fn consul_registry(registry: Section) -> std::sync::Arc<dyn squire::registry::Registry> {
     let toml = AgentToml::new(registry).to_string();
     let config = squire::Config::from_toml(&toml).unwrap_or_else(|e| panic!("{e}"));
-    squire::agent::connect_registry(&config.registries[0])
+    squire::agent::connect_registry(&config.registries[0]).expect("registry")
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -23,12 +23,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A backend speaking HTTP/1.1 and h2c: `/` answers its name, `/flaky`
-/// answers 503, `/upload` counts the body's bytes, `/download?n` sends n
+/// answers 503, `/hang` never answers, `/upload` counts the body's bytes, `/download?n` sends n
 /// bytes, `/ws` switches protocols and echoes. Counts connections and
 /// requests, and keeps each request's version and headers.
 struct Backend {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
+    /// Connections open now.
+    open: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<(hyper::Version, hyper::HeaderMap)>>>,
 }
@@ -40,11 +42,18 @@ impl Backend {
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (c, r, s) = (connections.clone(), requests.clone(), seen.clone());
+        let open = Arc::new(AtomicUsize::new(0));
+        let (c, r, s, o) = (
+            connections.clone(),
+            requests.clone(),
+            seen.clone(),
+            open.clone(),
+        );
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 c.fetch_add(1, Ordering::SeqCst);
-                let (r, s) = (r.clone(), s.clone());
+                o.fetch_add(1, Ordering::SeqCst);
+                let (r, s, o) = (r.clone(), s.clone(), o.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                         r.fetch_add(1, Ordering::SeqCst);
@@ -53,15 +62,19 @@ impl Backend {
                             .push((request.version(), request.headers().clone()));
                         handle(name, request)
                     });
+                    // How the connection ended does not matter here; that it
+                    // ended is counted.
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
+                    o.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
         Backend {
             addr,
             connections,
+            open,
             requests,
             seen,
         }
@@ -81,6 +94,7 @@ async fn handle(
     };
     match request.uri().path() {
         "/flaky" => full(503, format!("{name} is overloaded")),
+        "/hang" => std::future::pending().await,
         "/upload" => {
             let mut total = 0usize;
             let body = request.body_mut();
@@ -131,21 +145,8 @@ async fn handle(
     }
 }
 
-/// Announces an instance in the embedded registry the way another squire
-/// would: a record file with a lease that outlives the test.
 fn announce(dir: &Path, service: &str, id: &str, addr: SocketAddr) {
-    let service_dir = dir.join(service);
-    std::fs::create_dir_all(&service_dir).expect("mkdir");
-    let expires = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64
-        + 600_000;
-    let record = format!(
-        r#"{{"expires_at_ms":{expires},"instance":{{"name":"{service}","id":"{id}","host":"127.0.0.1","port":{}}}}}"#,
-        addr.port()
-    );
-    std::fs::write(service_dir.join(format!("{id}.json")), record).expect("write record");
+    support::announce_local(dir, service, id, addr);
 }
 
 /// A keep-alive HTTP/1.1 client connection to `addr`.
@@ -810,6 +811,176 @@ async fn an_idle_client_connection_is_closed_and_a_busy_one_is_not() {
         get(&mut busy, "/", "lobby").await.0,
         StatusCode::OK,
         "the busy one still works"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn pooled_connections_to_an_instance_that_left_are_closed() {
+    for protocol in ["http1", "h2"] {
+        let dir = tempfile::tempdir().expect("dir");
+        let staying = Backend::start("staying").await;
+        let leaving = Backend::start("leaving").await;
+        announce(dir.path(), "shop", "shop-1", staying.addr);
+        announce(dir.path(), "shop", "shop-2", leaving.addr);
+        let agent = TestAgent::start(
+            &AgentToml::local(dir.path())
+                .upstream(Section::http_upstream("shop").set("upstream_protocol", protocol)),
+        )
+        .await;
+        wait_routable(&agent, 2).await;
+        let mut client = h1(agent.listen()).await;
+        let deadline = Instant::now() + DEADLINE;
+        while staying.open.load(Ordering::SeqCst) + leaving.open.load(Ordering::SeqCst) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "both instances to hold a pooled connection"
+            );
+            assert_eq!(get(&mut client, "/", "shop").await.0, StatusCode::OK);
+        }
+        assert_eq!(
+            leaving.open.load(Ordering::SeqCst),
+            1,
+            "{protocol}: one connection each"
+        );
+
+        std::fs::remove_file(dir.path().join("shop/shop-2.json")).expect("deregister");
+        wait_routable(&agent, 1).await;
+        eventually(
+            &format!("{protocol}: the departed instance's connection to close"),
+            DEADLINE,
+            || async { leaving.open.load(Ordering::SeqCst) == 0 },
+        )
+        .await;
+        assert_eq!(
+            get(&mut client, "/", "shop").await,
+            (StatusCode::OK, "staying".into())
+        );
+        assert_eq!(
+            staying.open.load(Ordering::SeqCst),
+            1,
+            "{protocol}: the other one stays pooled"
+        );
+        agent.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_reset_stream_leaves_no_request_in_flight() {
+    let dir = tempfile::tempdir().expect("dir");
+    let backend = Backend::start("lobby").await;
+    announce(dir.path(), "lobby", "lobby-1", backend.addr);
+    let agent = TestAgent::start(
+        &AgentToml::local(dir.path())
+            .upstream(Section::http_upstream("lobby").set("idle_timeout", "300ms")),
+    )
+    .await;
+    wait_routable(&agent, 1).await;
+
+    let stream = TcpStream::connect(agent.listen()).await.expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let request = Request::get("http://lobby/hang")
+        .body(Full::<Bytes>::default())
+        .expect("request");
+    let pending = tokio::spawn(sender.send_request(request));
+    eventually("the request to reach the instance", DEADLINE, || async {
+        backend.requests.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // Dropping the response future resets the stream (RST_STREAM).
+    pending.abort();
+    let active = format!(
+        "squire_http_requests_active{{upstream=\"lobby\",listen=\"{}\"}}",
+        agent.listen()
+    );
+    eventually("the active-requests gauge back to 0", DEADLINE, || async {
+        agent.metric(&active).await == Some(0.0)
+    })
+    .await;
+    // Nothing in flight any more: the idle timeout closes the connection.
+    let closed = tokio::time::timeout(DEADLINE, connection).await;
+    assert!(closed.is_ok(), "the idle h2 connection was closed");
+    agent.stop().await;
+}
+
+/// Counts how often each metric is registered (looked up by its labels).
+#[derive(Default, Clone)]
+struct Registrations(Arc<Mutex<std::collections::HashMap<String, usize>>>);
+
+impl metrics::Recorder for Registrations {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        *self
+            .0
+            .lock()
+            .expect("lock")
+            .entry(key.name().to_owned())
+            .or_default() += 1;
+        metrics::Counter::noop()
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+// A current-thread runtime: the agent's tasks run on this thread and see
+// its local recorder.
+#[tokio::test(flavor = "current_thread")]
+async fn request_counters_are_resolved_once_per_endpoint_not_per_request() {
+    let recorder = Registrations::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let dir = tempfile::tempdir().expect("dir");
+    let backend = Backend::start("bank").await;
+    announce(dir.path(), "bank", "bank-1", backend.addr);
+    let agent =
+        TestAgent::start(&AgentToml::local(dir.path()).upstream(Section::http_upstream("bank")))
+            .await;
+    wait_routable(&agent, 1).await;
+    let mut client = h1(agent.listen()).await;
+    for _ in 0..100 {
+        assert_eq!(get(&mut client, "/", "bank").await.0, StatusCode::OK);
+    }
+    let lookups = recorder
+        .0
+        .lock()
+        .expect("lock")
+        .get("squire_http_requests_total")
+        .copied();
+    assert_eq!(
+        lookups,
+        Some(1),
+        "one (endpoint, GET, 2xx) counter for 100 requests"
     );
     agent.stop().await;
 }

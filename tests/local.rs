@@ -3,12 +3,14 @@
 
 mod support;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use support::config::{AgentToml, Section};
+use support::process::Squire;
 use support::{eventually, session, Backend, TestAgent, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 #[tokio::test]
 async fn two_agents_on_one_host_find_each_other() {
@@ -205,3 +207,35 @@ async fn the_maintenance_command_drains_and_restores_the_instance() {
     assert!(String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach the admin API"));
     a.stop().await;
 }
+
+#[tokio::test]
+async fn an_idle_squire_on_the_embedded_registry_uses_no_cpu() {
+    let dir = tempfile::tempdir().expect("dir");
+    let admin = format!("127.0.0.1:{}", support::free_port());
+    let backend = support::Backend::start("lobby").await;
+    let config = AgentToml::local(dir.path())
+        .agent("admin", admin.as_str())
+        .service(Section::service("lobby", backend.addr))
+        .upstream(Section::upstream("chat"))
+        .to_string();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, config).expect("config");
+    let squire = Squire::spawn(&path, None, dir.path().join("squire.log"));
+    let admin = admin.parse().expect("admin");
+    eventually("squire to register", DEADLINE, || async {
+        TcpStream::connect(admin).await.is_ok() && support::http_get(admin, "/ready").await.0 == 200
+    })
+    .await;
+    let (cpu, started) = (squire.cpu_seconds(), Instant::now());
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let busy = squire.cpu_seconds() - cpu;
+    let wall = started.elapsed().as_secs_f64();
+    eprintln!("measured: an idle squire used {busy:.3} s of CPU in {wall:.2} s");
+    assert!(
+        busy < wall / 10.0,
+        "idle squire busy: {busy:.3} s CPU in {wall:.2} s"
+    );
+}
+
+/// How long an idle squire's CPU use is measured over.
+const IDLE_WINDOW: Duration = Duration::from_secs(2);

@@ -88,9 +88,10 @@ impl Config {
         Config::from_toml(&text)
     }
 
+    /// Parses and validates `text`, reporting every problem at once.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let table: toml::Table =
-            toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+            toml::from_str(text).map_err(|e| ConfigError::Syntax(syntax_error(text, &e)))?;
         let mut problems = Problems::default();
         let raw = read_sections(table, &mut problems);
         let config = validate(raw, &mut problems);
@@ -198,5 +199,20 @@ fn validate(raw: RawConfig, problems: &mut Problems) -> Config {
         discovery,
         service,
         upstreams,
+    }
+}
+
+/// Where the file stops being TOML, and why, without the offending line:
+/// the line may hold a password or a token.
+fn syntax_error(text: &str, error: &toml::de::Error) -> String {
+    let reason = error.message().trim_end();
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {reason}")
+        }
+        None => reason.to_owned(),
     }
 }

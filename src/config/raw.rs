@@ -67,6 +67,7 @@ pub struct RawRegistry {
     pub ttl: Option<String>,
     // local
     pub dir: Option<String>,
+    pub group: Option<String>,
     // etcd
     pub endpoints: Option<Vec<String>>,
     pub prefix: Option<String>,

@@ -54,7 +54,12 @@ impl DiscoveryMode {
 
 #[derive(Debug, Clone)]
 pub enum RegistryBackend {
-    Local { dir: PathBuf },
+    Local {
+        dir: PathBuf,
+        /// A group whose members may read the directory (mode 0750);
+        /// `None`: only squire's own user (0700).
+        group: Option<String>,
+    },
     Etcd(EtcdConfig),
     Consul(ConsulConfig),
 }
@@ -255,10 +260,24 @@ fn validate_registry(
                 Some(dir) => PathBuf::from(dir),
                 None => default_local_dir(),
             };
-            RegistryBackend::Local { dir }
+            let group = raw.group.filter(|group| {
+                let valid = !group.is_empty()
+                    && group
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+                if !valid {
+                    problems.push(
+                        at("group"),
+                        "must be a group name (letters, digits, -, _, .)",
+                    );
+                }
+                valid
+            });
+            RegistryBackend::Local { dir, group }
         }
         "etcd" => {
             misplaced(problems, "dir", raw.dir.is_some(), "local");
+            misplaced(problems, "group", raw.group.is_some(), "local");
             for key in consul::keys_set(&raw) {
                 misplaced(problems, key, true, "consul");
             }
@@ -266,6 +285,7 @@ fn validate_registry(
         }
         "consul" => {
             misplaced(problems, "dir", raw.dir.is_some(), "local");
+            misplaced(problems, "group", raw.group.is_some(), "local");
             misplaced(problems, "endpoints", raw.endpoints.is_some(), "etcd");
             misplaced(problems, "prefix", raw.prefix.is_some(), "etcd");
             misplaced(problems, "username", raw.username.is_some(), "etcd");
@@ -279,6 +299,7 @@ fn validate_registry(
             );
             RegistryBackend::Local {
                 dir: default_local_dir(),
+                group: None,
             }
         }
     };

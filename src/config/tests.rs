@@ -288,3 +288,11 @@ fn prefix_is_normalized() {
     };
     assert_eq!(etcd.prefix, "/game");
 }
+
+#[test]
+fn a_syntax_error_names_the_place_but_never_echoes_the_line() {
+    let text = "[registry]\nkind = \"etcd\"\nusername = \"game\"\npassword = \"hunter2\n";
+    let error = Config::from_toml(text).expect_err("not TOML").to_string();
+    assert!(error.contains("line 4, column 20"), "{error}");
+    assert!(!error.contains("hunter2"), "the secret leaked: {error}");
+}

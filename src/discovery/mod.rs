@@ -62,6 +62,10 @@ use last_known::{LastKnown, Snapshot, Writer};
 pub use state::{ServiceState, SourceState};
 use view::View;
 
+/// The longest wait before re-listing a broken watch: a registry that
+/// answers again is watched again within this.
+const RELIST_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
 /// One registry discovery reads: its configured name and its backend.
 #[derive(Clone)]
 pub struct Source {
@@ -152,7 +156,7 @@ impl Discovery {
 
     async fn failover(&mut self, shutdown: &CancellationToken) {
         let name = self.service.name.clone();
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let mut backoff = Backoff::new(Duration::from_millis(200), RELIST_BACKOFF_MAX);
         let mut first = true;
         loop {
             if !first {
@@ -512,7 +516,7 @@ async fn feed(
     tx: mpsc::Sender<(usize, Feed)>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut backoff = Backoff::new(Duration::from_millis(200), RELIST_BACKOFF_MAX);
     let mut first = true;
     let send = |feed: Feed| tx.send((index, feed));
     loop {

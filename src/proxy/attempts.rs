@@ -8,7 +8,10 @@
 //! listener: which endpoints were tried, the pause between attempts, the
 //! pick (never an endpoint already tried), the pick and failure counters,
 //! the latency sample, success and failure reporting to the balancer (which
-//! ejects an endpoint that keeps failing), and the log lines.
+//! ejects an endpoint that keeps failing), and the log lines. A failure
+//! that is squire's own ([`ProxyError::Local`]: out of file descriptors,
+//! buffers, local ports) is counted apart and never held against the
+//! endpoint.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -188,6 +191,12 @@ impl<'a, T> Attempts<'a, T> {
             Outcome::RetryOr(value, error) => (Some(value), error, true),
             Outcome::Fail(error) => (None, error, false),
         };
+        if let ProxyError::Local { kind, .. } = &error {
+            // Not the endpoint's doing, and another would fail alike: no
+            // failure recorded, no retry.
+            super::error::local_error(kind, "connect failed", &error);
+            return Some(value.ok_or(error));
+        }
         if error.is_connect() {
             self.metrics.connect_failures.increment(1);
         }

@@ -1,8 +1,10 @@
 //! Why a client connection or request could not be forwarded, and the one
 //! place that says what each failure means: its metric label
 //! ([`ProxyError::reason`]) and the HTTP status a client gets for it
-//! ([`ProxyError::status`]).
+//! ([`ProxyError::status`]); and which failures are squire's own
+//! ([`local_kind`]), never held against an endpoint.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::StatusCode;
@@ -30,6 +32,14 @@ pub enum ProxyError {
     PreambleTimeout { after: Duration },
     #[error("bad ROUTE line: {0}")]
     Preamble(#[from] preamble::PreambleError),
+    /// squire's own resources ran out (file descriptors, buffers, local
+    /// ports): no endpoint is to blame, and another one would fail alike.
+    #[error("cannot connect to {endpoint}: squire is out of {kind}: {source}")]
+    Local {
+        endpoint: String,
+        kind: &'static str,
+        source: std::io::Error,
+    },
 }
 
 impl ProxyError {
@@ -44,6 +54,7 @@ impl ProxyError {
             ProxyError::Upstream { .. } => "upstream_error",
             ProxyError::PreambleTimeout { .. } => "preamble_timeout",
             ProxyError::Preamble(_) => "bad_preamble",
+            ProxyError::Local { .. } => "local_error",
         }
     }
 
@@ -68,6 +79,7 @@ impl ProxyError {
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => {
                 (StatusCode::BAD_GATEWAY, "upstream connection failed\n")
             }
+            ProxyError::Local { .. } => (StatusCode::SERVICE_UNAVAILABLE, "proxy overloaded\n"),
         }
     }
 
@@ -80,14 +92,80 @@ impl ProxyError {
         )
     }
 
+    /// A failed connect to `endpoint`: [`ProxyError::Local`] when the cause
+    /// is squire's own (see [`local_kind`]), else [`ProxyError::Connect`].
+    pub fn connect(endpoint: &str, source: std::io::Error) -> ProxyError {
+        let endpoint = endpoint.to_owned();
+        match local_kind(&source) {
+            Some(kind) => ProxyError::Local {
+                endpoint,
+                kind,
+                source,
+            },
+            None => ProxyError::Connect { endpoint, source },
+        }
+    }
+
     /// The endpoint (`host:port`) the failure happened at, if any.
     pub fn endpoint(&self) -> Option<&str> {
         match self {
             ProxyError::ConnectTimeout { endpoint, .. }
             | ProxyError::Connect { endpoint, .. }
             | ProxyError::RequestTimeout { endpoint }
-            | ProxyError::Upstream { endpoint, .. } => Some(endpoint),
+            | ProxyError::Upstream { endpoint, .. }
+            | ProxyError::Local { endpoint, .. } => Some(endpoint),
             _ => None,
         }
     }
 }
+
+/// Which of squire's own resources an I/O error says ran out, if it is
+/// one of those: out of file descriptors (EMFILE, ENFILE), of socket
+/// buffers or memory (ENOBUFS, ENOMEM), of local ports (EADDRNOTAVAIL).
+/// Such an error says nothing about the peer.
+pub fn local_kind(error: &std::io::Error) -> Option<&'static str> {
+    match error.raw_os_error()? {
+        libc::EMFILE | libc::ENFILE => Some("file_descriptors"),
+        libc::ENOBUFS | libc::ENOMEM => Some("memory"),
+        libc::EADDRNOTAVAIL => Some("local_ports"),
+        _ => None,
+    }
+}
+
+/// Counts a local error (`squire_local_errors_total{kind}`) and logs it at
+/// most once per [`LOCAL_ERROR_LOG_INTERVAL`] per kind, with how many were
+/// not logged: an exhausted process must not also flood its log.
+pub fn local_error(kind: &'static str, what: &str, error: &dyn std::fmt::Display) {
+    metrics::counter!(crate::metrics::LOCAL_ERRORS, "kind" => kind).increment(1);
+    let slot = match kind {
+        "file_descriptors" => 0,
+        "memory" => 1,
+        "local_ports" => 2,
+        _ => 3,
+    };
+    let (last, unlogged) = &LOCAL_ERROR_LOG[slot];
+    let now = crate::balance::now_ms();
+    let at = last.load(Ordering::Relaxed);
+    let due = at == 0 || now.saturating_sub(at) >= LOCAL_ERROR_LOG_INTERVAL.as_millis() as u64;
+    if due
+        && last
+            .compare_exchange(at, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let since_last_log = unlogged.swap(0, Ordering::Relaxed);
+        tracing::warn!(kind, %error, since_last_log, "{what}: squire is out of resources");
+    } else {
+        unlogged.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// At most one log line per kind of local error in this interval.
+pub const LOCAL_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Per kind: when it was last logged (ms), and how many since.
+static LOCAL_ERROR_LOG: [(AtomicU64, AtomicU64); 4] = [
+    (AtomicU64::new(0), AtomicU64::new(0)),
+    (AtomicU64::new(0), AtomicU64::new(0)),
+    (AtomicU64::new(0), AtomicU64::new(0)),
+    (AtomicU64::new(0), AtomicU64::new(0)),
+];

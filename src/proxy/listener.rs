@@ -164,6 +164,9 @@ struct AcceptErrors {
 
 impl AcceptErrors {
     fn failed(&mut self, listener: &str, error: &io::Error) {
+        if let Some(kind) = super::error::local_kind(error) {
+            return super::error::local_error(kind, "accept failed", error);
+        }
         let now = Instant::now();
         let due = self
             .logged_at

@@ -156,10 +156,7 @@ impl TcpProxy {
                     }
                     Outcome::Served((stream, endpoint.stats.open()))
                 }
-                Ok(Err(source)) => Outcome::Retry(ProxyError::Connect {
-                    endpoint: authority.clone(),
-                    source,
-                }),
+                Ok(Err(source)) => Outcome::Retry(ProxyError::connect(authority, source)),
                 Err(_) => Outcome::Retry(ProxyError::ConnectTimeout {
                     endpoint: authority.clone(),
                     after: timeout,

@@ -4,8 +4,10 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod cluster;
 pub mod config;
 pub mod consul;
+pub mod process;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -241,6 +243,23 @@ impl Drop for Backend {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Announces an instance in the embedded registry under `dir` the way
+/// another squire would: a record file with a lease that outlives the test.
+pub fn announce_local(dir: &std::path::Path, service: &str, id: &str, addr: SocketAddr) {
+    let service_dir = dir.join(service);
+    std::fs::create_dir_all(&service_dir).expect("mkdir");
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+        + 600_000;
+    let record = format!(
+        r#"{{"expires_at_ms":{expires},"instance":{{"name":"{service}","id":"{id}","host":"127.0.0.1","port":{}}}}}"#,
+        addr.port()
+    );
+    std::fs::write(service_dir.join(format!("{id}.json")), record).expect("write record");
 }
 
 /// One client session through a proxy: reads the greeting, echoes `payload`,

@@ -232,10 +232,7 @@ fn connect_error(endpoint: &str, error: ConnectError, after: Duration) -> ProxyE
             endpoint: endpoint.to_owned(),
             after,
         },
-        ConnectError::Io(source) => ProxyError::Connect {
-            endpoint: endpoint.to_owned(),
-            source,
-        },
+        ConnectError::Io(source) => ProxyError::connect(endpoint, source),
         ConnectError::Handshake(e) => ProxyError::Upstream {
             endpoint: endpoint.to_owned(),
             reason: e.to_string(),

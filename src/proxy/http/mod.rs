@@ -4,14 +4,14 @@
 //!
 //! # Layout
 //!
-//! - [`routing`]: which route (service) a request takes, its affinity key.
-//! - [`forward`]: one request through the attempts, with its retry policy;
+//! - `routing`: which route (service) a request takes, its affinity key.
+//! - `forward`: one request through the attempts, with its retry policy;
 //!   WebSocket and other upgrades.
-//! - [`headers`]: hop-by-hop headers, `X-Forwarded-*`.
-//! - [`budget`]: the retry budget, a share of requests.
+//! - `headers`: hop-by-hop headers, `X-Forwarded-*`.
+//! - `budget`: the retry budget, a share of requests.
 //! - [`pool`]: connections to the instances, per route and instance.
-//! - [`counters`]: request counters resolved once per endpoint.
-//! - [`activity`]: what the idle timeout of a client connection watches.
+//! - `counters`: request counters resolved once per endpoint.
+//! - `activity`: what the idle timeout of a client connection watches.
 //!
 //! Every failure becomes a response in one place, [`error_response`], by
 //! [`ProxyError::status`].

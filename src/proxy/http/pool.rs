@@ -373,3 +373,100 @@ impl Body for PooledBody {
         self.body.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use hyper::server::conn::http2 as server;
+    use hyper::service::service_fn;
+
+    /// A loopback address whose connects hang: a listener that never
+    /// accepts, its accept queue filled until a connect no longer completes.
+    async fn hanging_address() -> (socket2::Socket, Vec<TcpStream>, String) {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        let addr: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        socket.bind(&addr.into()).expect("bind");
+        socket.listen(0).expect("listen");
+        let addr = socket
+            .local_addr()
+            .expect("addr")
+            .as_socket()
+            .expect("inet");
+        let mut fillers = Vec::new();
+        for _ in 0..64 {
+            let connect = TcpStream::connect(addr);
+            match tokio::time::timeout(Duration::from_millis(200), connect).await {
+                Ok(Ok(stream)) => fillers.push(stream),
+                _ => return (socket, fillers, addr.to_string()),
+            }
+        }
+        panic!("the accept queue never filled");
+    }
+
+    /// A real h2c server answering 200 to everything.
+    async fn h2_server() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = service_fn(|_| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<
+                            Bytes,
+                        >::new(
+                        )))
+                    });
+                    // The connection's end does not matter to the test.
+                    let _ = server::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        addr.to_string()
+    }
+
+    #[tokio::test]
+    async fn a_hanging_h2_connect_to_one_instance_delays_no_other() {
+        let pool = ConnPool::new(
+            PoolSettings {
+                h2: true,
+                connect_timeout: Duration::from_secs(30),
+                idle_timeout: Duration::from_secs(60),
+                max_idle: 8,
+            },
+            "battle",
+            "battle",
+        );
+        let (_socket, _fillers, hanging) = hanging_address().await;
+        let good = h2_server().await;
+
+        let stuck = pool.instance(&hanging);
+        let connecting = tokio::spawn({
+            let stuck = stuck.clone();
+            async move { stuck.checkout().await.map(|_| ()) }
+        });
+        // The hanging connect holds its instance's lock...
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stuck.h2_connecting.try_lock().is_ok() {
+            assert!(Instant::now() < deadline, "the connect never started");
+            tokio::task::yield_now().await;
+        }
+        // ... and a first request to another instance connects meanwhile.
+        let checkout =
+            tokio::time::timeout(Duration::from_secs(10), pool.instance(&good).checkout())
+                .await
+                .expect("not held up by the hanging connect")
+                .expect("connects");
+        assert!(!checkout.reused);
+        assert!(
+            !connecting.is_finished(),
+            "still connecting to the other one"
+        );
+        connecting.abort();
+    }
+}
