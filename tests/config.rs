@@ -375,7 +375,6 @@ impl Agent {
         let config = AgentToml::new(Section::local(&registry).set("ttl", "2s"))
             .agent("node", "test-node")
             .agent("admin", admin.to_string())
-            .agent("state_dir", dir.path().join("state").display().to_string())
             .agent("drain_delay", drain_delay)
             .service(Section::service(SERVICE, service).set("id", ID))
             .upstream(Section::upstream("gate").set("listen", listen.to_string()))

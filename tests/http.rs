@@ -367,7 +367,6 @@ async fn a_100_mb_body_streams_through_both_ways_in_flat_memory() {
     let config_path = dir.path().join("agent.toml");
     let text = AgentToml::local(dir.path())
         .agent("admin", admin.to_string())
-        .agent("state_dir", dir.path().join(".state").display().to_string())
         .upstream(Section::http_upstream("shop").set("listen", listen.to_string()))
         .to_string();
     std::fs::write(&config_path, text).expect("write config");
