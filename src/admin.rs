@@ -14,6 +14,12 @@
 //!   `draining` (peers open no new connections, existing ones continue);
 //!   `enable=false` returns to the health checks' verdict.
 //!   `GET /v1/maintenance` shows the current setting.
+//! - `POST /v1/reload`: read the configuration file again and put it in
+//!   service (as SIGHUP does): 200 with what changed, or 400 with the
+//!   problems, the running configuration unchanged.
+//!
+//! Mutating requests pass [`authorize`] first: the seam where the admin
+//! token will be checked.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -32,6 +38,8 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use arc_swap::ArcSwap;
+
 use crate::balance::{self, Endpoint, Upstream};
 use crate::config::UpstreamConfig;
 use crate::discovery::ServiceState;
@@ -39,6 +47,7 @@ use crate::health::HealthBoard;
 use crate::proxy::{Drain, Listener};
 use crate::registration::{Maintenance, SharedState};
 use crate::registry::{Instance, Status};
+use crate::reload::{ReloadOutcome, Reloader};
 
 /// What the admin API reads: the agent's parts, shared with it.
 pub struct AgentState {
@@ -47,14 +56,22 @@ pub struct AgentState {
     /// answers, but accept only once the agent runs).
     pub listeners_bound: AtomicBool,
     pub draining: AtomicBool,
+    /// Maintenance mode, switched by `PUT /v1/maintenance`.
+    pub maintenance: watch::Sender<Maintenance>,
+    pub prometheus: PrometheusHandle,
+    /// What runs now; a reload swaps it whole.
+    pub catalog: ArcSwap<Catalog>,
+    /// `POST /v1/reload` asks the agent through this.
+    pub reloader: Reloader,
+}
+
+/// The parts of the agent a reload may replace.
+pub struct Catalog {
     /// One per registry, in configured order; empty without `[service]`.
     pub registrations: Vec<SharedState>,
     pub health: Option<Arc<HealthBoard>>,
-    /// Maintenance mode, switched by `PUT /v1/maintenance`.
-    pub maintenance: watch::Sender<Maintenance>,
     pub services: Vec<Arc<ServiceState>>,
     pub upstreams: Vec<UpstreamView>,
-    pub prometheus: PrometheusHandle,
 }
 
 /// One `[[upstream]]` listener as `/v1/services` shows it.
@@ -76,19 +93,19 @@ impl Admin {
 
     /// Serves until `shutdown`, which also closes open admin connections.
     pub async fn run(self, shutdown: CancellationToken) {
-        let drain = Drain {
-            stop: shutdown.clone(),
-            cut: shutdown,
-            ..Drain::default()
-        };
+        let mut drain = Drain::default();
+        drain.stop = shutdown.clone();
+        drain.cut = shutdown;
         let state = self.state;
-        self.listener
+        // The socket closes when the loop hands it back here.
+        let _listener = self
+            .listener
             .run(drain, move |stream, _| {
                 let state = state.clone();
                 async move {
                     let service = service_fn(move |request| {
                         let state = state.clone();
-                        async move { Ok::<_, Infallible>(route(&state, request)) }
+                        async move { Ok::<_, Infallible>(route(&state, request).await) }
                     });
                     let connection = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service);
@@ -103,9 +120,23 @@ impl Admin {
 
 type Body = Full<Bytes>;
 
-fn route(state: &AgentState, request: Request<Incoming>) -> Response<Body> {
+async fn route(state: &AgentState, request: Request<Incoming>) -> Response<Body> {
     if request.uri().path() == "/v1/maintenance" {
+        if request.method() == Method::PUT {
+            if let Err(refused) = authorize(&request) {
+                return refused;
+            }
+        }
         return maintenance(state, &request);
+    }
+    if request.uri().path() == "/v1/reload" {
+        if request.method() != Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only POST\n");
+        }
+        if let Err(refused) = authorize(&request) {
+            return refused;
+        }
+        return reload(state).await;
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
@@ -118,7 +149,7 @@ fn route(state: &AgentState, request: Request<Incoming>) -> Response<Body> {
         },
         "/metrics" => {
             // Ejections end without an event: bring those gauges up to date.
-            for view in &state.upstreams {
+            for view in &state.catalog.load().upstreams {
                 let upstream = &view.upstream;
                 upstream.balancer().refresh_gauges(&upstream.snapshot());
             }
@@ -133,6 +164,25 @@ fn route(state: &AgentState, request: Request<Incoming>) -> Response<Body> {
         "/v1/self" => json_response(self_view(state)),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// Whether a mutating request (`PUT /v1/maintenance`, `POST /v1/reload`)
+/// may proceed. Every one may for now: the admin API listens on loopback
+/// by default. The admin token check goes here.
+#[allow(clippy::result_large_err)] // the refusal is the response itself
+fn authorize(_request: &Request<Incoming>) -> Result<(), Response<Body>> {
+    Ok(())
+}
+
+/// `POST /v1/reload`: 200 with what changed, 400 with the problems.
+async fn reload(state: &AgentState) -> Response<Body> {
+    tracing::info!("reload asked through the admin API");
+    let outcome = state.reloader.reload().await;
+    let mut response = json_response(outcome.to_json());
+    if !matches!(outcome, ReloadOutcome::Applied(_)) {
+        *response.status_mut() = StatusCode::BAD_REQUEST;
+    }
+    response
 }
 
 fn maintenance(state: &AgentState, request: &Request<Incoming>) -> Response<Body> {
@@ -180,11 +230,12 @@ fn not_ready_reason(state: &AgentState) -> Option<&'static str> {
         return Some("starting: listeners not bound");
     }
     // Registered in one registry is enough: peers reading it find us.
-    let registered = state
+    let catalog = state.catalog.load();
+    let registered = catalog
         .registrations
         .iter()
         .any(|r| r.lock().unwrap_or_else(|p| p.into_inner()).registered);
-    if state.registrations.is_empty() || registered {
+    if catalog.registrations.is_empty() || registered {
         None
     } else {
         Some("not registered")
@@ -192,8 +243,9 @@ fn not_ready_reason(state: &AgentState) -> Option<&'static str> {
 }
 
 fn services(state: &AgentState) -> serde_json::Value {
+    let catalog = state.catalog.load();
     let mut all = HealthSummary::default();
-    let services: Vec<_> = state
+    let services: Vec<_> = catalog
         .services
         .iter()
         .map(|service| {
@@ -228,7 +280,7 @@ fn services(state: &AgentState) -> serde_json::Value {
             })
         })
         .collect();
-    let upstreams: Vec<_> = state
+    let upstreams: Vec<_> = catalog
         .upstreams
         .iter()
         .map(|upstream| {
@@ -326,7 +378,8 @@ fn endpoint_view(e: &Endpoint, now: u64) -> serde_json::Value {
 }
 
 fn self_view(state: &AgentState) -> serde_json::Value {
-    let registrations: Vec<_> = state
+    let catalog = state.catalog.load();
+    let registrations: Vec<_> = catalog
         .registrations
         .iter()
         .map(|r| r.lock().unwrap_or_else(|p| p.into_inner()).clone())
@@ -338,7 +391,7 @@ fn self_view(state: &AgentState) -> serde_json::Value {
         .find(|r| r.registered)
         .or(registrations.first())
         .map(|r| r.instance.status);
-    let checks = state
+    let checks = catalog
         .health
         .as_ref()
         .map(|board| board.reports())
@@ -350,7 +403,7 @@ fn self_view(state: &AgentState) -> serde_json::Value {
         "draining": state.draining.load(Ordering::Relaxed),
         "status": status,
         "maintenance": { "enabled": maintenance.is_some(), "reason": maintenance },
-        "health": state.health.as_ref().map(|board| *board.subscribe().borrow()),
+        "health": catalog.health.as_ref().map(|board| *board.subscribe().borrow()),
         "checks": checks,
         "registrations": registrations,
     })
@@ -426,14 +479,17 @@ mod tests {
             node: "test".into(),
             listeners_bound: AtomicBool::new(false),
             draining: AtomicBool::new(false),
-            registrations: Vec::new(),
-            health: None,
             maintenance: watch::Sender::new(None),
-            services: Vec::new(),
-            upstreams: Vec::new(),
             prometheus: metrics_exporter_prometheus::PrometheusBuilder::new()
                 .build_recorder()
                 .handle(),
+            catalog: ArcSwap::from_pointee(Catalog {
+                registrations: Vec::new(),
+                health: None,
+                services: Vec::new(),
+                upstreams: Vec::new(),
+            }),
+            reloader: Reloader(tokio::sync::mpsc::channel(1).0),
         }
     }
 

@@ -8,7 +8,7 @@
 //! # Layout
 //!
 //! - [`config`]: `agent.toml`, validated in one pass that reports every problem.
-//! - [`agent`]: wires the tasks together; owns startup and shutdown order.
+//! - [`agent`]: wires the tasks together; owns startup, reload and shutdown order.
 //! - [`registry`]: the backend seam (`etcd`, `consul`, `local`) and the instance format.
 //! - [`registration`]: keeps our instance registered through outages and lease loss.
 //! - [`health`]: probes of the local service and the rise/fall verdict.
@@ -18,7 +18,8 @@
 //!   ([`proxy::listener`]), the attempt loop ([`proxy::attempts`]), and the
 //!   TCP and HTTP handlers.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/v1/services`, `/v1/self`,
-//!   maintenance; its read model [`admin::AgentState`].
+//!   maintenance, `/v1/reload`; its read model [`admin::AgentState`].
+//! - [`reload`]: reloading `agent.toml` while running (SIGHUP, `POST /v1/reload`).
 //! - [`metrics`]: every metric name in one place.
 //! - [`time`]: sleeps that end at shutdown, the one token bucket, RFC 3339.
 //! - [`backoff`]: jittered exponential backoff for the retry loops.
@@ -42,6 +43,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod registration;
 pub mod registry;
+pub mod reload;
 pub mod time;
 pub mod tls;
 

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use squire::config::LogFormat;
+use squire::reload::Reloader;
 use squire::{Config, ConfigError};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -127,7 +128,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(squire::run(config, shutdown_signal())) {
+            match runtime.block_on(run(config, path)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "squire failed");
@@ -158,6 +159,35 @@ fn init_logging(config: &Config) {
     match config.agent.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs the agent: SIGHUP reloads `path`, SIGTERM/SIGINT stop it.
+async fn run(config: Config, path: PathBuf) -> Result<(), squire::AgentError> {
+    // First, so that a SIGHUP during startup cannot kill the process
+    // (its default action); one that comes before the agent runs is
+    // handled once it does.
+    let hangup = signal(SignalKind::hangup());
+    let agent = squire::Agent::bind(config).await?.reload_from(path);
+    match hangup {
+        Ok(hangup) => {
+            tokio::spawn(reload_on_hangup(hangup, agent.reloader()));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGHUP handler; reload with POST /v1/reload")
+        }
+    }
+    agent.run(shutdown_signal()).await;
+    Ok(())
+}
+
+/// Every SIGHUP reloads the configuration file (the agent logs and counts
+/// the outcome); during shutdown it is answered "shutting down".
+async fn reload_on_hangup(mut hangup: tokio::signal::unix::Signal, reloader: Reloader) {
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reloading the configuration");
+        // The agent has logged and counted the outcome.
+        let _outcome = reloader.reload().await;
     }
 }
 

@@ -45,6 +45,16 @@ pub const TCP_ACCEPTED: &str = "squire_tcp_connections_accepted_total";
 pub const TCP_ACTIVE: &str = "squire_tcp_connections_active";
 /// Client connections closed without reaching an upstream. Labels: upstream, listen, reason.
 pub const TCP_FAILED: &str = "squire_tcp_connections_failed_total";
+/// Client connections refused at max_connections. Labels: upstream, listen.
+pub const TCP_REJECTED: &str = "squire_tcp_connections_rejected_total";
+/// Connections closed after idle_timeout without a byte either way. Labels: upstream, listen.
+pub const TCP_IDLE_CLOSED: &str = "squire_tcp_connections_idle_closed_total";
+/// Connections still open at drain_timeout (shutdown, or a listener a
+/// reload removed), closed in staggered batches. No labels.
+pub const DRAIN_CUT: &str = "squire_drain_connections_cut_total";
+/// Configuration reloads (SIGHUP, POST /v1/reload). Labels: result (ok,
+/// invalid: the new file was rejected, failed: valid but could not be applied, e.g. a port taken).
+pub const CONFIG_RELOADS: &str = "squire_config_reloads_total";
 /// Errors that are squire's own (out of file descriptors, buffers, local
 /// ports): never counted against an endpoint. Labels: kind.
 pub const LOCAL_ERRORS: &str = "squire_local_errors_total";
@@ -190,6 +200,19 @@ fn describe() {
         TCP_FAILED,
         "Client connections closed without reaching an upstream"
     );
+    describe_counter!(
+        TCP_REJECTED,
+        "Client connections refused at max_connections"
+    );
+    describe_counter!(
+        TCP_IDLE_CLOSED,
+        "Connections closed after idle_timeout without a byte either way"
+    );
+    describe_counter!(
+        DRAIN_CUT,
+        "Connections still open at drain_timeout, closed in staggered batches"
+    );
+    describe_counter!(CONFIG_RELOADS, "Configuration reloads by result");
     describe_counter!(
         CONNECT_FAILURES,
         "Failed connect attempts to upstream instances"

@@ -156,7 +156,7 @@ pub fn bytes_key(bytes: &[u8]) -> u64 {
 
 /// Which instances an upstream may route to: the seed's
 /// `discover(tags=..., healthy_only=...)`, applied once per snapshot rebuild.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Filter {
     /// Statuses that may take new connections (default: healthy only).
     pub statuses: Vec<Status>,

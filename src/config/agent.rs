@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::problems::{duration, socket_addr, Problems};
 use super::raw::RawAgent;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
     pub node: String,
     pub admin: SocketAddr,
@@ -19,6 +19,9 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     pub drain_delay: Duration,
     pub drain_timeout: Duration,
+    /// After `drain_timeout`, the connections still open are closed in
+    /// batches spread over this window (not all in the same millisecond).
+    pub drain_spread: Duration,
     /// Runtime worker threads; 0 means one per core.
     pub threads: usize,
     /// Where discovery keeps each service's last known instances, so a
@@ -63,13 +66,19 @@ pub(super) fn validate_agent(raw: RawAgent, problems: &mut Problems) -> AgentCon
             LogFormat::Text
         }
     };
+    let drain_timeout = duration("agent.drain_timeout", raw.drain_timeout, "30s", problems);
+    let drain_spread = match raw.drain_spread {
+        Some(text) => duration("agent.drain_spread", Some(text), "1s", problems),
+        None => default_drain_spread(drain_timeout),
+    };
     AgentConfig {
         node,
         admin,
         log,
         log_format,
         drain_delay: duration("agent.drain_delay", raw.drain_delay, "2s", problems),
-        drain_timeout: duration("agent.drain_timeout", raw.drain_timeout, "30s", problems),
+        drain_timeout,
+        drain_spread,
         threads: match raw.threads {
             None => 0,
             Some(n) => usize::try_from(n)
@@ -92,6 +101,11 @@ pub(super) fn validate_agent(raw: RawAgent, problems: &mut Problems) -> AgentCon
             None => default_state_dir(),
         },
     }
+}
+
+/// 10% of `drain_timeout`, at least one second.
+pub fn default_drain_spread(drain_timeout: Duration) -> Duration {
+    (drain_timeout / 10).max(Duration::from_secs(1))
 }
 
 /// The first of these this user can write to (or create): `$STATE_DIRECTORY`

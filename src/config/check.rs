@@ -7,7 +7,7 @@ use super::problems::{duration, Problems};
 use super::raw::RawCheck;
 use super::section;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CheckConfig {
     /// Unique among the service's checks: labels metrics and `/v1/self`.
     pub name: String,
@@ -24,7 +24,7 @@ pub struct CheckConfig {
     pub probe: ProbeConfig,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ProbeConfig {
     Http(HttpProbeConfig),
     Tcp {
@@ -55,7 +55,7 @@ impl ProbeConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpProbeConfig {
     /// `host:port` to connect to.
     pub address: String,
@@ -68,7 +68,7 @@ pub struct HttpProbeConfig {
     pub body_contains: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProbeTls {
     pub ca: Option<PathBuf>,
     /// Name to verify the certificate against; default: the address's host.

@@ -13,7 +13,7 @@ use crate::tls::load_ca;
 
 pub const DEFAULT_ADDRESS: &str = "http://127.0.0.1:8500";
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ConsulConfig {
     /// `http://host:port` or `https://host:port`, without a trailing slash.
     pub address: String,

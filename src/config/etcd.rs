@@ -4,7 +4,7 @@ use super::problems::Problems;
 use super::raw::RawRegistry;
 use super::secret::Secret;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EtcdConfig {
     /// `host:port` or `http://host:port`.
     pub endpoints: Vec<String>,

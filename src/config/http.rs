@@ -5,7 +5,7 @@ use std::time::Duration;
 use super::problems::{check_name, duration, Problems};
 use super::raw::{RawRoute, RawUpstream};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpUpstreamConfig {
     /// Speak HTTP/2 (prior knowledge) to the instances instead of HTTP/1.1.
     pub upstream_h2: bool,
@@ -14,11 +14,6 @@ pub struct HttpUpstreamConfig {
     /// A client must send its request headers within this.
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
-    /// A client connection with no request in flight and no bytes moving for
-    /// this long is closed.
-    pub idle_timeout: Duration,
-    /// Client connections open at once; more are refused.
-    pub max_connections: usize,
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per instance.
     pub pool_max_idle: usize,
@@ -65,8 +60,6 @@ pub(super) fn validate(
             ("request_timeout", raw.request_timeout.is_some()),
             ("header_read_timeout", raw.header_read_timeout.is_some()),
             ("max_header_bytes", raw.max_header_bytes.is_some()),
-            ("idle_timeout", raw.idle_timeout.is_some()),
-            ("max_connections", raw.max_connections.is_some()),
             ("pool_idle_timeout", raw.pool_idle_timeout.is_some()),
             ("pool_max_idle", raw.pool_max_idle.is_some()),
             ("rewrite_host", raw.rewrite_host.is_some()),
@@ -151,14 +144,6 @@ pub(super) fn validate(
             raw.max_header_bytes,
             64 * 1024,
             8192..=1024 * 1024,
-            problems,
-        ),
-        idle_timeout: positive("idle_timeout", raw.idle_timeout.take(), "60s", problems),
-        max_connections: count(
-            "max_connections",
-            raw.max_connections,
-            10_000,
-            1..=1_000_000,
             problems,
         ),
         pool_idle_timeout: positive(

@@ -55,6 +55,7 @@ pub struct RawAgent {
     pub log_format: Option<String>,
     pub drain_delay: Option<String>,
     pub drain_timeout: Option<String>,
+    pub drain_spread: Option<String>,
     pub threads: Option<i64>,
     pub state_dir: Option<String>,
 }
@@ -118,13 +119,15 @@ pub struct RawUpstream {
     pub retry_backoff: Option<String>,
     #[serde(default)]
     pub ejection: RawEjection,
+    // connection limits, tcp and http
+    pub idle_timeout: Option<String>,
+    pub max_connections: Option<i64>,
+    pub tcp_keepalive: Option<String>,
     // protocol = "http" only
     pub upstream_protocol: Option<String>,
     pub request_timeout: Option<String>,
     pub header_read_timeout: Option<String>,
     pub max_header_bytes: Option<i64>,
-    pub idle_timeout: Option<String>,
-    pub max_connections: Option<i64>,
     pub pool_idle_timeout: Option<String>,
     pub pool_max_idle: Option<i64>,
     pub rewrite_host: Option<bool>,

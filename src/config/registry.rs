@@ -12,7 +12,7 @@ use super::problems::{duration, required, Problems};
 use super::raw::{RawDiscovery, RawRegistries, RawRegistry};
 use super::section;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RegistryConfig {
     /// Unique among the registries: labels metrics, `/v1/self` and logs.
     /// A single `[registry]` without a `name` is named after its kind.
@@ -25,7 +25,7 @@ pub struct RegistryConfig {
 }
 
 /// How discovery reads several registries.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DiscoveryConfig {
     pub mode: DiscoveryMode,
     /// Failover: while a service is read from a later registry, how often to
@@ -52,7 +52,7 @@ impl DiscoveryMode {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RegistryBackend {
     Local {
         dir: PathBuf,

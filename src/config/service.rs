@@ -8,7 +8,7 @@ use super::check::{self, CheckConfig};
 use super::problems::{check_name, duration, required, Problems};
 use super::raw::{RawCheck, RawService};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
     /// All must pass for the instance to be announced healthy. None: the
     /// instance is healthy as soon as it is registered.

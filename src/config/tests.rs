@@ -290,6 +290,77 @@ fn prefix_is_normalized() {
 }
 
 #[test]
+fn drain_spread_defaults_to_a_tenth_of_drain_timeout_and_at_least_a_second() {
+    let spread = |agent: &str| {
+        Config::from_toml(&format!("[agent]\n{agent}"))
+            .expect("valid")
+            .agent
+            .drain_spread
+    };
+    assert_eq!(spread(""), Duration::from_secs(3));
+    assert_eq!(spread("drain_timeout = \"2s\""), Duration::from_secs(1));
+    assert_eq!(spread("drain_timeout = \"2m\""), Duration::from_secs(12));
+    assert_eq!(spread("drain_spread = \"0s\""), Duration::ZERO);
+    assert_problems(
+        &problems("[agent]\ndrain_spread = \"later\""),
+        &["agent.drain_spread: \"later\" is not a duration"],
+    );
+}
+
+#[test]
+fn connection_limits_apply_to_tcp_and_http_listeners() {
+    let config = Config::from_toml(
+        r#"
+        [[upstream]]
+        service = "battle"
+        listen = "127.0.0.1:7001"
+        max_connections = 500
+        idle_timeout = "5m"
+        tcp_keepalive = "15s"
+        [[upstream]]
+        service = "chat"
+        listen = "127.0.0.1:7002"
+        tcp_keepalive = "0s"
+        [[upstream]]
+        service = "lobby"
+        listen = "127.0.0.1:7003"
+        protocol = "http"
+        "#,
+    )
+    .expect("valid");
+    let [battle, chat, lobby] = &config.upstreams[..] else {
+        panic!("three upstreams");
+    };
+    assert_eq!(battle.max_connections, 500);
+    assert_eq!(battle.idle_timeout, Some(Duration::from_secs(300)));
+    assert_eq!(battle.tcp_keepalive, Some(Duration::from_secs(15)));
+    // tcp: no idle timeout unless asked; keep-alive on by default, "0s" off.
+    assert_eq!(chat.idle_timeout, None);
+    assert_eq!(chat.tcp_keepalive, None);
+    assert_eq!(chat.max_connections, 10_000);
+    assert_eq!(lobby.idle_timeout, Some(Duration::from_secs(60)));
+    assert_eq!(lobby.tcp_keepalive, Some(Duration::from_secs(30)));
+
+    assert_problems(
+        &problems(
+            r#"
+            [[upstream]]
+            service = "battle"
+            listen = "127.0.0.1:7001"
+            max_connections = 0
+            idle_timeout = "0s"
+            tcp_keepalive = "500ms"
+            "#,
+        ),
+        &[
+            "upstream.battle.max_connections: 0 is out of range",
+            "upstream.battle.idle_timeout: must be greater than zero",
+            "upstream.battle.tcp_keepalive: must be at least 1s",
+        ],
+    );
+}
+
+#[test]
 fn a_syntax_error_names_the_place_but_never_echoes_the_line() {
     let text = "[registry]\nkind = \"etcd\"\nusername = \"game\"\npassword = \"hunter2\n";
     let error = Config::from_toml(text).expect_err("not TOML").to_string();

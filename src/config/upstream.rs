@@ -12,7 +12,7 @@ use super::raw::{RawEjection, RawUpstream};
 use crate::balance::{EjectionPolicy, Filter, HashKey, Strategy};
 use crate::registry::Status;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub service: String,
     pub listen: SocketAddr,
@@ -34,9 +34,18 @@ pub struct UpstreamConfig {
     /// Below this share of healthy endpoints, route to all (0: never).
     pub panic_threshold: f64,
     pub ejection: EjectionPolicy,
+    /// Client connections open at once; more are refused and counted.
+    pub max_connections: usize,
+    /// A connection that moves no byte (tcp), or has no request in flight
+    /// and moves no byte (http), for this long is closed. `None`: never
+    /// (the tcp default; http defaults to 60s).
+    pub idle_timeout: Option<Duration>,
+    /// TCP keep-alive on the client and instance sockets: idle time before
+    /// the first probe. `None`: off.
+    pub tcp_keepalive: Option<Duration>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Protocol {
     Tcp,
     Http(Box<HttpUpstreamConfig>),
@@ -97,6 +106,7 @@ pub(super) fn validate_upstream(
         Some(http) => Protocol::Http(Box::new(http)),
         None => Protocol::Tcp,
     };
+    let limits = validate_limits(&base, is_http, &mut raw, problems);
     let strategy = match raw.strategy.as_deref() {
         None => Strategy::RoundRobin,
         Some(name) => Strategy::from_name(name).unwrap_or_else(|reason| {
@@ -159,6 +169,71 @@ pub(super) fn validate_upstream(
         preamble_max_bytes: balancing.preamble_max_bytes,
         panic_threshold: balancing.panic_threshold,
         ejection: balancing.ejection,
+        max_connections: limits.max_connections,
+        idle_timeout: limits.idle_timeout,
+        tcp_keepalive: limits.tcp_keepalive,
+    }
+}
+
+struct Limits {
+    max_connections: usize,
+    idle_timeout: Option<Duration>,
+    tcp_keepalive: Option<Duration>,
+}
+
+/// `max_connections`, `idle_timeout` and `tcp_keepalive`, for both
+/// protocols.
+fn validate_limits(
+    base: &str,
+    http: bool,
+    raw: &mut RawUpstream,
+    problems: &mut Problems,
+) -> Limits {
+    let at = |key: &str| format!("{base}.{key}");
+    let max_connections = match raw.max_connections {
+        None => 10_000,
+        Some(n) => usize::try_from(n)
+            .ok()
+            .filter(|n| (1..=1_000_000).contains(n))
+            .unwrap_or_else(|| {
+                problems.push(
+                    at("max_connections"),
+                    format!("{n} is out of range (1-1000000)"),
+                );
+                10_000
+            }),
+    };
+    let idle_timeout = match (raw.idle_timeout.take(), http) {
+        (None, false) => None,
+        (text, _) => {
+            let idle = duration(&at("idle_timeout"), text, "60s", problems);
+            if idle.is_zero() {
+                problems.push(at("idle_timeout"), "must be greater than zero");
+            }
+            Some(idle)
+        }
+    };
+    let keepalive = duration(
+        &at("tcp_keepalive"),
+        raw.tcp_keepalive.take(),
+        "30s",
+        problems,
+    );
+    let tcp_keepalive = if keepalive.is_zero() {
+        None
+    } else if keepalive < Duration::from_secs(1) {
+        problems.push(
+            at("tcp_keepalive"),
+            "must be at least 1s (the kernel counts in seconds), or \"0s\" to turn it off",
+        );
+        None
+    } else {
+        Some(keepalive)
+    };
+    Limits {
+        max_connections,
+        idle_timeout,
+        tcp_keepalive,
     }
 }
 

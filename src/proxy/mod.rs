@@ -11,10 +11,11 @@
 //! ```
 //!
 //! [`Proxy`] is one `[[upstream]]` listener: its bound [`Listener`] and its
-//! handler. Connections of every listener run on the one
-//! [`TaskTracker`](tokio_util::task::TaskTracker) of a [`Drain`], so shutdown
-//! can stop the accept loops, wait for open connections up to the drain
-//! deadline, then cut the rest with one token.
+//! handler. Connections of a listener (and the streams its HTTP upgrades
+//! splice) run on the [`TaskTracker`](tokio_util::task::TaskTracker) of its
+//! [`Drain`], so shutdown, or a reload that removes the listener, can stop
+//! its accept loop, wait for open connections up to the drain deadline,
+//! then close the rest in staggered batches.
 
 pub mod attempts;
 mod error;
@@ -30,7 +31,7 @@ use metrics::Gauge;
 
 pub use error::ProxyError;
 pub use http::HttpProxy;
-pub use listener::{Drain, Listener};
+pub use listener::{Drain, Drained, Listener};
 pub use tcp::TcpProxy;
 
 /// One upstream listener, bound, with the handler of its protocol.
@@ -46,7 +47,11 @@ enum Handler {
 
 impl Proxy {
     pub fn tcp(listener: Listener, proxy: TcpProxy) -> Proxy {
-        let listener = listener.count_accepted(proxy.accepted_counter());
+        let (max, rejected) = proxy.connection_limit();
+        let listener = listener
+            .count_accepted(proxy.accepted_counter())
+            .limit(max, rejected)
+            .keepalive(proxy.keepalive());
         Proxy {
             listener,
             handler: Handler::Tcp(Arc::new(proxy)),
@@ -56,7 +61,7 @@ impl Proxy {
     pub fn http(listener: Listener, proxy: HttpProxy) -> Proxy {
         let (max, rejected) = proxy.connection_limit();
         Proxy {
-            listener: listener.limit(max, rejected),
+            listener: listener.limit(max, rejected).keepalive(proxy.keepalive()),
             handler: Handler::Http(Arc::new(proxy)),
         }
     }
@@ -66,8 +71,9 @@ impl Proxy {
     }
 
     /// Accepts until `drain.stop`; open connections run on the drain's
-    /// tracker until they end or `drain.cut` fires.
-    pub async fn run(self, drain: Drain) {
+    /// tracker until they end or their [`Drain::turn`] comes. Returns the
+    /// listener, still bound (see [`Listener::run`]).
+    pub async fn run(self, drain: Drain) -> Listener {
         match self.handler {
             Handler::Tcp(proxy) => {
                 self.listener
@@ -78,12 +84,12 @@ impl Proxy {
                     .await
             }
             Handler::Http(proxy) => {
-                let stop = drain.stop.clone();
                 let pools = proxy.clone().prune_pools(drain.stop.clone());
+                let connections = drain.clone();
                 let accept = self.listener.run(drain, move |stream, peer| {
-                    proxy.clone().serve(stream, peer, stop.clone())
+                    proxy.clone().serve(stream, peer, connections.clone())
                 });
-                tokio::join!(accept, pools);
+                tokio::join!(accept, pools).0
             }
         }
     }

@@ -1,20 +1,25 @@
 //! The TCP handler: read the affinity key if the upstream hashes one, run
 //! the attempts (each a connect with `connect_timeout`), then copy bytes
-//! both ways until either side is done.
+//! both ways until either side is done, or until no byte has moved either
+//! way for `idle_timeout`.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use metrics::{Counter, Gauge};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::attempts::{AttemptMetrics, Attempts, Outcome, RetryPolicy};
+use super::listener::set_keepalive;
 use super::{preamble, GaugeGuard, ProxyError};
-use crate::balance::{self, ActiveGuard, HashKey, Strategy, Upstream};
+use crate::balance::{self, now_ms, ActiveGuard, HashKey, Strategy, Upstream};
 use crate::config::UpstreamConfig;
 use crate::metrics as m;
 
@@ -34,6 +39,8 @@ struct TcpMetrics {
     active: Gauge,
     bytes_in: Counter,
     bytes_out: Counter,
+    rejected: Counter,
+    idle_closed: Counter,
 }
 
 impl TcpProxy {
@@ -56,6 +63,8 @@ impl TcpProxy {
                 active: metrics::gauge!(m::TCP_ACTIVE, &labels),
                 bytes_in: metrics::counter!(m::BYTES_IN, &labels),
                 bytes_out: metrics::counter!(m::BYTES_OUT, &labels),
+                rejected: metrics::counter!(m::TCP_REJECTED, &labels),
+                idle_closed: metrics::counter!(m::TCP_IDLE_CLOSED, &labels),
             },
             config,
             listen,
@@ -66,6 +75,17 @@ impl TcpProxy {
     /// The counter of accepted connections, for the accept loop.
     pub fn accepted_counter(&self) -> Counter {
         metrics::counter!(m::TCP_ACCEPTED, "upstream" => self.config.service.clone(), "listen" => self.listen.to_string())
+    }
+
+    /// The connection limit and the counter of refused connections, for
+    /// the accept loop.
+    pub fn connection_limit(&self) -> (usize, Counter) {
+        (self.config.max_connections, self.metrics.rejected.clone())
+    }
+
+    /// TCP keep-alive of the client sockets.
+    pub fn keepalive(&self) -> Option<Duration> {
+        self.config.tcp_keepalive
     }
 
     pub async fn serve(&self, mut client: TcpStream, peer: SocketAddr) {
@@ -87,13 +107,29 @@ impl TcpProxy {
             self.metrics.bytes_in.increment(routed.rest.len() as u64);
         }
         let _active = GaugeGuard::new(&self.metrics.active);
-        let mut client = Metered::new(client, self.metrics.bytes_in.clone());
-        let mut server = Metered::new(server, self.metrics.bytes_out.clone());
+        let moved = self
+            .config
+            .idle_timeout
+            .map(|_| Arc::new(AtomicU64::new(now_ms())));
+        let mut client = Metered::new(client, self.metrics.bytes_in.clone(), moved.clone());
+        let mut server = Metered::new(server, self.metrics.bytes_out.clone(), moved.clone());
         // copy_bidirectional forwards a half-close: when one side stops
         // sending, the other side's write half is shut down and bytes keep
         // flowing the other way until that side is done too.
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
-            tracing::debug!(upstream = %service, client = %peer, error = %e, "connection ended with an error");
+        let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
+        let copied = match (self.config.idle_timeout, &moved) {
+            (Some(idle), Some(moved)) => until_idle(copy, idle, moved).await,
+            _ => Some(copy.await),
+        };
+        match copied {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::debug!(upstream = %service, client = %peer, error = %e, "connection ended with an error");
+            }
+            None => {
+                self.metrics.idle_closed.increment(1);
+                tracing::debug!(upstream = %service, client = %peer, "closing idle connection");
+            }
         }
     }
 
@@ -154,6 +190,11 @@ impl TcpProxy {
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(endpoint = %authority, error = %e, "cannot set TCP_NODELAY on the upstream side");
                     }
+                    if let Some(idle) = self.config.tcp_keepalive {
+                        if let Err(e) = set_keepalive(&stream, idle) {
+                            tracing::debug!(endpoint = %authority, error = %e, "cannot set TCP keep-alive on the upstream side");
+                        }
+                    }
                     Outcome::Served((stream, endpoint.stats.open()))
                 }
                 Ok(Err(source)) => Outcome::Retry(ProxyError::connect(authority, source)),
@@ -176,15 +217,33 @@ struct Routed {
     rest: Vec<u8>,
 }
 
-/// A stream that counts the bytes read from it.
+/// Runs `work` until it ends (`Some`) or nothing has moved for `idle`
+/// (`None`; dropping the work closes the connection).
+async fn until_idle<F: Future>(work: F, idle: Duration, moved: &AtomicU64) -> Option<F::Output> {
+    tokio::pin!(work);
+    loop {
+        let quiet = Duration::from_millis(now_ms().saturating_sub(moved.load(Ordering::Relaxed)));
+        if quiet >= idle {
+            return None;
+        }
+        tokio::select! {
+            output = &mut work => return Some(output),
+            _ = tokio::time::sleep(idle - quiet) => {}
+        }
+    }
+}
+
+/// A stream that counts the bytes read from it and, when the connection
+/// has an idle timeout, notes when the last ones came.
 struct Metered<S> {
     inner: S,
     read: Counter,
+    moved: Option<Arc<AtomicU64>>,
 }
 
 impl<S> Metered<S> {
-    fn new(inner: S, read: Counter) -> Self {
-        Metered { inner, read }
+    fn new(inner: S, read: Counter, moved: Option<Arc<AtomicU64>>) -> Self {
+        Metered { inner, read, moved }
     }
 }
 
@@ -199,6 +258,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
         let n = buf.filled().len() - before;
         if n > 0 {
             self.read.increment(n as u64);
+            if let Some(moved) = &self.moved {
+                moved.store(now_ms(), Ordering::Relaxed);
+            }
         }
         polled
     }

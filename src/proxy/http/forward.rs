@@ -23,13 +23,13 @@ use super::routing::{affinity_key, Route};
 use super::{HttpProxy, ProxyBody};
 use crate::balance::Endpoint;
 use crate::proxy::attempts::{Attempts, Outcome};
-use crate::proxy::ProxyError;
+use crate::proxy::{Drain, ProxyError};
 
 /// The instance a request last went to, for its counters.
 type Reached = Option<Arc<InstancePool>>;
 
 /// One client request on its way out, across attempts.
-struct Outbound {
+struct Outbound<'a> {
     parts: Parts,
     /// Taken by the attempt that sends it; an empty body is put back for a
     /// retry.
@@ -40,6 +40,8 @@ struct Outbound {
     /// The client side of a protocol switch, when the request asks for one.
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     upgrade: bool,
+    /// Where a spliced upgrade runs, so the drain waits for it and cuts it.
+    drain: &'a Drain,
 }
 
 impl HttpProxy {
@@ -50,6 +52,7 @@ impl HttpProxy {
         mut parts: Parts,
         body: Incoming,
         client: SocketAddr,
+        drain: &Drain,
     ) -> Result<(Response<ProxyBody>, Reached), (ProxyError, Reached)> {
         self.budget.deposit();
         let upgrade = is_upgrade(&parts.headers);
@@ -81,6 +84,7 @@ impl HttpProxy {
             parts,
             client_upgrade,
             upgrade,
+            drain,
         };
         let mut reached: Reached = None;
         let mut attempts = Attempts::new(&route.upstream, self.policy, key, &self.attempts);
@@ -119,7 +123,7 @@ impl HttpProxy {
         instance: &Arc<InstancePool>,
         endpoint: &Endpoint,
         more: bool,
-        outbound: &mut Outbound,
+        outbound: &mut Outbound<'_>,
     ) -> Outcome<Response<ProxyBody>> {
         let authority = &endpoint.authority;
         let checkout = match instance.checkout().await {
@@ -161,6 +165,7 @@ impl HttpProxy {
                     response,
                     outbound.client_upgrade.take(),
                     authority.clone(),
+                    outbound.drain,
                 )),
             };
         }
@@ -214,7 +219,7 @@ impl HttpProxy {
         &self,
         error: ProxyError,
         more: bool,
-        outbound: &mut Outbound,
+        outbound: &mut Outbound<'_>,
     ) -> Outcome<T> {
         if outbound.idempotent && outbound.replayable && more && self.budget.withdraw() {
             tracing::debug!(error = %error, "retrying on another instance");
@@ -278,17 +283,22 @@ fn build_request(
 }
 
 /// Hands a `101 Switching Protocols` to the client and, once both sides have
-/// switched, copies bytes both ways.
+/// switched, copies bytes both ways: on the drain's tracker, so shutdown
+/// waits for the stream up to the drain deadline and then closes it with
+/// the other stragglers.
 fn splice_upgrade(
     mut response: Response<Incoming>,
     client: Option<hyper::upgrade::OnUpgrade>,
     endpoint: String,
+    drain: &Drain,
 ) -> Response<ProxyBody> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream = hyper::upgrade::on(&mut response);
         if let Some(client) = client {
-            tokio::spawn(async move {
-                match tokio::try_join!(client, upstream) {
+            let turn = drain.turn();
+            drain.connections.spawn(async move {
+                let splice = async {
+                    match tokio::try_join!(client, upstream) {
                     Ok((client, upstream)) => {
                         let mut client = TokioIo::new(client);
                         let mut upstream = TokioIo::new(upstream);
@@ -299,6 +309,11 @@ fn splice_upgrade(
                         }
                     }
                     Err(e) => tracing::debug!(%endpoint, error = %e, "upgrade failed"),
+                    }
+                };
+                tokio::select! {
+                    _ = turn => tracing::debug!(%endpoint, "upgraded connection closed by the drain"),
+                    _ = splice => {}
                 }
             });
         }

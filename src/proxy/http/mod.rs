@@ -49,12 +49,16 @@ use self::counters::RequestCounters;
 use self::pool::{ConnPool, PoolSettings};
 use self::routing::{Route, Routes};
 use super::attempts::{AttemptMetrics, RetryPolicy};
-use super::{GaugeGuard, ProxyError};
+use super::{Drain, GaugeGuard, ProxyError};
 use crate::balance::Upstream;
 use crate::config::{HttpUpstreamConfig, RouteConfig, UpstreamConfig};
 use crate::metrics as m;
 
 type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Validation always sets an http listener's idle timeout; this is only
+/// the fallback of the type.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Serves the connections of one HTTP listener.
 pub struct HttpProxy {
@@ -157,18 +161,21 @@ impl HttpProxy {
     /// The connection limit and the counter of refused connections, for
     /// the accept loop.
     pub fn connection_limit(&self) -> (usize, Counter) {
-        (self.http.max_connections, self.metrics.rejected.clone())
+        (self.config.max_connections, self.metrics.rejected.clone())
+    }
+
+    /// TCP keep-alive of the client sockets.
+    pub fn keepalive(&self) -> Option<Duration> {
+        self.config.tcp_keepalive
     }
 
     /// Serves one client connection until it ends: keep-alive ends after
-    /// the current request once `stop` fires, and a connection with no
-    /// request in flight and no bytes moving for `idle_timeout` is closed.
-    pub async fn serve(
-        self: Arc<Self>,
-        stream: TcpStream,
-        peer: SocketAddr,
-        stop: CancellationToken,
-    ) {
+    /// the current request once `drain.stop` fires, and a connection with
+    /// no request in flight and no bytes moving for `idle_timeout` is
+    /// closed. An upgraded (WebSocket) stream runs on the drain's tracker.
+    pub async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, drain: Drain) {
+        let stop = drain.stop.clone();
+        let drain = Arc::new(drain);
         let activity = Arc::new(Activity::default());
         let io = TokioIo::new(Tracked {
             inner: stream,
@@ -178,16 +185,17 @@ impl HttpProxy {
         let requests = activity.clone();
         let service = service_fn(move |request| {
             let proxy = proxy.clone();
+            let drain = drain.clone();
             let in_flight = requests.request();
             async move {
-                let response = proxy.handle(request, peer).await;
+                let response = proxy.handle(request, peer, &drain).await;
                 drop(in_flight);
                 Ok::<_, Infallible>(response)
             }
         });
         let connection = self.server.serve_connection_with_upgrades(io, service);
         tokio::pin!(connection);
-        let idle = self.http.idle_timeout;
+        let idle = self.config.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
         let mut shutting_down = false;
         loop {
             let check_in = idle
@@ -238,7 +246,12 @@ impl HttpProxy {
         futures_util::future::join_all(prune).await;
     }
 
-    async fn handle(&self, request: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+    async fn handle(
+        &self,
+        request: Request<Incoming>,
+        client: SocketAddr,
+        drain: &Drain,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         // Held until the response headers are back, also when the client
         // goes away and the request is dropped half way.
@@ -247,7 +260,7 @@ impl HttpProxy {
         let (parts, body) = request.into_parts();
         let (response, counters) = match self.routes.find(&parts) {
             None => (error_response(&ProxyError::NoRoute), None),
-            Some(route) => match self.forward(route, parts, body, client).await {
+            Some(route) => match self.forward(route, parts, body, client, drain).await {
                 Ok((response, instance)) => (response, Some((route, instance))),
                 Err((error, instance)) => {
                     metrics::counter!(m::HTTP_ERRORS, "upstream" => self.config.service.clone(), "service" => route.upstream.service().to_owned(), "kind" => error.reason()).increment(1);
