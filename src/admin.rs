@@ -272,6 +272,9 @@ fn services(state: &AgentState) -> serde_json::Value {
                 "served_from": service.served_from(),
                 "registries": registries,
                 "updated_at": service.updated_at().map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                "stale": service.stale_since().is_some(),
+                "stale_since": service.stale_since().map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                "listed_at": service.listed_at().map(|t| humantime::format_rfc3339_millis(t).to_string()),
                 "summary": summary.to_json(),
                 "instances": *instances,
             })

@@ -350,7 +350,8 @@ impl LiveDiscovery {
             &config.discovery,
             service.clone(),
             upstreams.clone(),
-        );
+        )
+        .with_last_known(&config.agent.state_dir);
         LiveDiscovery {
             service,
             upstreams,

@@ -32,6 +32,13 @@ pub const DISCOVERY_SOURCE: &str = "squire_discovery_source";
 /// Times failover discovery of a service moved to a registry (the first
 /// one read counts too). Labels: service, registry.
 pub const DISCOVERY_SWITCHES: &str = "squire_discovery_switches_total";
+/// 1 while a service is served from its last known instances on disk (no
+/// registry has listed it since startup), 0 once one has. Labels: service.
+pub const DISCOVERY_STALE: &str = "squire_discovery_stale";
+/// Snapshots of a service's instances written to `agent.state_dir`. Labels: service.
+pub const SNAPSHOT_WRITES: &str = "squire_discovery_snapshot_writes_total";
+/// Snapshot files that could not be read or written. Labels: service, op (load, save).
+pub const SNAPSHOT_FAILURES: &str = "squire_discovery_snapshot_failures_total";
 /// Connections accepted by an upstream listener. Labels: upstream, listen.
 pub const TCP_ACCEPTED: &str = "squire_tcp_connections_accepted_total";
 /// Connections open through an upstream listener. Labels: upstream, listen.
@@ -170,6 +177,18 @@ fn describe() {
     describe_counter!(
         DISCOVERY_SWITCHES,
         "Times failover discovery of a service moved to a registry"
+    );
+    describe_gauge!(
+        DISCOVERY_STALE,
+        "1 while a service is served from its last known instances on disk"
+    );
+    describe_counter!(
+        SNAPSHOT_WRITES,
+        "Snapshots of a service's instances written to the state directory"
+    );
+    describe_counter!(
+        SNAPSHOT_FAILURES,
+        "Snapshot files that could not be read or written"
     );
     describe_counter!(TCP_ACCEPTED, "Connections accepted by an upstream listener");
     describe_counter!(

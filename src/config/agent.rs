@@ -1,7 +1,10 @@
 //! `[agent]`: this squire's own settings (node name, admin address, logging,
-//! shutdown timing, runtime threads).
+//! shutdown timing, runtime threads, where state survives a restart).
 
+use std::ffi::CString;
 use std::net::SocketAddr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::problems::{duration, socket_addr, Problems};
@@ -21,6 +24,9 @@ pub struct AgentConfig {
     pub drain_spread: Duration,
     /// Runtime worker threads; 0 means one per core.
     pub threads: usize,
+    /// Where discovery keeps each service's last known instances, so a
+    /// squire restarted during a registry outage still routes.
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +92,14 @@ pub(super) fn validate_agent(raw: RawAgent, problems: &mut Problems) -> AgentCon
                     0
                 }),
         },
+        state_dir: match raw.state_dir {
+            Some(dir) => {
+                let dir = PathBuf::from(dir);
+                check_state_dir(&dir, problems);
+                dir
+            }
+            None => default_state_dir(),
+        },
     }
 }
 
@@ -94,8 +108,130 @@ pub fn default_drain_spread(drain_timeout: Duration) -> Duration {
     (drain_timeout / 10).max(Duration::from_secs(1))
 }
 
+/// The first of these this user can write to (or create): `$STATE_DIRECTORY`
+/// (systemd's `StateDirectory=`), `/var/lib/squire` (a system service),
+/// `$XDG_STATE_HOME/squire`, `~/.local/state/squire`; failing all,
+/// `squire-state-{uid}` in the temp directory.
+pub fn default_state_dir() -> PathBuf {
+    let env = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    let candidates = [
+        // systemd joins several with ':'; the first is ours.
+        env("STATE_DIRECTORY")
+            .and_then(|v| v.to_string_lossy().split(':').next().map(PathBuf::from)),
+        Some(PathBuf::from("/var/lib/squire")),
+        env("XDG_STATE_HOME").map(|v| PathBuf::from(v).join("squire")),
+        env("HOME").map(|v| PathBuf::from(v).join(".local/state/squire")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|dir| dir.is_absolute() && creatable(dir).is_ok())
+        .unwrap_or_else(|| {
+            // SAFETY: getuid has no preconditions and cannot fail.
+            let uid = unsafe { libc::getuid() };
+            std::env::temp_dir().join(format!("squire-state-{uid}"))
+        })
+}
+
+/// An explicit `agent.state_dir`: absolute, and a directory this user can
+/// write, or one it can create.
+fn check_state_dir(dir: &Path, problems: &mut Problems) {
+    const PATH: &str = "agent.state_dir";
+    if dir.as_os_str().is_empty() {
+        problems.push(PATH, "must not be empty");
+    } else if !dir.is_absolute() {
+        problems.push(PATH, format!("{} must be an absolute path", dir.display()));
+    } else if let Err(reason) = creatable(dir) {
+        problems.push(PATH, reason);
+    }
+}
+
+/// Whether `dir` is a writable directory, or could be created: its nearest
+/// existing ancestor is a writable directory. Nothing is created here.
+fn creatable(dir: &Path) -> Result<(), String> {
+    let mut at = dir;
+    loop {
+        match std::fs::metadata(at) {
+            Ok(meta) if !meta.is_dir() => {
+                return Err(format!("{} exists and is not a directory", at.display()));
+            }
+            Ok(_) if writable(at) => return Ok(()),
+            Ok(_) if at == dir => return Err(format!("{} is not writable", dir.display())),
+            Ok(_) => {
+                return Err(format!(
+                    "cannot create {}: {} is not writable",
+                    dir.display(),
+                    at.display()
+                ))
+            }
+            Err(_) => match at.parent() {
+                Some(parent) => at = parent,
+                None => return Err(format!("cannot create {}", dir.display())),
+            },
+        }
+    }
+}
+
+fn writable(dir: &Path) -> bool {
+    let Ok(path) = CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
+    unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+}
+
 fn hostname() -> String {
     gethostname::gethostname()
         .into_string()
         .unwrap_or_else(|raw| raw.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{assert_problems, problems};
+    use super::super::Config;
+    use super::*;
+
+    fn state_dir(dir: &str) -> Vec<String> {
+        problems(&format!("[agent]\nstate_dir = {:?}\n", dir))
+    }
+
+    #[test]
+    fn state_dir_must_be_an_absolute_writable_directory() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let file = temp.path().join("file");
+        std::fs::write(&file, "").expect("write");
+        let dir = |p: &Path| p.display().to_string();
+        assert_problems(&state_dir(""), &["agent.state_dir: must not be empty"]);
+        assert_problems(
+            &state_dir("var/squire"),
+            &["agent.state_dir: var/squire must be an absolute path"],
+        );
+        assert_problems(
+            &state_dir(&dir(&file)),
+            &[&format!(
+                "agent.state_dir: {} exists and is not a directory",
+                dir(&file)
+            )],
+        );
+        assert_problems(
+            &state_dir(&dir(&file.join("below"))),
+            &[&format!(
+                "agent.state_dir: {} exists and is not a directory",
+                dir(&file)
+            )],
+        );
+        // Not created yet is fine: discovery creates it.
+        assert!(state_dir(&dir(&temp.path().join("a/b"))).is_empty());
+        let config = Config::from_toml(&format!("[agent]\nstate_dir = {:?}\n", dir(temp.path())))
+            .expect("valid");
+        assert_eq!(config.agent.state_dir, temp.path());
+    }
+
+    #[test]
+    fn the_default_state_dir_is_absolute() {
+        let config = Config::from_toml("").expect("valid");
+        assert!(config.agent.state_dir.is_absolute());
+        assert_eq!(config.agent.state_dir, default_state_dir());
+    }
 }

@@ -57,6 +57,7 @@ pub struct RawAgent {
     pub drain_timeout: Option<String>,
     pub drain_spread: Option<String>,
     pub threads: Option<i64>,
+    pub state_dir: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -142,13 +142,20 @@ pub struct AgentToml {
 
 impl AgentToml {
     /// Admin on 127.0.0.1:0, `drain_delay = "0s"`, `drain_timeout = "2s"`,
-    /// on `registry`.
+    /// on `registry`. With a local registry, `state_dir` is `{dir}/.state` (never a service
+    /// name), so an agent run as a process writes nothing outside the test's
+    /// directory; [`super::TestAgent`] gives every other agent a temp dir.
     pub fn new(registry: Section) -> AgentToml {
+        let mut agent = Section::new()
+            .set("admin", "127.0.0.1:0")
+            .set("drain_delay", "0s")
+            .set("drain_timeout", "2s");
+        if let Some((_, toml::Value::String(dir))) = registry.keys.iter().find(|(k, _)| k == "dir")
+        {
+            agent = agent.set("state_dir", format!("{dir}/.state"));
+        }
         AgentToml {
-            agent: Section::new()
-                .set("admin", "127.0.0.1:0")
-                .set("drain_delay", "0s")
-                .set("drain_timeout", "2s"),
+            agent,
             discovery: Section::new(),
             registries: vec![registry],
             service: None,
@@ -178,6 +185,14 @@ impl AgentToml {
     /// Sets a key in `[agent]`.
     pub fn agent(mut self, key: &str, value: impl Into<toml::Value>) -> AgentToml {
         self.agent = self.agent.set(key, value);
+        self
+    }
+
+    /// Sets a key in `[agent]` unless the test set it already.
+    pub fn agent_default(mut self, key: &str, value: impl Into<toml::Value>) -> AgentToml {
+        if !self.agent.keys.iter().any(|(k, _)| k == key) {
+            self.agent = self.agent.set(key, value);
+        }
         self
     }
 

@@ -304,11 +304,18 @@ pub struct TestAgent {
     pub listens: Vec<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    /// The agent's own `state_dir` unless the test chose one: agents never
+    /// share last known endpoints by accident.
+    _state: tempfile::TempDir,
 }
 
 impl TestAgent {
     pub async fn start(toml: &config::AgentToml) -> TestAgent {
-        let toml = toml.to_string();
+        let state = tempfile::tempdir().expect("state dir");
+        let toml = toml
+            .clone()
+            .agent_default("state_dir", state.path().display().to_string())
+            .to_string();
         let config =
             squire::Config::from_toml(&toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
         let agent = squire::Agent::bind(config).await.expect("agent binds");
@@ -323,6 +330,7 @@ impl TestAgent {
             listens,
             stop: Some(stop),
             task,
+            _state: state,
         }
     }
 

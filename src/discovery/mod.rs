@@ -24,15 +24,29 @@
 //!   entry of a registry whose watch is up wins over one whose watch is
 //!   down, then the earlier registry wins. A registry that is down keeps
 //!   its last known instances in the union, as a single registry would.
+//!
+//! **Last known good**: every listed instance set is also written to
+//! `agent.state_dir` (one file per service, see `last_known`). When at
+//! startup no registry can list a service, those instances are served,
+//! and the service is marked stale (`squire_discovery_stale`, `"stale"` in
+//! `/v1/services`) until the first listing replaces them.
+//!
+//! Here: the task and its failover and merge loops. `state`: the admin
+//! read model ([`ServiceState`], [`SourceState`]). `view`: what one
+//! registry says, entry by entry. `last_known`: the snapshot files.
 
-use std::collections::{BTreeMap, HashMap};
+mod last_known;
+mod state;
+mod view;
+
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -41,10 +55,12 @@ use crate::backoff::Backoff;
 use crate::balance::Upstream;
 use crate::config::{DiscoveryConfig, DiscoveryMode};
 use crate::metrics as m;
-use crate::registry::{
-    Change, Entry, Instance, Registry, RegistryError, Status, Watch, WatchEvent,
-};
+use crate::registry::{Instance, Registry, RegistryError, Status, Watch, WatchEvent};
 use crate::time::{sleep_or_shutdown, sleep_until_some};
+
+use last_known::{LastKnown, Snapshot, Writer};
+pub use state::{ServiceState, SourceState};
+use view::View;
 
 /// The longest wait before re-listing a broken watch: a registry that
 /// answers again is watched again within this.
@@ -55,98 +71,6 @@ const RELIST_BACKOFF_MAX: Duration = Duration::from_millis(500);
 pub struct Source {
     pub name: String,
     pub registry: Arc<dyn Registry>,
-}
-
-/// Everything known of one service, for the admin API.
-pub struct ServiceState {
-    pub name: String,
-    pub mode: DiscoveryMode,
-    instances: ArcSwap<Vec<Instance>>,
-    watch_up: AtomicBool,
-    updated_at: Mutex<Option<SystemTime>>,
-    sources: Vec<SourceState>,
-}
-
-/// What one registry gives one service, for the admin API.
-pub struct SourceState {
-    pub name: String,
-    pub kind: &'static str,
-    watch_up: AtomicBool,
-    serving: AtomicBool,
-    last_error: Mutex<Option<String>>,
-}
-
-impl SourceState {
-    /// Whether this registry's watch of the service is established.
-    pub fn watch_up(&self) -> bool {
-        self.watch_up.load(Ordering::Relaxed)
-    }
-
-    /// Whether the service is served from this registry: in failover mode
-    /// the registry in use, in merge mode each whose watch is up.
-    pub fn serving(&self) -> bool {
-        self.serving.load(Ordering::Relaxed)
-    }
-
-    /// Why the last listing or watch of this registry failed, until one
-    /// succeeds.
-    pub fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
-
-impl ServiceState {
-    pub fn new(name: String, mode: DiscoveryMode, sources: &[Source]) -> Self {
-        ServiceState {
-            name,
-            mode,
-            instances: ArcSwap::from_pointee(Vec::new()),
-            watch_up: AtomicBool::new(false),
-            updated_at: Mutex::new(None),
-            sources: sources
-                .iter()
-                .map(|source| SourceState {
-                    name: source.name.clone(),
-                    kind: source.registry.kind(),
-                    watch_up: AtomicBool::new(false),
-                    serving: AtomicBool::new(false),
-                    last_error: Mutex::new(None),
-                })
-                .collect(),
-        }
-    }
-
-    /// Every known instance of the service, whatever its status, by id.
-    pub fn instances(&self) -> Arc<Vec<Instance>> {
-        self.instances.load_full()
-    }
-
-    /// Whether the service is being watched: in failover mode the registry
-    /// in use, in merge mode at least one.
-    pub fn watch_up(&self) -> bool {
-        self.watch_up.load(Ordering::Relaxed)
-    }
-
-    pub fn updated_at(&self) -> Option<SystemTime> {
-        *self.updated_at.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Every registry, in configured order.
-    pub fn sources(&self) -> &[SourceState] {
-        &self.sources
-    }
-
-    /// Names of the registries the service is served from now.
-    pub fn served_from(&self) -> Vec<&str> {
-        self.sources
-            .iter()
-            .filter(|s| s.serving())
-            .map(|s| s.name.as_str())
-            .collect()
-    }
 }
 
 /// A watch just opened and its first event (the full current set).
@@ -168,16 +92,16 @@ pub struct Discovery {
     views: Vec<View>,
     /// Failover: the registry whose view is in service.
     serving: Option<usize>,
-}
-
-/// What one registry says of the service.
-#[derive(Default)]
-struct View {
-    /// Instances by registry key.
-    known: BTreeMap<String, Instance>,
-    /// Keys whose value did not parse, with the reason: each is logged and
-    /// counted once, not again on every re-list.
-    malformed: HashMap<String, String>,
+    /// This service's snapshot file, when persisting.
+    last_known: Option<Arc<LastKnown>>,
+    /// Writes the snapshots while `run` runs.
+    writer: Option<Writer>,
+    /// Whether a registry has listed the service since startup.
+    listed: bool,
+    /// Whether the snapshot on disk was read (once, at the first failure).
+    loaded: bool,
+    /// The set last handed to the writer.
+    saved: Option<Vec<Instance>>,
 }
 
 /// What a merge-mode feed tells the task that merges.
@@ -204,13 +128,29 @@ impl Discovery {
             service,
             upstreams,
             serving: None,
+            last_known: None,
+            writer: None,
+            listed: false,
+            loaded: false,
+            saved: None,
         }
     }
 
+    /// Keeps the last listed instances in `state_dir` and serves them when
+    /// no registry can list the service at startup.
+    pub fn with_last_known(mut self, state_dir: &Path) -> Self {
+        self.last_known = Some(Arc::new(LastKnown::new(state_dir, &self.service.name)));
+        self
+    }
+
     pub async fn run(mut self, shutdown: CancellationToken) {
+        self.writer = self.last_known.clone().map(Writer::start);
         match self.mode {
             DiscoveryMode::Failover => self.failover(&shutdown).await,
             DiscoveryMode::Merge => self.merge(&shutdown).await,
+        }
+        if let Some(writer) = self.writer.take() {
+            writer.finish().await;
         }
     }
 
@@ -244,6 +184,7 @@ impl Discovery {
                 }
             }
             let Some((mut index, (mut watch, event))) = opened else {
+                self.serve_last_known();
                 let delay = backoff.next(retryable);
                 tracing::warn!(service = %name, retry_in = ?delay, "no registry can be watched; serving the last known endpoints");
                 if sleep_or_shutdown(delay, shutdown).await {
@@ -309,6 +250,7 @@ impl Discovery {
     fn take_over(&mut self, index: usize, event: WatchEvent) {
         let name = self.service.name.clone();
         self.views[index].apply(event, &name);
+        self.listed_now();
         self.set_source_watch_up(index, true);
         self.clear_error(index);
         if self.serving != Some(index) {
@@ -336,7 +278,7 @@ impl Discovery {
         self.publish_serving();
     }
 
-    fn publish_serving(&self) {
+    fn publish_serving(&mut self) {
         if let Some(index) = self.serving {
             self.publish(self.views[index].known.values().cloned().collect());
         }
@@ -373,6 +315,7 @@ impl Discovery {
         match feed {
             Feed::Up(event) => {
                 self.views[index].apply(event, &name);
+                self.listed_now();
                 self.set_source_watch_up(index, true);
                 self.set_merge_serving(index, true);
                 self.clear_error(index);
@@ -381,11 +324,16 @@ impl Discovery {
             Feed::Down(e) => {
                 self.source_failed(index, &e);
                 self.set_merge_serving(index, false);
+                self.serve_last_known();
             }
         }
         let up = self.service.sources.iter().any(SourceState::watch_up);
         self.set_watch_up(up);
-        self.publish(self.merged());
+        // Until a registry lists the service, the views are empty: what is
+        // in service is the snapshot from disk, or nothing.
+        if self.listed {
+            self.publish(self.merged());
+        }
     }
 
     fn set_merge_serving(&self, index: usize, serving: bool) {
@@ -445,10 +393,24 @@ impl Discovery {
         });
     }
 
-    fn publish(&self, mut instances: Vec<Instance>) {
+    /// Puts `instances` in service. A set listed by a registry is also
+    /// saved, when it differs from the one saved last.
+    fn publish(&mut self, mut instances: Vec<Instance>) {
         instances.sort_by(|a, b| a.id.cmp(&b.id));
+        if self.listed && self.saved.as_ref() != Some(&instances) {
+            if let Some(writer) = &self.writer {
+                writer.save(Snapshot {
+                    instances: instances.clone(),
+                    listed_at: SystemTime::now(),
+                });
+            }
+            self.saved = Some(instances.clone());
+        }
         if *self.service.instances.load_full() == instances {
             return;
+        }
+        if self.listed {
+            *lock(&self.service.listed_at) = Some(SystemTime::now());
         }
         for upstream in &self.upstreams {
             upstream.refresh(&instances);
@@ -460,60 +422,65 @@ impl Discovery {
         }
         tracing::info!(service = %self.service.name, instances = instances.len(), "endpoints changed");
         self.service.instances.store(Arc::new(instances));
-        *self
+        *lock(&self.service.updated_at) = Some(SystemTime::now());
+    }
+
+    /// No registry could list the service. The first time, and only if none
+    /// ever has: serve the snapshot on disk, marked stale. Read here,
+    /// synchronously: once per service, a file of a few kilobytes, and
+    /// nothing else to do meanwhile.
+    fn serve_last_known(&mut self) {
+        let every_one_failed = self
             .service
-            .updated_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(SystemTime::now());
+            .sources
+            .iter()
+            .all(|s| s.last_error().is_some());
+        if self.listed || self.loaded || !every_one_failed {
+            return;
+        }
+        self.loaded = true;
+        let Some(last_known) = self.last_known.clone() else {
+            return;
+        };
+        let name = self.service.name.clone();
+        let snapshot = match last_known.load() {
+            Ok(Some(snapshot)) => snapshot,
+            Ok(None) => {
+                tracing::info!(service = %name, path = %last_known.path().display(), "no registry answers and no last known endpoints on disk");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(service = %name, error = %e, "ignoring the last known endpoints on disk");
+                metrics::counter!(m::SNAPSHOT_FAILURES, "service" => name, "op" => "load")
+                    .increment(1);
+                return;
+            }
+        };
+        let listed_at = humantime::format_rfc3339_millis(snapshot.listed_at);
+        tracing::warn!(service = %name, instances = snapshot.instances.len(), %listed_at, "no registry answers; serving the last known endpoints from disk (stale)");
+        *lock(&self.service.stale_since) = Some(SystemTime::now());
+        *lock(&self.service.listed_at) = Some(snapshot.listed_at);
+        metrics::gauge!(m::DISCOVERY_STALE, "service" => name).set(1.0);
+        self.publish(snapshot.instances);
+    }
+
+    /// A registry listed the service: from now on what is in service comes
+    /// from registries, and is saved.
+    fn listed_now(&mut self) {
+        if self.listed {
+            return;
+        }
+        self.listed = true;
+        if lock(&self.service.stale_since).take().is_some() {
+            tracing::info!(service = %self.service.name, "a registry listed the service; the last known endpoints from disk are replaced");
+        }
+        *lock(&self.service.listed_at) = Some(SystemTime::now());
+        metrics::gauge!(m::DISCOVERY_STALE, "service" => self.service.name.clone()).set(0.0);
     }
 }
 
-impl View {
-    fn apply(&mut self, event: WatchEvent, service: &str) {
-        match event {
-            WatchEvent::Reset(entries) => {
-                let previous = std::mem::take(&mut self.malformed);
-                self.known.clear();
-                for entry in entries {
-                    let reason = previous.get(&entry.key).cloned();
-                    self.put(entry, reason, service);
-                }
-            }
-            WatchEvent::Changes(changes) => {
-                for change in changes {
-                    match change {
-                        Change::Put(entry) => {
-                            let reason = self.malformed.remove(&entry.key);
-                            self.put(entry, reason, service);
-                        }
-                        Change::Delete { key } => {
-                            self.known.remove(&key);
-                            self.malformed.remove(&key);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Takes in one entry. A value that cannot be used is skipped, and logged
-    /// and counted unless it was already skipped for the same reason.
-    fn put(&mut self, entry: Entry, skipped_before: Option<String>, service: &str) {
-        let reason = match entry.value {
-            Ok(instance) if instance.name == service => {
-                self.known.insert(entry.key, instance);
-                return;
-            }
-            Ok(instance) => format!("names service {:?}", instance.name),
-            Err(reason) => reason,
-        };
-        self.known.remove(&entry.key);
-        if skipped_before.as_ref() != Some(&reason) {
-            tracing::warn!(service, key = %entry.key, %reason, "skipping a malformed registry entry");
-            metrics::counter!(m::ENTRIES_SKIPPED, "service" => service.to_owned()).increment(1);
-        }
-        self.malformed.insert(entry.key, reason);
-    }
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Watches `service` in `source` and waits for the first event, the full
@@ -615,164 +582,4 @@ async fn poll_some<F: Future + Unpin>(slot: &mut Option<F>) -> F::Output {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use async_trait::async_trait;
-
-    use crate::registry::Lease;
-
-    /// A registry that holds a fixed set of instances, or is down.
-    struct Fixed {
-        up: AtomicBool,
-        instances: Vec<Instance>,
-    }
-
-    #[async_trait]
-    impl Registry for Fixed {
-        fn kind(&self) -> &'static str {
-            "local"
-        }
-        fn target(&self) -> String {
-            "fixed".into()
-        }
-        async fn register(&self, _: &Instance) -> Result<Box<dyn Lease>, RegistryError> {
-            Err(RegistryError::Rejected("read-only".into()))
-        }
-        async fn watch(&self, _: &str) -> Result<Box<dyn Watch>, RegistryError> {
-            if !self.up.load(Ordering::SeqCst) {
-                return Err(RegistryError::Unavailable("down".into()));
-            }
-            let entries = self
-                .instances
-                .iter()
-                .map(|i| Entry {
-                    key: i.id.clone(),
-                    value: Ok(i.clone()),
-                })
-                .collect();
-            Ok(Box::new(FixedWatch(Some(entries))))
-        }
-    }
-
-    struct FixedWatch(Option<Vec<Entry>>);
-
-    #[async_trait]
-    impl Watch for FixedWatch {
-        async fn next(&mut self) -> Result<WatchEvent, RegistryError> {
-            match self.0.take() {
-                Some(entries) => Ok(WatchEvent::Reset(entries)),
-                None => std::future::pending().await,
-            }
-        }
-    }
-
-    fn instance(id: &str, port: u16) -> Instance {
-        Instance {
-            name: "svc".into(),
-            id: id.into(),
-            host: "127.0.0.1".into(),
-            port,
-            tags: Vec::new(),
-            metadata: BTreeMap::new(),
-            version: String::new(),
-            weight: 100,
-            status: Status::Healthy,
-        }
-    }
-
-    fn discovery(mode: DiscoveryMode, registries: Vec<Arc<Fixed>>) -> Discovery {
-        let sources: Vec<Source> = registries
-            .into_iter()
-            .enumerate()
-            .map(|(i, registry)| Source {
-                name: format!("r{i}"),
-                registry,
-            })
-            .collect();
-        let service = Arc::new(ServiceState::new("svc".into(), mode, &sources));
-        let config = DiscoveryConfig {
-            mode,
-            failback: Duration::from_secs(30),
-        };
-        Discovery::new(sources, &config, service, Vec::new())
-    }
-
-    fn fixed(up: bool, instances: Vec<Instance>) -> Arc<Fixed> {
-        Arc::new(Fixed {
-            up: AtomicBool::new(up),
-            instances,
-        })
-    }
-
-    #[test]
-    fn merge_prefers_live_registries_then_the_earlier_one() {
-        let mut d = discovery(
-            DiscoveryMode::Merge,
-            vec![fixed(true, Vec::new()), fixed(true, Vec::new())],
-        );
-        let first = vec![instance("a", 1), instance("both", 2)];
-        let second = vec![instance("b", 3), instance("both", 4)];
-        let reset = |instances: &[Instance]| {
-            WatchEvent::Reset(
-                instances
-                    .iter()
-                    .map(|i| Entry {
-                        key: format!("k/{}", i.id),
-                        value: Ok(i.clone()),
-                    })
-                    .collect(),
-            )
-        };
-        d.on_feed(0, Feed::Up(reset(&first)));
-        d.on_feed(1, Feed::Up(reset(&second)));
-        let seen = |d: &Discovery| -> Vec<(String, u16)> {
-            d.service
-                .instances()
-                .iter()
-                .map(|i| (i.id.clone(), i.port))
-                .collect()
-        };
-        assert_eq!(
-            seen(&d),
-            [("a".into(), 1), ("b".into(), 3), ("both".into(), 2)]
-        );
-        assert_eq!(d.service.served_from(), ["r0", "r1"]);
-        // The first goes down: its instances stay, the live entry wins.
-        d.on_feed(0, Feed::Down(RegistryError::Unavailable("gone".into())));
-        assert_eq!(
-            seen(&d),
-            [("a".into(), 1), ("b".into(), 3), ("both".into(), 4)]
-        );
-        assert_eq!(d.service.served_from(), ["r1"]);
-        assert!(d.service.watch_up());
-        assert_eq!(
-            d.service.sources()[0].last_error().as_deref(),
-            Some("registry unavailable: gone")
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn failover_uses_the_first_that_answers_and_fails_back() {
-        let primary = fixed(false, vec![instance("p", 1)]);
-        let backup = fixed(true, vec![instance("b", 2)]);
-        let d = discovery(DiscoveryMode::Failover, vec![primary.clone(), backup]);
-        let service = d.service.clone();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(d.run(shutdown.clone()));
-        let ids = || -> Vec<String> { service.instances().iter().map(|i| i.id.clone()).collect() };
-        while ids() != ["b"] {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(service.served_from(), ["r1"]);
-        primary.up.store(true, Ordering::SeqCst);
-        // Not before the failback interval, then promptly.
-        tokio::time::sleep(Duration::from_secs(29)).await;
-        assert_eq!(ids(), ["b"]);
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(ids(), ["p"]);
-        assert_eq!(service.served_from(), ["r0"]);
-        assert!(!service.sources()[1].watch_up());
-        shutdown.cancel();
-        task.await.expect("discovery ends on shutdown");
-    }
-}
+mod tests;
