@@ -18,7 +18,7 @@
 //!   service (as SIGHUP does): 200 with what changed, or 400 with the
 //!   problems, the running configuration unchanged.
 //!
-//! Mutating requests pass [`authorize`] first: the seam where the admin
+//! Mutating requests pass `authorize` first: the seam where the admin
 //! token will be checked.
 
 use std::convert::Infallible;

@@ -8,10 +8,10 @@
 //! Each is one loop: register under a new lease, refresh it every ttl/3, and
 //!
 //! - on a refresh error (registry unreachable, stream broken) retry the
-//!   refresh with a jittered backoff of at most [`RETRY_MAX`], on the same
+//!   refresh with a jittered backoff of at most `RETRY_MAX`, on the same
 //!   lease: a lease survives an outage shorter than its ttl, etcd even
 //!   extends leases across its own restart, and a registry that answers
-//!   again is refreshed within [`RETRY_MAX`];
+//!   again is refreshed within `RETRY_MAX`;
 //! - once a ttl has passed since the last successful refresh, say we are
 //!   not registered (`registered` false, the gauge 0, `/ready` 503): the
 //!   lease has expired unless the registry kept it for us. Keep refreshing

@@ -2,7 +2,7 @@
 //! place that says what each failure means: its metric label
 //! ([`ProxyError::reason`]) and the HTTP status a client gets for it
 //! ([`ProxyError::status`]); and which failures are squire's own
-//! ([`local_kind`]), never held against an endpoint.
+//! (`local_kind`), never held against an endpoint.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -93,7 +93,7 @@ impl ProxyError {
     }
 
     /// A failed connect to `endpoint`: [`ProxyError::Local`] when the cause
-    /// is squire's own (see [`local_kind`]), else [`ProxyError::Connect`].
+    /// is squire's own (see `local_kind`), else [`ProxyError::Connect`].
     pub fn connect(endpoint: &str, source: std::io::Error) -> ProxyError {
         let endpoint = endpoint.to_owned();
         match local_kind(&source) {
