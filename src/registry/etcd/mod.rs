@@ -7,7 +7,7 @@
 //!
 //! # Several members
 //!
-//! [`members`] keeps **one client per member** and sends everything to one
+//! `members` keeps **one client per member** and sends everything to one
 //! *active* member; a call or stream that fails with `Unavailable` marks its
 //! member down, and the next call probes all members at once and moves to
 //! the first that answers a linearizable read. Chosen over etcd-client's
