@@ -142,7 +142,13 @@ async fn route(state: &AgentState, request: Request<Incoming>) -> Response<Body>
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
     match request.uri().path() {
-        "/live" => text(StatusCode::OK, "live\n"),
+        "/live" => match crate::liveness::failure() {
+            None => text(StatusCode::OK, "live\n"),
+            Some(panic) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("not live: a task panicked: {panic}\n"),
+            ),
+        },
         "/ready" => match not_ready_reason(state) {
             None => text(StatusCode::OK, "ready\n"),
             Some(reason) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("{reason}\n")),

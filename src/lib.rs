@@ -20,6 +20,7 @@
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/v1/services`, `/v1/self`,
 //!   maintenance, `/v1/reload`; its read model [`admin::AgentState`].
 //! - [`reload`]: reloading `agent.toml` while running (SIGHUP, `POST /v1/reload`).
+//! - [`liveness`]: a panic anywhere is recorded and fails `/live`.
 //! - [`metrics`]: every metric name in one place.
 //! - [`time`]: sleeps that end at shutdown, the one token bucket, RFC 3339.
 //! - [`backoff`]: jittered exponential backoff for the retry loops.
@@ -39,6 +40,7 @@ pub mod balance;
 pub mod config;
 pub mod discovery;
 pub mod health;
+pub mod liveness;
 pub mod metrics;
 pub mod proxy;
 pub mod registration;

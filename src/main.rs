@@ -149,6 +149,7 @@ fn config_failure(path: &std::path::Path, error: &ConfigError) -> ExitCode {
 }
 
 fn init_logging(config: &Config) {
+    squire::liveness::install_panic_hook();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.agent.log));
     let stderr = std::io::stderr();

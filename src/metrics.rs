@@ -55,6 +55,8 @@ pub const DRAIN_CUT: &str = "squire_drain_connections_cut_total";
 /// Configuration reloads (SIGHUP, POST /v1/reload). Labels: result (ok,
 /// invalid: the new file was rejected, failed: valid but could not be applied, e.g. a port taken).
 pub const CONFIG_RELOADS: &str = "squire_config_reloads_total";
+/// Panics anywhere in the process (each makes `/live` fail).
+pub const PANICS: &str = "squire_panics_total";
 /// Errors that are squire's own (out of file descriptors, buffers, local
 /// ports): never counted against an endpoint. Labels: kind.
 pub const LOCAL_ERRORS: &str = "squire_local_errors_total";
@@ -189,6 +191,10 @@ fn describe() {
     describe_counter!(
         SNAPSHOT_FAILURES,
         "Snapshot files that could not be read or written"
+    );
+    describe_counter!(
+        PANICS,
+        "Panics anywhere in the process; /live fails after the first"
     );
     describe_counter!(TCP_ACCEPTED, "Connections accepted by an upstream listener");
     describe_counter!(
