@@ -109,14 +109,33 @@ pub(super) fn duration(
     problems: &mut Problems,
 ) -> Duration {
     let text = value.as_deref().unwrap_or(default);
-    humantime::parse_duration(text).unwrap_or_else(|e| {
-        problems.push(
-            path,
-            format!("{text:?} is not a duration ({e}); write e.g. \"5s\" or \"250ms\""),
-        );
-        humantime::parse_duration(default).unwrap_or_default()
-    })
+    let fallback = || humantime::parse_duration(default).unwrap_or_default();
+    match humantime::parse_duration(text) {
+        Ok(d) if d > MAX_DURATION => {
+            problems.push(
+                path,
+                format!(
+                    "{text:?} is too long: at most {}",
+                    humantime::format_duration(MAX_DURATION)
+                ),
+            );
+            fallback()
+        }
+        Ok(d) => d,
+        Err(e) => {
+            problems.push(
+                path,
+                format!("{text:?} is not a duration ({e}); write e.g. \"5s\" or \"250ms\""),
+            );
+            fallback()
+        }
+    }
 }
+
+/// The longest duration any key takes. Anything longer is a typo (an
+/// extra digit, `h` for `s`), and past a few centuries `Instant + d`
+/// overflows and panics in a task.
+pub(super) const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 pub(super) fn socket_addr(path: &str, text: &str, problems: &mut Problems) -> SocketAddr {
     text.parse().unwrap_or_else(|_| {

@@ -367,3 +367,14 @@ fn a_syntax_error_names_the_place_but_never_echoes_the_line() {
     assert!(error.contains("line 4, column 20"), "{error}");
     assert!(!error.contains("hunter2"), "the secret leaked: {error}");
 }
+
+#[test]
+fn an_absurd_duration_is_a_problem_not_a_panic_later() {
+    let text = "[agent]\ndrain_timeout = \"100000000000000h\"\n[registry]\nkind = \"local\"\nttl = \"99999d\"\n";
+    let error = Config::from_toml(text).expect_err("absurd").to_string();
+    assert!(
+        error.contains("agent.drain_timeout: \"100000000000000h\" is too long: at most 30days"),
+        "{error}"
+    );
+    assert!(error.contains("registry.ttl"), "{error}");
+}
