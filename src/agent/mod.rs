@@ -43,7 +43,6 @@ use crate::config::{
 use crate::discovery::{Discovery, ServiceState, Source};
 use crate::health::{Health, HealthBoard};
 use crate::metrics as m;
-use crate::proxy::listener::DEFAULT_BACKLOG;
 use crate::proxy::{Drain, Drained, HttpProxy, Listener, Proxy, TcpProxy};
 use crate::registration::{Maintenance, Registration, SharedState};
 use crate::registry::{self, Instance, Registry, Status};
@@ -96,12 +95,20 @@ impl Agent {
     pub async fn bind(config: Config) -> Result<Agent, AgentError> {
         let prometheus = crate::metrics::install().map_err(AgentError::Metrics)?;
         let sources = connect_sources(&config.registries)?;
-        let admin_listener = bind(config.agent.admin, "the admin API", "admin")?;
+        let admin_listener = bind(
+            config.agent.admin,
+            config.agent.backlog,
+            "the admin API",
+            "admin",
+        )?;
 
         let mut listeners = Vec::new();
         for upstream in &config.upstreams {
             let what = format!("upstream {}", upstream.service);
-            listeners.push(build(upstream, bind(upstream.listen, &what, &what)?));
+            listeners.push(build(
+                upstream,
+                bind(upstream.listen, upstream.backlog, &what, &what)?,
+            ));
         }
 
         let (maintenance, maintenance_rx) = watch::channel(None);

@@ -274,8 +274,13 @@ pub(super) fn registration(
 
 /// Binds one listening socket; a taken port fails startup (or the reload)
 /// here.
-pub(super) fn bind(addr: SocketAddr, what: &str, name: &str) -> Result<Listener, AgentError> {
-    Listener::bind(addr, DEFAULT_BACKLOG, name).map_err(|source| AgentError::Bind {
+pub(super) fn bind(
+    addr: SocketAddr,
+    backlog: u32,
+    what: &str,
+    name: &str,
+) -> Result<Listener, AgentError> {
+    Listener::bind(addr, backlog, name).map_err(|source| AgentError::Bind {
         what: what.to_owned(),
         addr,
         source,

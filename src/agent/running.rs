@@ -145,7 +145,7 @@ impl Running {
             if let ListenerChange::Add { new } = *change {
                 let upstream = &config.upstreams[new];
                 let what = format!("upstream {}", upstream.service);
-                match bind(upstream.listen, &what, &what) {
+                match bind(upstream.listen, upstream.backlog, &what, &what) {
                     Ok(listener) => {
                         bound.insert(new, listener);
                     }
@@ -180,7 +180,7 @@ impl Running {
                     let (listener, drain) = live.stop_accepting().await;
                     let listener = match listener {
                         Some(listener) => listener,
-                        None => match bind(upstream.listen, &name, &name) {
+                        None => match bind(upstream.listen, upstream.backlog, &name, &name) {
                             Ok(listener) => listener,
                             Err(e) => {
                                 tracing::error!(listener = %name, error = %e, "cannot listen again");

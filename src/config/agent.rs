@@ -24,6 +24,9 @@ pub struct AgentConfig {
     pub drain_spread: Duration,
     /// Runtime worker threads; 0 means one per core.
     pub threads: usize,
+    /// Listen backlog of every listener (admin included) unless an
+    /// upstream sets its own.
+    pub backlog: u32,
     /// Where discovery keeps each service's last known instances, so a
     /// squire restarted during a registry outage still routes.
     pub state_dir: PathBuf,
@@ -79,6 +82,7 @@ pub(super) fn validate_agent(raw: RawAgent, problems: &mut Problems) -> AgentCon
         drain_delay: duration("agent.drain_delay", raw.drain_delay, "2s", problems),
         drain_timeout,
         drain_spread,
+        backlog: backlog("agent.backlog", raw.backlog, problems).unwrap_or_else(default_backlog),
         threads: match raw.threads {
             None => 0,
             Some(n) => usize::try_from(n)
@@ -184,6 +188,28 @@ fn hostname() -> String {
     gethostname::gethostname()
         .into_string()
         .unwrap_or_else(|raw| raw.to_string_lossy().into_owned())
+}
+
+/// A `backlog` key: 1-65535 when set.
+pub(super) fn backlog(path: &str, value: Option<i64>, problems: &mut Problems) -> Option<u32> {
+    let n = value?;
+    match u32::try_from(n).ok().filter(|n| (1..=65535).contains(n)) {
+        Some(n) => Some(n),
+        None => {
+            problems.push(path, format!("{n} is out of range (1-65535)"));
+            None
+        }
+    }
+}
+
+/// 4096 (HAProxy's and nginx's practice), or the kernel's
+/// `net.core.somaxconn` if that is lower (the kernel would cap it anyway;
+/// saying so keeps `/v1/self` honest).
+pub fn default_backlog() -> u32 {
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    somaxconn.map_or(4096, |max| max.clamp(1, 4096))
 }
 
 #[cfg(test)]

@@ -185,7 +185,13 @@ fn validate(raw: RawConfig, problems: &mut Problems) -> Config {
         .upstream
         .into_iter()
         .enumerate()
-        .map(|(i, u)| validate_upstream(i, u, &mut listens, problems))
+        .map(|(i, u)| {
+            let mut upstream = validate_upstream(i, u, &mut listens, problems);
+            if upstream.backlog == 0 {
+                upstream.backlog = agent.backlog;
+            }
+            upstream
+        })
         .collect();
     if listens.contains(&agent.admin) {
         problems.push(

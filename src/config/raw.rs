@@ -57,6 +57,7 @@ pub struct RawAgent {
     pub drain_timeout: Option<String>,
     pub drain_spread: Option<String>,
     pub threads: Option<i64>,
+    pub backlog: Option<i64>,
     pub state_dir: Option<String>,
 }
 
@@ -101,6 +102,7 @@ pub struct RawService {
 #[derive(Debug, Default, Deserialize)]
 pub struct RawUpstream {
     pub service: Option<String>,
+    pub backlog: Option<i64>,
     pub listen: Option<String>,
     pub protocol: Option<String>,
     pub strategy: Option<String>,

@@ -378,3 +378,24 @@ fn an_absurd_duration_is_a_problem_not_a_panic_later() {
     );
     assert!(error.contains("registry.ttl"), "{error}");
 }
+
+#[test]
+fn the_backlog_defaults_from_the_agent_and_is_bounded() {
+    let text = "[agent]\nbacklog = 1024\n[[upstream]]\nservice = \"a\"\nlisten = \"127.0.0.1:0\"\n[[upstream]]\nservice = \"b\"\nlisten = \"127.0.0.1:1\"\nbacklog = 64\n";
+    let config = Config::from_toml(text).expect("valid");
+    assert_eq!(config.agent.backlog, 1024);
+    assert_eq!(config.upstreams[0].backlog, 1024);
+    assert_eq!(config.upstreams[1].backlog, 64);
+    let text = "[agent]\nbacklog = 0\n[[upstream]]\nservice = \"a\"\nlisten = \"127.0.0.1:0\"\nbacklog = 70000\n";
+    let error = Config::from_toml(text)
+        .expect_err("out of range")
+        .to_string();
+    assert!(
+        error.contains("agent.backlog: 0 is out of range (1-65535)"),
+        "{error}"
+    );
+    assert!(
+        error.contains("upstream.a.backlog: 70000 is out of range"),
+        "{error}"
+    );
+}

@@ -43,6 +43,8 @@ pub struct UpstreamConfig {
     /// TCP keep-alive on the client and instance sockets: idle time before
     /// the first probe. `None`: off.
     pub tcp_keepalive: Option<Duration>,
+    /// Listen backlog (default: `agent.backlog`).
+    pub backlog: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -172,6 +174,8 @@ pub(super) fn validate_upstream(
         max_connections: limits.max_connections,
         idle_timeout: limits.idle_timeout,
         tcp_keepalive: limits.tcp_keepalive,
+        // 0 until `Config::validate` applies `agent.backlog`.
+        backlog: super::agent::backlog(&at("backlog"), raw.backlog, problems).unwrap_or(0),
     }
 }
 

@@ -33,10 +33,6 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// At most one accept-error log line per this interval.
 const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The listen backlog when none is configured (HAProxy's and nginx's
-/// default; the kernel caps it at `net.core.somaxconn`).
-pub const DEFAULT_BACKLOG: u32 = 4096;
-
 /// The shortest gap between two batches of a staggered cut.
 const MIN_BATCH_GAP: Duration = Duration::from_millis(50);
 
