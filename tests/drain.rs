@@ -277,10 +277,11 @@ async fn tcp_idle_timeout_closes_a_silent_session_and_keeps_a_busy_one() {
         let mut busy = busy;
         let mut buf = [0u8; 4];
         // Busy for three idle timeouts: a ping every 100 ms.
+        let mut pace = tokio::time::interval(Duration::from_millis(100));
         for _ in 0..12 {
+            pace.tick().await;
             busy.write_all(b"ping").await.expect("busy send");
             busy.read_exact(&mut buf).await.expect("busy echo");
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         busy
     });
