@@ -4,7 +4,8 @@
 //! - `GET /ready`: 200 once every listener is bound and our instance is
 //!   registered in at least one registry; 503 with the reason while
 //!   starting or draining.
-//! - `GET /metrics`: Prometheus text format.
+//! - `GET /metrics`: Prometheus text format: the recorder's families, then
+//!   the per-endpoint ones rendered from live state ([`crate::metrics::render_live`]).
 //! - `GET /v1/services`: every discovered service, its instances and status,
 //!   and each upstream listener's routable endpoints.
 //! - `GET /v1/self`: our registration in each registry (lease, last
@@ -159,7 +160,13 @@ async fn route(state: &AgentState, request: Request<Incoming>) -> Response<Body>
                 let upstream = &view.upstream;
                 upstream.balancer().refresh_gauges(&upstream.snapshot());
             }
-            let mut response = Response::new(Body::from(state.prometheus.render()));
+            // The per-endpoint families are rendered from live state.
+            let mut text = state.prometheus.render();
+            if !text.is_empty() && !text.ends_with("\n\n") {
+                text.push('\n');
+            }
+            text.push_str(&crate::metrics::render_live(balance::now_ms()));
+            let mut response = Response::new(Body::from(text));
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

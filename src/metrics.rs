@@ -3,8 +3,20 @@
 //! The recorder is process-global (the `metrics` facade), installed once by
 //! [`install`]; several agents in one process (the integration tests) share
 //! it, told apart by their labels.
+//!
+//! Per-endpoint families ([`PICKS`], [`HTTP_REQUESTS`]) do not go through the
+//! recorder: it can never forget a series, and instance ids churn. Their
+//! figures are atomics in the per-endpoint state squire keeps anyway; each
+//! owner of such state registers a [`LiveSeries`] ([`register_live`]) and
+//! `/metrics` appends what the live ones report ([`render_live`]). A series
+//! goes when its endpoint has been gone for the grace period
+//! ([`departed_grace`]), or when its owner is dropped.
 
-use std::sync::OnceLock;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock, Weak};
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -126,6 +138,133 @@ const CONNECT_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
+/// How long the series and per-endpoint state of an instance that left
+/// stay, so a scrape after it left still sees its last counts, and an
+/// instance that comes back within it counts on from where it was.
+pub const DEPARTED_GRACE: Duration = Duration::from_secs(300);
+
+/// The grace period in use, ms; 0 until set, meaning [`DEPARTED_GRACE`].
+static GRACE_MS: AtomicU64 = AtomicU64::new(0);
+
+/// How long departed endpoints stay: [`DEPARTED_GRACE`] unless a test
+/// shortened it with [`set_departed_grace`].
+pub fn departed_grace() -> Duration {
+    match GRACE_MS.load(Ordering::Relaxed) {
+        0 => DEPARTED_GRACE,
+        ms => Duration::from_millis(ms),
+    }
+}
+
+/// Changes the grace period for the whole process. Only for tests (an
+/// integration test runs in a process of its own); no configuration sets it.
+#[doc(hidden)]
+pub fn set_departed_grace(grace: Duration) {
+    GRACE_MS.store((grace.as_millis() as u64).max(1), Ordering::Relaxed);
+}
+
+/// Whether an endpoint that left at `departed_at` (ms on
+/// [`crate::balance::now_ms`]'s clock) is past the grace period at `now`.
+pub fn grace_expired(departed_at: u64, now: u64) -> bool {
+    now.saturating_sub(departed_at) >= departed_grace().as_millis() as u64
+}
+
+/// Something holding per-endpoint counters, asked for them at each scrape.
+pub trait LiveSeries: Send + Sync {
+    /// Adds one sample per series it has now (ms `now`).
+    fn collect(&self, now: u64, out: &mut LiveSamples);
+}
+
+/// The samples of one scrape, by family and label set. The same label set
+/// reported twice (two owners with the same labels, e.g. across a reload)
+/// is summed, as the recorder's shared counter summed them.
+#[derive(Default)]
+pub struct LiveSamples {
+    families: BTreeMap<&'static str, BTreeMap<String, u64>>,
+}
+
+impl LiveSamples {
+    /// Adds `value` to the series of `family` with `labels`.
+    pub fn add(&mut self, family: &'static str, labels: &[(&str, &str)], value: u64) {
+        let mut key = String::new();
+        for (i, (name, value)) in labels.iter().enumerate() {
+            if i > 0 {
+                key.push(',');
+            }
+            key.push_str(name);
+            key.push_str("=\"");
+            escape_label(value, &mut key);
+            key.push('"');
+        }
+        *self
+            .families
+            .entry(family)
+            .or_default()
+            .entry(key)
+            .or_default() += value;
+    }
+
+    /// Prometheus text for every family that has a series.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for (family, series) in &self.families {
+            let help = LIVE_FAMILIES
+                .iter()
+                .find(|(name, _)| name == family)
+                .map_or("", |(_, help)| *help);
+            // Writing to a String cannot fail.
+            let _ = writeln!(out, "# HELP {family} {help}");
+            let _ = writeln!(out, "# TYPE {family} counter");
+            for (labels, value) in series {
+                let _ = writeln!(out, "{family}{{{labels}}} {value}");
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// The families rendered from live state, with their help text.
+const LIVE_FAMILIES: &[(&str, &str)] = &[
+    (PICKS, "Times the balancer chose an endpoint"),
+    (HTTP_REQUESTS, "HTTP requests handled"),
+];
+
+/// A label value in the text format: backslash, double quote and newline
+/// escaped.
+fn escape_label(value: &str, out: &mut String) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+static LIVE: Mutex<Vec<Weak<dyn LiveSeries>>> = Mutex::new(Vec::new());
+
+/// Reports `source`'s series at every scrape until it is dropped.
+pub fn register_live(source: Weak<dyn LiveSeries>) {
+    let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+    live.retain(|s| s.strong_count() > 0);
+    live.push(source);
+}
+
+/// The per-endpoint families of every live source, as Prometheus text.
+pub fn render_live(now: u64) -> String {
+    let sources: Vec<_> = {
+        let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+        live.retain(|s| s.strong_count() > 0);
+        live.iter().filter_map(Weak::upgrade).collect()
+    };
+    let mut samples = LiveSamples::default();
+    for source in sources {
+        source.collect(now, &mut samples);
+    }
+    samples.render()
+}
+
 static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 
 /// Installs the Prometheus recorder (once per process) and returns the
@@ -227,7 +366,6 @@ fn describe() {
         RETRIES,
         "Connect attempts made again on another endpoint after a failure"
     );
-    describe_counter!(PICKS, "Times the balancer chose an endpoint");
     describe_counter!(EJECTIONS, "Endpoints ejected after consecutive failures");
     describe_gauge!(EJECTED, "Endpoints ejected right now");
     describe_gauge!(
@@ -244,7 +382,6 @@ fn describe() {
         Unit::Bytes,
         "Bytes from upstream instances to clients"
     );
-    describe_counter!(HTTP_REQUESTS, "HTTP requests handled");
     describe_histogram!(
         HTTP_SECONDS,
         Unit::Seconds,
@@ -269,4 +406,32 @@ fn describe() {
         Unit::Seconds,
         "Time to connect to an upstream instance"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_samples_render_valid_text_with_escaped_labels_summed_per_series() {
+        let mut samples = LiveSamples::default();
+        samples.add(PICKS, &[("upstream", "a\"b\\c\nd"), ("endpoint", "x")], 2);
+        samples.add(PICKS, &[("upstream", "a\"b\\c\nd"), ("endpoint", "x")], 3);
+        samples.add(HTTP_REQUESTS, &[("endpoint", "y")], 1);
+        let text = samples.render();
+        assert_eq!(
+            text,
+            "# HELP squire_http_requests_total HTTP requests handled\n\
+             # TYPE squire_http_requests_total counter\n\
+             squire_http_requests_total{endpoint=\"y\"} 1\n\n\
+             # HELP squire_upstream_picks_total Times the balancer chose an endpoint\n\
+             # TYPE squire_upstream_picks_total counter\n\
+             squire_upstream_picks_total{upstream=\"a\\\"b\\\\c\\nd\",endpoint=\"x\"} 5\n\n"
+        );
+    }
+
+    #[test]
+    fn nothing_to_report_renders_nothing() {
+        assert_eq!(LiveSamples::default().render(), "");
+    }
 }

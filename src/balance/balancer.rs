@@ -93,16 +93,12 @@ impl Balancer {
         self.in_panic.load(Ordering::Relaxed)
     }
 
-    pub(super) fn picks_counter(&self, id: &str) -> Counter {
-        match &self.metrics.labels {
-            Some((upstream, listen)) => metrics::counter!(
-                m::PICKS,
-                "upstream" => upstream.clone(),
-                "listen" => listen.clone(),
-                "endpoint" => id.to_owned(),
-            ),
-            None => Counter::noop(),
-        }
+    /// The `upstream` and `listen` labels given to [`Balancer::with_metrics`].
+    pub(super) fn labels(&self) -> Option<(&str, &str)> {
+        self.metrics
+            .labels
+            .as_ref()
+            .map(|(upstream, listen)| (upstream.as_str(), listen.as_str()))
     }
 
     /// Picks an endpoint index from `snapshot`: never one in `ctx.tried`,

@@ -121,18 +121,31 @@ impl Snapshot {
         filter: &Filter,
         balancer: &Balancer,
     ) -> Snapshot {
+        Snapshot::rebuild_with(previous, |_| None, instances, filter, balancer)
+    }
+
+    /// [`rebuild`](Snapshot::rebuild), also taking the stats of an instance
+    /// not in `previous` from `departed` (one that left within the grace
+    /// period and came back: its counters go on from where they were).
+    pub fn rebuild_with(
+        previous: &Snapshot,
+        departed: impl Fn(&str) -> Option<Arc<EndpointStats>>,
+        instances: &[Instance],
+        filter: &Filter,
+        balancer: &Balancer,
+    ) -> Snapshot {
         let now = now_ms();
         let mut initial_rtt = None;
         let mut endpoint = |instance: &Instance| {
-            let stats = match previous.find(&instance.id) {
-                Some(known) => known.stats.clone(),
+            let known = previous
+                .find(&instance.id)
+                .map(|known| known.stats.clone())
+                .or_else(|| departed(&instance.id));
+            let stats = match known {
+                Some(stats) => stats,
                 None => {
                     let rtt = *initial_rtt.get_or_insert_with(|| previous.highest_rtt(now));
-                    Arc::new(EndpointStats::new(
-                        rtt,
-                        now,
-                        balancer.picks_counter(&instance.id),
-                    ))
+                    Arc::new(EndpointStats::new(rtt, now))
                 }
             };
             Endpoint {
@@ -200,7 +213,7 @@ impl Snapshot {
         self.routable == 0
     }
 
-    fn find(&self, id: &str) -> Option<&Endpoint> {
+    pub(super) fn find(&self, id: &str) -> Option<&Endpoint> {
         let search = |part: &'_ [Endpoint]| {
             part.binary_search_by(|e| e.instance.id.as_str().cmp(id))
                 .ok()

@@ -13,8 +13,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use metrics::Counter;
-
 /// How fast the latency estimate forgets: after this long without a sample
 /// it has decayed to 1/e of its value (linkerd's and tower's peak-EWMA use
 /// the same default).
@@ -38,7 +36,8 @@ pub struct EndpointStats {
     pub active: AtomicU64,
     /// Connections ever opened to it.
     pub total: AtomicU64,
-    /// Times a balancer chose it (each connect attempt counts).
+    /// Times a balancer chose it (each connect attempt counts); rendered as
+    /// `squire_upstream_picks_total` at each scrape.
     pub picks: AtomicU64,
     /// Failures since the last success; reset when it is ejected.
     pub consecutive_failures: AtomicU64,
@@ -55,13 +54,11 @@ pub struct EndpointStats {
     rtt_ns: AtomicU64,
     /// When `rtt_ns` was last written, ms.
     rtt_at: AtomicU64,
-    /// `squire_upstream_picks_total` for this endpoint.
-    picks_counter: Counter,
 }
 
 impl EndpointStats {
     /// Fresh stats whose latency estimate starts at `initial_rtt` as of `now`.
-    pub fn new(initial_rtt: Duration, now: u64, picks_counter: Counter) -> Self {
+    pub fn new(initial_rtt: Duration, now: u64) -> Self {
         EndpointStats {
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
@@ -73,14 +70,12 @@ impl EndpointStats {
             ejected_until: AtomicU64::new(0),
             rtt_ns: AtomicU64::new((initial_rtt.as_nanos() as f64).to_bits()),
             rtt_at: AtomicU64::new(now),
-            picks_counter,
         }
     }
 
     /// Counts a pick (the metric and the admin API's counter).
     pub fn picked(&self) {
         self.picks.fetch_add(1, Ordering::Relaxed);
-        self.picks_counter.increment(1);
     }
 
     /// Counts a connection (or request) as in flight until the guard drops.
@@ -185,7 +180,7 @@ mod tests {
     use super::*;
 
     fn stats() -> EndpointStats {
-        EndpointStats::new(INITIAL_RTT, 1, Counter::noop())
+        EndpointStats::new(INITIAL_RTT, 1)
     }
 
     #[test]

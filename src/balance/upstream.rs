@@ -7,31 +7,69 @@
 //! ([`Upstream::snapshot`], one atomic load). Whoever keeps state per
 //! instance beyond the snapshot (the HTTP connection pool) follows
 //! [`Upstream::changes`] to let go of instances that left.
+//!
+//! An instance that leaves keeps its [`EndpointStats`] for the grace period
+//! ([`metrics::departed_grace`](crate::metrics::departed_grace)): its
+//! `squire_upstream_picks_total` series is still rendered, and if it comes
+//! back meanwhile it counts on from where it was. After that it is
+//! forgotten, so churning instance ids cost nothing once they are gone.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
+use super::stats::{now_ms, EndpointStats};
 use super::{Balancer, Filter, Snapshot};
+use crate::metrics::{self as m, LiveSamples, LiveSeries};
 use crate::registry::Instance;
 
 pub struct Upstream {
     service: String,
     filter: Filter,
     balancer: Balancer,
-    snapshot: ArcSwap<Snapshot>,
+    live: Arc<Live>,
     /// Bumped after every rebuild.
     generation: watch::Sender<u64>,
 }
 
+/// What the request path and the metrics scrape share.
+struct Live {
+    /// `upstream` and `listen` labels of the picks series; `None` (nothing
+    /// rendered) for a balancer without metrics.
+    labels: Option<(String, String)>,
+    snapshot: ArcSwap<Snapshot>,
+    /// Instances that left within the grace period, by id. Locked only by
+    /// a refresh and a scrape, never by a pick.
+    departed: Mutex<HashMap<String, Departed>>,
+}
+
+struct Departed {
+    stats: Arc<EndpointStats>,
+    /// When it left, ms on [`now_ms`]'s clock.
+    at: u64,
+}
+
 impl Upstream {
     pub fn new(service: impl Into<String>, filter: Filter, balancer: Balancer) -> Self {
+        let live = Arc::new(Live {
+            labels: balancer
+                .labels()
+                .map(|(upstream, listen)| (upstream.to_owned(), listen.to_owned())),
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            departed: Mutex::new(HashMap::new()),
+        });
+        if live.labels.is_some() {
+            let weak = Arc::downgrade(&live);
+            m::register_live(weak);
+        }
         Upstream {
             service: service.into(),
             filter,
             balancer,
-            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            live,
             generation: watch::Sender::new(0),
         }
     }
@@ -51,24 +89,155 @@ impl Upstream {
 
     /// The current snapshot: one atomic load, no lock.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.load_full()
+        self.live.snapshot.load_full()
     }
 
     /// Rebuilds the snapshot from every known instance of the service
-    /// (sorted by id; stats carried by instance id, the strategy's tables
-    /// built here rather than per pick), swaps it in and tells whoever
-    /// follows [`changes`](Upstream::changes).
+    /// (sorted by id; stats carried by instance id, also from instances
+    /// that left within the grace period; the strategy's tables built here
+    /// rather than per pick), swaps it in and tells whoever follows
+    /// [`changes`](Upstream::changes).
     pub fn refresh(&self, instances: &[Instance]) {
-        let previous = self.snapshot.load_full();
-        let next = Snapshot::rebuild(&previous, instances, &self.filter, &self.balancer);
+        let mut departed = self.live.lock_departed();
+        let now = now_ms();
+        departed.retain(|_, d| !m::grace_expired(d.at, now));
+        let previous = self.live.snapshot.load_full();
+        let next = Snapshot::rebuild_with(
+            &previous,
+            |id| departed.get(id).map(|d| d.stats.clone()),
+            instances,
+            &self.filter,
+            &self.balancer,
+        );
+        for endpoint in next.endpoints() {
+            departed.remove(&endpoint.instance.id);
+        }
+        for endpoint in previous.endpoints() {
+            if next.find(&endpoint.instance.id).is_none() {
+                let stats = endpoint.stats.clone();
+                departed.insert(endpoint.instance.id.clone(), Departed { stats, at: now });
+            }
+        }
+        drop(departed);
         self.balancer.rebase(&previous, &next);
-        self.snapshot.store(Arc::new(next));
+        self.live.snapshot.store(Arc::new(next));
         self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Ids of the instances that left within the grace period (for tests).
+    pub fn departed(&self) -> Vec<String> {
+        let now = now_ms();
+        let departed = self.live.lock_departed();
+        let mut ids: Vec<_> = departed
+            .iter()
+            .filter(|(_, d)| !m::grace_expired(d.at, now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
     }
 
     /// Marks every rebuild: `changed()` on the receiver resolves after the
     /// next one.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
+    }
+}
+
+impl Live {
+    fn lock_departed(&self) -> std::sync::MutexGuard<'_, HashMap<String, Departed>> {
+        // Plain data: a panic elsewhere mid-update leaves it usable.
+        self.departed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl LiveSeries for Live {
+    fn collect(&self, now: u64, out: &mut LiveSamples) {
+        let Some((upstream, listen)) = &self.labels else {
+            return;
+        };
+        let mut add = |id: &str, stats: &EndpointStats| {
+            let labels = [
+                ("upstream", upstream.as_str()),
+                ("listen", listen.as_str()),
+                ("endpoint", id),
+            ];
+            out.add(m::PICKS, &labels, stats.picks.load(Ordering::Relaxed));
+        };
+        for endpoint in self.snapshot.load().endpoints() {
+            add(&endpoint.instance.id, &endpoint.stats);
+        }
+        for (id, departed) in self.lock_departed().iter() {
+            if !m::grace_expired(departed.at, now) {
+                add(id, &departed.stats);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::{EjectionPolicy, Strategy};
+    use crate::registry::Status;
+
+    fn instances(ids: &[&str]) -> Vec<Instance> {
+        ids.iter()
+            .map(|id| Instance {
+                name: "svc".into(),
+                id: (*id).into(),
+                host: "127.0.0.1".into(),
+                port: 1,
+                tags: Vec::new(),
+                metadata: Default::default(),
+                version: String::new(),
+                weight: 100,
+                status: Status::Healthy,
+            })
+            .collect()
+    }
+
+    fn upstream() -> Upstream {
+        let balancer = Balancer::new(Strategy::RoundRobin, EjectionPolicy::default(), 0.0)
+            .with_metrics("svc", "127.0.0.1:1".parse().expect("addr"));
+        Upstream::new("svc", Filter::default(), balancer)
+    }
+
+    #[test]
+    fn an_instance_back_within_the_grace_period_keeps_its_counts() {
+        let upstream = upstream();
+        upstream.refresh(&instances(&["a", "b"]));
+        let a = upstream.snapshot().endpoints()[0].stats.clone();
+        a.picked();
+        a.picked();
+        upstream.refresh(&instances(&["b"]));
+        assert_eq!(upstream.departed(), vec!["a".to_owned()]);
+        // Still rendered while it is away.
+        let mut samples = LiveSamples::default();
+        upstream.live.collect(now_ms(), &mut samples);
+        assert!(
+            samples.render().contains("endpoint=\"a\"} 2"),
+            "{}",
+            samples.render()
+        );
+        upstream.refresh(&instances(&["a", "b"]));
+        assert!(upstream.departed().is_empty());
+        let snapshot = upstream.snapshot();
+        let back = &snapshot.endpoints()[0];
+        assert!(Arc::ptr_eq(&back.stats, &a), "the same stats came back");
+        assert_eq!(back.stats.picks.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_departed_instance_past_the_grace_period_is_not_rendered() {
+        let upstream = upstream();
+        upstream.refresh(&instances(&["a", "b"]));
+        upstream.refresh(&instances(&["b"]));
+        let later = now_ms() + m::departed_grace().as_millis() as u64;
+        let mut samples = LiveSamples::default();
+        upstream.live.collect(later, &mut samples);
+        let text = samples.render();
+        assert!(text.contains("endpoint=\"b\"} 0"), "{text}");
+        assert!(!text.contains("endpoint=\"a\""), "{text}");
     }
 }

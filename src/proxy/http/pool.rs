@@ -7,7 +7,10 @@
 //! connection. HTTP/1.1 connections go back to their instance's idle list when
 //! the response body has been read to its end; HTTP/2 keeps one multiplexed
 //! connection per instance. What a route keeps per instance goes when the
-//! instance leaves the upstream ([`ConnPool::retain`]).
+//! instance leaves the upstream ([`ConnPool::retain`]), except its request
+//! counters, kept for the grace period
+//! ([`departed_grace`](crate::metrics::departed_grace)) so a scrape still
+//! sees the last counts and an instance back within it counts on.
 
 use std::collections::HashMap;
 use std::io;
@@ -25,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::counters::RequestCounters;
+use crate::balance::now_ms;
 
 /// A request body going upstream: the client's own, streamed, or nothing
 /// (which can be sent again on a retry).
@@ -101,7 +105,15 @@ pub struct ConnPool {
     settings: PoolSettings,
     /// `upstream` and `service` labels of the request counters.
     labels: (String, String),
-    instances: Mutex<HashMap<String, Arc<InstancePool>>>,
+    instances: Mutex<Instances>,
+}
+
+#[derive(Default)]
+struct Instances {
+    live: HashMap<String, Arc<InstancePool>>,
+    /// The counters of instances that left, by authority, until their grace
+    /// period ends (dropped at the next [`ConnPool::retain`] after it).
+    departed: HashMap<String, RequestCounters>,
 }
 
 /// Everything a route keeps for one instance: its idle HTTP/1.1
@@ -125,7 +137,7 @@ impl ConnPool {
         ConnPool {
             settings,
             labels: (upstream.to_owned(), service.to_owned()),
-            instances: Mutex::new(HashMap::new()),
+            instances: Mutex::new(Instances::default()),
         }
     }
 
@@ -136,34 +148,63 @@ impl ConnPool {
     /// What the route keeps for the instance at `authority`.
     pub fn instance(&self, authority: &str) -> Arc<InstancePool> {
         let mut instances = self.lock();
-        if let Some(instance) = instances.get(authority) {
+        if let Some(instance) = instances.live.get(authority) {
             return instance.clone();
         }
-        let (upstream, service) = &self.labels;
+        let requests = match instances.departed.remove(authority) {
+            Some(counters) => {
+                counters.returned();
+                counters
+            }
+            None => {
+                let (upstream, service) = &self.labels;
+                RequestCounters::new(upstream, service, authority)
+            }
+        };
         let instance = Arc::new(InstancePool {
             authority: authority.to_owned(),
             settings: self.settings,
             http1_idle: Mutex::new(Vec::new()),
             http2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
-            requests: RequestCounters::new(upstream, service, authority),
+            requests,
         });
-        instances.insert(authority.to_owned(), instance.clone());
+        instances
+            .live
+            .insert(authority.to_owned(), instance.clone());
         instance
     }
 
     /// Lets go of every instance not in `keep`: their idle connections
-    /// close now, busy ones when their request is done.
+    /// close now, busy ones when their request is done; their counters stay
+    /// for the grace period. Counters past it are dropped.
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
-        self.lock().retain(|authority, _| keep(authority));
+        let now = now_ms();
+        let mut guard = self.lock();
+        let instances = &mut *guard;
+        instances.departed.retain(|_, c| !c.expired(now));
+        let departed = &mut instances.departed;
+        instances.live.retain(|authority, instance| {
+            if keep(authority) {
+                return true;
+            }
+            instance.requests.departed(now);
+            departed.insert(authority.clone(), instance.requests.clone());
+            false
+        });
     }
 
     /// The instances kept now (for tests and the admin API).
     pub fn authorities(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
+        self.lock().live.keys().cloned().collect()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<InstancePool>>> {
+    /// The instances that left whose counters are still kept (for tests).
+    pub fn departed(&self) -> Vec<String> {
+        self.lock().departed.keys().cloned().collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Instances> {
         // Plain data: a panic elsewhere mid-update leaves it usable.
         self.instances.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -428,6 +469,38 @@ mod tests {
             }
         });
         addr.to_string()
+    }
+
+    fn pool() -> ConnPool {
+        let settings = PoolSettings {
+            h2: false,
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+            max_idle: 8,
+        };
+        ConnPool::new(settings, "shop", "shop")
+    }
+
+    #[test]
+    fn an_instance_that_left_keeps_its_counters_for_the_grace_period_only() {
+        let pool = pool();
+        let get = hyper::Method::GET;
+        pool.instance("127.0.0.1:1")
+            .requests
+            .count(&get, hyper::StatusCode::OK);
+        pool.instance("127.0.0.1:2");
+        pool.retain(|authority| authority == "127.0.0.1:2");
+        assert_eq!(pool.authorities(), vec!["127.0.0.1:2".to_owned()]);
+        assert_eq!(pool.departed(), vec!["127.0.0.1:1".to_owned()]);
+        // Back within the grace period: it counts on.
+        let back = pool.instance("127.0.0.1:1");
+        assert_eq!(back.requests.get(&get, hyper::StatusCode::OK), 1);
+        assert!(pool.departed().is_empty());
+        // Gone again, and past the grace period: forgotten.
+        pool.retain(|authority| authority == "127.0.0.1:2");
+        let later = now_ms() + crate::metrics::departed_grace().as_millis() as u64;
+        assert!(back.requests.expired(later));
+        assert!(!back.requests.expired(now_ms()));
     }
 
     #[tokio::test]
