@@ -89,6 +89,8 @@ pub struct Admin {
 
 impl Admin {
     pub fn new(listener: Listener, state: Arc<AgentState>) -> Self {
+        let rejected = metrics::counter!(crate::metrics::ADMIN_REJECTED);
+        let listener = listener.limit(MAX_CONNECTIONS, rejected);
         Admin { listener, state }
     }
 
@@ -109,6 +111,8 @@ impl Admin {
                         async move { Ok::<_, Infallible>(route(&state, request).await) }
                     });
                     let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEADER_READ_TIMEOUT)
                         .serve_connection(TokioIo::new(stream), service);
                     if let Err(e) = connection.await {
                         tracing::debug!(error = %e, "admin connection failed");
@@ -118,6 +122,15 @@ impl Admin {
             .await;
     }
 }
+
+/// Admin connections open at once; more are closed at once and counted
+/// (`squire_admin_connections_rejected_total`): a flood of the admin port
+/// cannot take the descriptors the proxies need.
+pub const MAX_CONNECTIONS: usize = 128;
+
+/// A client must send its request headers within this (a slow-header
+/// client cannot hold a connection slot for long).
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 type Body = Full<Bytes>;
 

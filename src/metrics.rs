@@ -67,6 +67,8 @@ pub const DRAIN_CUT: &str = "squire_drain_connections_cut_total";
 /// Configuration reloads (SIGHUP, POST /v1/reload). Labels: result (ok,
 /// invalid: the new file was rejected, failed: valid but could not be applied, e.g. a port taken).
 pub const CONFIG_RELOADS: &str = "squire_config_reloads_total";
+/// Admin API connections refused at its connection limit.
+pub const ADMIN_REJECTED: &str = "squire_admin_connections_rejected_total";
 /// Panics anywhere in the process (each makes `/live` fail).
 pub const PANICS: &str = "squire_panics_total";
 /// Errors that are squire's own (out of file descriptors, buffers, local
