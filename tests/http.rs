@@ -159,6 +159,22 @@ async fn h1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<By
     sender
 }
 
+/// An HTTP/2 (prior knowledge) client connection to `addr`, and the task
+/// driving it (it ends when the connection does).
+async fn h2c(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    (sender, tokio::spawn(connection))
+}
+
 async fn get(
     sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     path: &str,
@@ -256,12 +272,7 @@ async fn h2c_from_the_client_and_to_the_instance() {
     .await;
     wait_routable(&agent, 1).await;
 
-    let stream = TcpStream::connect(agent.listen()).await.expect("connect");
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(connection);
+    let (mut sender, _connection) = h2c(agent.listen()).await;
     let mut streams = Vec::new();
     for _ in 0..20 {
         let request = Request::get("http://match.game.local/")
@@ -876,12 +887,7 @@ async fn a_reset_stream_leaves_no_request_in_flight() {
     .await;
     wait_routable(&agent, 1).await;
 
-    let stream = TcpStream::connect(agent.listen()).await.expect("connect");
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
-    let connection = tokio::spawn(connection);
+    let (mut sender, connection) = h2c(agent.listen()).await;
     let request = Request::get("http://lobby/hang")
         .body(Full::<Bytes>::default())
         .expect("request");
