@@ -5,7 +5,7 @@
 //! is thawed and killed on drop.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -202,31 +202,13 @@ impl Cluster {
             .append(true)
             .open(self.log(i))
             .expect("etcd log file");
-        let client = format!("http://127.0.0.1:{}", member.client_port);
-        let peer = format!("http://127.0.0.1:{}", member.peer_port);
-        let child = Command::new("etcd")
-            .args(["--name", &member.name, "--data-dir"])
-            .arg(&data)
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
+        let child = super::etcd_command(&member.name, &data, member.client_port, member.peer_port)
             .args(["--initial-cluster", &self.initial])
             .args(["--initial-cluster-state", "new"])
             .args([
                 "--initial-cluster-token",
                 &format!("squire-{}", self.initial.len()),
             ])
-            .args(["--logger", "zap", "--log-level", "warn"])
-            .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("cannot start etcd: install it with `apt-get install -y etcd-server`");

@@ -11,7 +11,7 @@ pub mod process;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -52,6 +52,33 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("bind 127.0.0.1:0")
         .port()
+}
+
+/// An etcd member `name` with its data in `data`, serving clients and peers
+/// on loopback `client_port` and `peer_port`, logging warnings to stderr
+/// (the caller sets where), stdout discarded. The caller adds the cluster.
+pub fn etcd_command(name: &str, data: &Path, client_port: u16, peer_port: u16) -> Command {
+    let client = format!("http://127.0.0.1:{client_port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    let mut command = Command::new("etcd");
+    command
+        .args(["--name", name, "--data-dir"])
+        .arg(data)
+        .args([
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .args(["--logger", "zap", "--log-level", "warn"])
+        .stdout(Stdio::null());
+    command
 }
 
 /// A real etcd server (Debian's `etcd-server`) on free loopback ports with a
@@ -113,26 +140,9 @@ impl Etcd {
     async fn spawn(&mut self) -> Result<(), String> {
         let data = self.dir.path().join("data");
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log file");
-        let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
-            .args(["--name", "test", "--data-dir"])
-            .arg(&data)
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
+        let child = etcd_command("test", &data, self.client_port, self.peer_port)
             .args(["--initial-cluster", &format!("test={peer}")])
-            .args(["--logger", "zap", "--log-level", "warn"])
-            .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("cannot start etcd: install it with `apt-get install -y etcd-server`");
