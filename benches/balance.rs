@@ -9,12 +9,15 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use squire::balance::{now_ms, Balancer, Context, EjectionPolicy, Filter, Snapshot, Strategy};
+use squire::balance::{
+    now_ms, Balancer, Context, EjectionPolicy, Filter, Resolved, Snapshot, Strategy,
+};
 use squire::registry::{Instance, Status};
 
 const SIZES: [usize; 3] = [10, 100, 1_000];
 
-fn instances(n: usize) -> Vec<Instance> {
+/// `n` instances with IP hosts, as discovery hands them to a rebuild.
+fn instances(n: usize) -> Vec<Resolved> {
     (0..n)
         .map(|i| Instance {
             name: "battle".into(),
@@ -28,6 +31,7 @@ fn instances(n: usize) -> Vec<Instance> {
             weight: 50 + (i as u32 * 37) % 100,
             status: Status::Healthy,
         })
+        .filter_map(Resolved::literal)
         .collect()
 }
 
@@ -69,7 +73,7 @@ fn rebuilds(c: &mut Criterion) {
     let mut group = c.benchmark_group("rebuild_1000");
     let all = instances(1_001);
     // A deploy adds one instance to 1,000: the common rebuild.
-    let before: Vec<Instance> = all[..1_000].to_vec();
+    let before: Vec<Resolved> = all[..1_000].to_vec();
     for strategy in Strategy::ALL {
         let b = balancer(strategy);
         let previous = Snapshot::rebuild(&Snapshot::default(), &before, &Filter::default(), &b);

@@ -7,6 +7,7 @@
 //! - `GET /metrics`: Prometheus text format: the recorder's families, then
 //!   the per-endpoint ones rendered from live state ([`crate::metrics::render_live`]).
 //! - `GET /v1/services`: every discovered service, its instances and status,
+//!   the instances the endpoint policy refuses and what host names resolve to,
 //!   and each upstream listener's routable endpoints.
 //! - `GET /v1/self`: our registration in each registry (lease, last
 //!   keep-alive, last error, the status announced) and every health check's
@@ -303,6 +304,17 @@ fn services(state: &AgentState) -> serde_json::Value {
                 "listed_at": service.listed_at().map(|t| humantime::format_rfc3339_millis(t).to_string()),
                 "summary": summary.to_json(),
                 "instances": *instances,
+                "refused": service.refused().iter().map(|r| json!({
+                    "id": r.id,
+                    "address": r.address,
+                    "reason": r.reason.as_str(),
+                    "listeners": r.listeners,
+                })).collect::<Vec<_>>(),
+                "host_names": service.names().iter().map(|(name, r)| (name.clone(), json!({
+                    "addresses": r.addrs.as_deref().map(|a| a.iter().map(ToString::to_string).collect::<Vec<_>>()),
+                    "error": r.error,
+                    "resolved_at": r.at.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                }))).collect::<serde_json::Map<_, _>>(),
             })
         })
         .collect();
@@ -390,6 +402,7 @@ fn endpoint_view(e: &Endpoint, now: u64) -> serde_json::Value {
     json!({
         "id": e.instance.id,
         "address": e.authority,
+        "dials": e.addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "status": e.instance.status,
         "weight": e.instance.weight,
         "active_connections": stats.active.load(Ordering::Relaxed),

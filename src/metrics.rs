@@ -36,6 +36,10 @@ pub const WATCH_RESTARTS: &str = "squire_watch_restarts_total";
 pub const WATCH_UP: &str = "squire_watch_up";
 /// Registry entries skipped because their value did not parse. Labels: service.
 pub const ENTRIES_SKIPPED: &str = "squire_registry_entries_skipped_total";
+/// Registry entries the endpoint policy refused, once per instance and
+/// reason (`unspecified`, `self`, `denied_range`, `not_allowed`,
+/// `bad_host`, `unresolvable`). Labels: service, reason.
+pub const ENTRIES_REFUSED: &str = "squire_registry_entries_refused_total";
 /// Instances known per service and status. Labels: service, status.
 pub const ENDPOINTS: &str = "squire_endpoints";
 /// 1 for each registry a service is served from (failover: the one in use;

@@ -36,7 +36,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Admin, AgentState, Catalog, UpstreamView};
-use crate::balance::{Balancer, Upstream};
+use crate::balance::{Balancer, OwnAddrs, Upstream};
 use crate::config::{
     AgentConfig, Config, Protocol, RegistryBackend, RegistryConfig, ServiceConfig, UpstreamConfig,
 };
@@ -48,6 +48,7 @@ use crate::registration::{Maintenance, Registration, SharedState};
 use crate::registry::{self, Instance, Registry, Status};
 use crate::reload::{diff, ListenerChange, ReloadOutcome, ReloadSummary, Reloader};
 
+mod own;
 mod parts;
 mod running;
 
@@ -88,6 +89,8 @@ pub struct Agent {
     registrations: Vec<Registration>,
     reloads: mpsc::Receiver<oneshot::Sender<ReloadOutcome>>,
     reloader: Reloader,
+    /// Our own addresses, which discovery refuses as endpoints.
+    own: watch::Sender<Arc<OwnAddrs>>,
 }
 
 impl Agent {
@@ -111,6 +114,11 @@ impl Agent {
             ));
         }
 
+        let admin_addr = admin_listener.local_addr();
+        let own = watch::Sender::new(Arc::new(own::own_addrs(
+            admin_addr,
+            listeners.iter().map(|l| l.listen),
+        )));
         let (maintenance, maintenance_rx) = watch::channel(None);
         let health = match &config.service {
             Some(service) => Some(Health::new(&service.checks)?),
@@ -134,7 +142,8 @@ impl Agent {
             reloader: reloader.clone(),
         });
         Ok(Agent {
-            admin_addr: admin_listener.local_addr(),
+            admin_addr,
+            own,
             admin: Admin::new(admin_listener, state.clone()),
             config,
             config_file: None,
@@ -183,6 +192,8 @@ impl Agent {
             health,
             registrations,
             mut reloads,
+            own,
+            admin_addr,
             ..
         } = self;
 
@@ -202,6 +213,8 @@ impl Agent {
             config_file,
             state,
             sources,
+            own,
+            admin_addr,
         };
         running.sync_discoveries(false).await;
         // Bound since `bind`; accepting from here on.

@@ -115,6 +115,7 @@ impl LiveDiscovery {
         config: &Config,
         service: Arc<ServiceState>,
         upstreams: Vec<Arc<Upstream>>,
+        own: watch::Receiver<Arc<OwnAddrs>>,
     ) -> LiveDiscovery {
         let stop = CancellationToken::new();
         let discovery = Discovery::new(
@@ -123,7 +124,8 @@ impl LiveDiscovery {
             service.clone(),
             upstreams.clone(),
         )
-        .with_last_known(&config.agent.state_dir);
+        .with_last_known(&config.agent.state_dir)
+        .with_policy(own, config.agent.dns_refresh);
         LiveDiscovery {
             service,
             upstreams,
@@ -297,7 +299,7 @@ pub(super) fn upstream(service: &str, config: &UpstreamConfig, listen: SocketAdd
         config.panic_threshold,
     )
     .with_metrics(service, listen);
-    Upstream::new(service, config.filter.clone(), balancer)
+    Upstream::new(service, config.filter.clone(), balancer).with_ranges(config.ranges.clone())
 }
 
 /// Builds the backend a `[registry]` names. Connecting is lazy: an

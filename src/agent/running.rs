@@ -19,6 +19,9 @@ pub(super) struct Running {
     /// Drains of listeners a reload removed, draining now.
     pub(super) retiring: Vec<Drain>,
     pub(super) retiring_tasks: JoinSet<()>,
+    /// Our own addresses, for every discovery (see `own`).
+    pub(super) own: watch::Sender<Arc<OwnAddrs>>,
+    pub(super) admin_addr: SocketAddr,
 }
 
 impl Running {
@@ -46,17 +49,25 @@ impl Running {
                     let service = running.service.clone();
                     running.stop().await;
                     let service = if sources_changed {
-                        self.service_state(&name)
+                        // Other registries, same host names.
+                        Arc::new(
+                            ServiceState::new(
+                                name.clone(),
+                                self.config.discovery.mode,
+                                &self.sources,
+                            )
+                            .with_names_of(&service),
+                        )
                     } else {
                         service
                     };
                     changes.restarted.push(name.clone());
-                    LiveDiscovery::start(&self.sources, &self.config, service, upstreams)
+                    self.start_discovery(service, upstreams)
                 }
                 None => {
                     changes.started.push(name.clone());
                     let service = self.service_state(&name);
-                    LiveDiscovery::start(&self.sources, &self.config, service, upstreams)
+                    self.start_discovery(service, upstreams)
                 }
             };
             self.discoveries.insert(name, discovery);
@@ -68,16 +79,48 @@ impl Running {
         changes
     }
 
+    fn start_discovery(
+        &self,
+        service: Arc<ServiceState>,
+        upstreams: Vec<Arc<Upstream>>,
+    ) -> LiveDiscovery {
+        LiveDiscovery::start(
+            &self.sources,
+            &self.config,
+            service,
+            upstreams,
+            self.own.subscribe(),
+        )
+    }
+
     /// Fills the new upstreams of `built` with the instances discovery
-    /// already knows, so that the listener routes from its first
-    /// connection (its discovery is restarted afterwards).
+    /// already knows (through the endpoint policy, like every snapshot),
+    /// so that the listener routes from its first connection (its
+    /// discovery is restarted afterwards).
     pub(super) fn prefilled(&self, built: Built) -> Built {
+        let own = self.own.borrow().clone();
         for upstream in &built.upstreams {
             if let Some(discovery) = self.discoveries.get(upstream.service()) {
-                upstream.refresh(&discovery.service.instances());
+                // Refusals are reported by the restarted discovery.
+                let _ = upstream.refresh(&discovery.service.resolved(), &own);
             }
         }
         built
+    }
+
+    /// Our own addresses while a reload is applied and until the next:
+    /// every listener bound now (those the reload removes still accept
+    /// for `drain_delay`) and those it has just bound.
+    fn update_own(&self, bound: impl IntoIterator<Item = SocketAddr>) {
+        let listening = self.listeners.iter().map(|l| l.listen);
+        let own = own::own_addrs(self.admin_addr, listening.chain(bound));
+        self.own.send_if_modified(|current| {
+            let changed = **current != own;
+            if changed {
+                *current = Arc::new(own);
+            }
+            changed
+        });
     }
 
     pub(super) fn service_state(&self, name: &str) -> Arc<ServiceState> {
@@ -119,7 +162,9 @@ impl Running {
         };
         let service_changed = config.service != self.config.service;
         let registries_changed = config.registries != self.config.registries;
-        let discovery_changed = registries_changed || config.discovery != self.config.discovery;
+        let discovery_changed = registries_changed
+            || config.discovery != self.config.discovery
+            || config.agent.dns_refresh != self.config.agent.dns_refresh;
 
         // Everything that can fail, before anything changes.
         let sources = if registries_changed {
@@ -153,6 +198,8 @@ impl Running {
                 }
             }
         }
+
+        self.update_own(bound.values().map(Listener::local_addr));
 
         let mut summary = ReloadSummary {
             restart_required: restart_required(&self.config.agent, &config.agent),

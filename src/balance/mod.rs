@@ -20,6 +20,8 @@
 //! - `strategy`: the configured [`Strategy`] and [`HashKey`], and the
 //!   affinity keys ([`client_key`], [`bytes_key`]).
 //! - `filter`: which instances an upstream routes to.
+//! - [`policy`]: which instances an upstream may dial at all: the checks of
+//!   every address (unspecified, our own, denied ranges) and host name.
 //! - `snapshot`: the [`Endpoint`]s of one upstream and the strategy's
 //!   structure over them, rebuilt on membership changes.
 //! - `balancer`: picking, ejection reporting, panic mode and gauges.
@@ -41,6 +43,7 @@ mod filter;
 pub mod hash;
 mod ip_hash;
 mod least_connections;
+pub mod policy;
 mod random;
 mod response_time;
 mod round_robin;
@@ -55,6 +58,7 @@ use std::cell::Cell;
 pub use balancer::Balancer;
 pub use ejection::EjectionPolicy;
 pub use filter::Filter;
+pub use policy::{OwnAddrs, Ranges, Refusal, Refused, Resolved};
 pub use snapshot::{Endpoint, Snapshot};
 pub use stats::{now_ms, ActiveGuard, EndpointStats};
 pub use strategy::{bytes_key, client_key, HashKey, Strategy};

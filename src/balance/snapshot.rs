@@ -1,6 +1,7 @@
 //! The immutable endpoint set of one upstream and the strategy structure
 //! built over it, rebuilt whole when membership changes.
 
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,15 +14,18 @@ use super::response_time::ResponseTime;
 use super::round_robin::RoundRobin;
 use super::stats::{self, now_ms, EndpointStats};
 use super::weighted_round_robin::WeightedRoundRobin;
-use super::{Balancer, Candidates, Filter, Strategy};
+use super::{Balancer, Candidates, Filter, Resolved, Strategy};
 use crate::registry::{Instance, Status};
 
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     pub instance: Instance,
-    /// `host:port` to dial, formatted once per rebuild rather than per
-    /// connection.
+    /// `host:port` as the registry has it, formatted once per rebuild: the
+    /// `Host` of HTTP requests, the endpoint in logs and pools.
     pub authority: String,
+    /// What to dial, in order: the host's address, or what its name
+    /// resolved to when the snapshot was built. Connects never resolve.
+    pub addrs: Arc<[SocketAddr]>,
     pub stats: Arc<EndpointStats>,
 }
 
@@ -114,10 +118,12 @@ impl Default for Snapshot {
 impl Snapshot {
     /// Builds the snapshot for `instances` (sorted by id, as discovery
     /// publishes them), keeping the stats of every instance already in
-    /// `previous` and building what `balancer`'s strategy needs.
+    /// `previous` and building what `balancer`'s strategy needs. Instances
+    /// without addresses are left out; the endpoint policy is applied
+    /// before, by [`Upstream::refresh`](super::Upstream::refresh).
     pub fn rebuild(
         previous: &Snapshot,
-        instances: &[Instance],
+        instances: &[Resolved],
         filter: &Filter,
         balancer: &Balancer,
     ) -> Snapshot {
@@ -130,13 +136,13 @@ impl Snapshot {
     pub fn rebuild_with(
         previous: &Snapshot,
         departed: impl Fn(&str) -> Option<Arc<EndpointStats>>,
-        instances: &[Instance],
+        instances: &[Resolved],
         filter: &Filter,
         balancer: &Balancer,
     ) -> Snapshot {
         let now = now_ms();
         let mut initial_rtt = None;
-        let mut endpoint = |instance: &Instance| {
+        let mut endpoint = |instance: &Instance, addrs: &Arc<[SocketAddr]>| {
             let known = previous
                 .find(&instance.id)
                 .map(|known| known.stats.clone())
@@ -151,16 +157,20 @@ impl Snapshot {
             Endpoint {
                 instance: instance.clone(),
                 authority: instance.authority(),
+                addrs: addrs.clone(),
                 stats,
             }
         };
         let mut endpoints = Vec::with_capacity(instances.len());
         let mut standby = Vec::new();
-        for instance in instances.iter().filter(|i| filter.matches(i)) {
+        for resolved in instances.iter().filter(|r| filter.matches(&r.instance)) {
+            let (instance, Ok(addrs)) = (&resolved.instance, &resolved.addrs) else {
+                continue;
+            };
             if filter.statuses.contains(&instance.status) {
-                endpoints.push(endpoint(instance));
+                endpoints.push(endpoint(instance, addrs));
             } else if instance.status != Status::Draining {
-                standby.push(endpoint(instance));
+                standby.push(endpoint(instance, addrs));
             }
         }
         let routable = endpoints.len();

@@ -44,8 +44,23 @@ fn balancer(strategy: Strategy) -> Balancer {
     Balancer::new(strategy, EjectionPolicy::default(), 0.0)
 }
 
+/// [`Snapshot::rebuild`] over instances with IP hosts.
+fn rebuild(
+    previous: &Snapshot,
+    instances: &[Instance],
+    filter: &Filter,
+    balancer: &Balancer,
+) -> Snapshot {
+    let resolved: Vec<Resolved> = instances
+        .iter()
+        .cloned()
+        .filter_map(Resolved::literal)
+        .collect();
+    Snapshot::rebuild(previous, &resolved, filter, balancer)
+}
+
 fn build(balancer: &Balancer, instances: &[Instance]) -> Snapshot {
-    Snapshot::rebuild(
+    rebuild(
         &Snapshot::default(),
         instances,
         &Filter::default(),
@@ -111,7 +126,7 @@ fn only_healthy_instances_with_the_tags_are_routable_the_rest_standby() {
         ..Filter::default()
     };
     let b = balancer(Strategy::RoundRobin);
-    let snapshot = Snapshot::rebuild(&Snapshot::default(), &instances, &filter, &b);
+    let snapshot = rebuild(&Snapshot::default(), &instances, &filter, &b);
     let ids =
         |part: &[Endpoint]| -> Vec<String> { part.iter().map(|e| e.instance.id.clone()).collect() };
     assert_eq!(ids(snapshot.routable()), ["a", "e"]);
@@ -121,7 +136,7 @@ fn only_healthy_instances_with_the_tags_are_routable_the_rest_standby() {
         statuses: vec![Status::Healthy, Status::Unhealthy],
         ..filter
     };
-    let snapshot = Snapshot::rebuild(&Snapshot::default(), &instances, &opted_in, &b);
+    let snapshot = rebuild(&Snapshot::default(), &instances, &opted_in, &b);
     assert_eq!(snapshot.len(), 3);
 }
 
@@ -154,7 +169,7 @@ fn stats_survive_a_rebuild_and_a_status_flap() {
     let b = balancer(Strategy::RoundRobin);
     let first = build(&b, &healthy(&["a", "b"]));
     let _open = first.endpoints()[1].stats.open();
-    let second = Snapshot::rebuild(&first, &healthy(&["a", "a2", "b"]), &Filter::default(), &b);
+    let second = rebuild(&first, &healthy(&["a", "a2", "b"]), &Filter::default(), &b);
     assert_eq!(id(&second, 2), "b");
     assert_eq!(
         second.endpoints()[2].stats.active.load(Ordering::Relaxed),
@@ -171,8 +186,8 @@ fn stats_survive_a_rebuild_and_a_status_flap() {
     // "a" goes unhealthy (standby) and comes back: same stats throughout.
     let mut flapped = healthy(&["a", "a2", "b"]);
     flapped[0].status = Status::Unhealthy;
-    let third = Snapshot::rebuild(&second, &flapped, &Filter::default(), &b);
-    let fourth = Snapshot::rebuild(&third, &healthy(&["a", "a2", "b"]), &Filter::default(), &b);
+    let third = rebuild(&second, &flapped, &Filter::default(), &b);
+    let fourth = rebuild(&third, &healthy(&["a", "a2", "b"]), &Filter::default(), &b);
     assert!(Arc::ptr_eq(
         &first.endpoints()[0].stats,
         &fourth.endpoints()[0].stats
@@ -247,7 +262,7 @@ fn round_robin_position_survives_a_rebuild_that_adds_an_instance() {
     let first = build(&b, &healthy(&["a", "b", "c", "d"]));
     // Turn until "b" was just picked: "c" is next.
     while id(&first, pick(&b, &first)) != "b" {}
-    let second = Snapshot::rebuild(
+    let second = rebuild(
         &first,
         &healthy(&["a", "b", "b2", "c", "d"]),
         &Filter::default(),
@@ -260,7 +275,7 @@ fn round_robin_position_survives_a_rebuild_that_adds_an_instance() {
     assert_eq!(next, ["c", "d", "a", "b", "b2"]);
     // And when the next one leaves, the one after it by id follows.
     while id(&second, pick(&b, &second)) != "b2" {}
-    let third = Snapshot::rebuild(
+    let third = rebuild(
         &second,
         &healthy(&["a", "b", "b2", "d"]),
         &Filter::default(),
@@ -322,7 +337,7 @@ fn weighted_round_robin_keeps_its_phase_across_a_rebuild() {
     let b = balancer(Strategy::WeightedRoundRobin);
     let first = build(&b, &many(10));
     let before = b.cursor.load(Ordering::Relaxed) % 10;
-    let second = Snapshot::rebuild(&first, &many(11), &Filter::default(), &b);
+    let second = rebuild(&first, &many(11), &Filter::default(), &b);
     b.rebase(&first, &second);
     let after = b.cursor.load(Ordering::Relaxed);
     assert_eq!(after, before * 11 / 10);
@@ -572,7 +587,7 @@ fn a_new_endpoint_starts_from_a_conservative_estimate() {
     first.endpoints()[0]
         .stats
         .record_latency(Duration::from_millis(80), now);
-    let second = Snapshot::rebuild(&first, &healthy(&["a", "b", "c"]), &Filter::default(), &b);
+    let second = rebuild(&first, &healthy(&["a", "b", "c"]), &Filter::default(), &b);
     let fresh = second.endpoints()[2].stats.rtt_estimate(now_ms());
     assert!(
         fresh >= 79e6,
@@ -660,7 +675,7 @@ fn below_the_panic_threshold_every_endpoint_is_picked() {
     assert!(b.in_panic());
     // Half healthy is not below 0.5: back to the healthy ones only.
     instances[1].status = Status::Healthy;
-    let calm = Snapshot::rebuild(&snapshot, &instances, &Filter::default(), &b);
+    let calm = rebuild(&snapshot, &instances, &Filter::default(), &b);
     let picked: HashSet<usize> = (0..40).map(|_| pick(&b, &calm)).collect();
     assert_eq!(picked, HashSet::from([0, 1]));
     assert!(!b.in_panic());

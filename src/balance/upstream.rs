@@ -1,9 +1,11 @@
 //! One upstream service as listeners see it: which of its instances they
-//! may use ([`Filter`]), the [`Balancer`] that picks among them, and the
-//! current [`Snapshot`].
+//! may dial at all ([`Ranges`], with the rest of the [endpoint
+//! policy](super::policy)) and may use ([`Filter`]), the [`Balancer`] that
+//! picks among them, and the current [`Snapshot`].
 //!
 //! The agent builds one per `[[upstream]]` and one per HTTP route service,
-//! discovery writes it ([`Upstream::refresh`]) and listeners read it
+//! discovery writes it ([`Upstream::refresh`], which applies the policy to
+//! every snapshot it builds) and listeners read it
 //! ([`Upstream::snapshot`], one atomic load). Whoever keeps state per
 //! instance beyond the snapshot (the HTTP connection pool) follows
 //! [`Upstream::changes`] to let go of instances that left.
@@ -21,14 +23,15 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
+use super::policy::{self, OwnAddrs, Ranges, Refused, Resolved};
 use super::stats::{now_ms, EndpointStats};
 use super::{Balancer, Filter, Snapshot};
 use crate::metrics::{self as m, LiveSamples, LiveSeries};
-use crate::registry::Instance;
 
 pub struct Upstream {
     service: String,
     filter: Filter,
+    ranges: Ranges,
     balancer: Balancer,
     live: Arc<Live>,
     /// Bumped after every rebuild.
@@ -68,10 +71,17 @@ impl Upstream {
         Upstream {
             service: service.into(),
             filter,
+            ranges: Ranges::default(),
             balancer,
             live,
             generation: watch::Sender::new(0),
         }
+    }
+
+    /// The address ranges it may dial (default: [`Ranges::default`]).
+    pub fn with_ranges(mut self, ranges: Ranges) -> Self {
+        self.ranges = ranges;
+        self
     }
 
     /// The service whose instances this upstream routes to.
@@ -92,12 +102,42 @@ impl Upstream {
         self.live.snapshot.load_full()
     }
 
+    /// The listen address of the listener it serves, as its metrics label
+    /// it (`None` for one built without metrics).
+    pub fn listen(&self) -> Option<&str> {
+        self.balancer.labels().map(|(_, listen)| listen)
+    }
+
+    pub fn ranges(&self) -> &Ranges {
+        &self.ranges
+    }
+
     /// Rebuilds the snapshot from every known instance of the service
     /// (sorted by id; stats carried by instance id, also from instances
     /// that left within the grace period; the strategy's tables built here
     /// rather than per pick), swaps it in and tells whoever follows
-    /// [`changes`](Upstream::changes).
-    pub fn refresh(&self, instances: &[Instance]) {
+    /// [`changes`](Upstream::changes). Only instances the [endpoint
+    /// policy](super::policy) admits, given this squire's `own` addresses,
+    /// get in; the others are returned, with the reason.
+    pub fn refresh(&self, instances: &[Resolved], own: &OwnAddrs) -> Vec<Refused> {
+        let mut refused = Vec::new();
+        let admitted: Vec<Resolved> = instances
+            .iter()
+            .filter(|resolved| {
+                let verdict = match &resolved.addrs {
+                    Ok(addrs) => policy::check(addrs, own, &self.ranges),
+                    Err(refusal) => Err(*refusal),
+                };
+                let Err(reason) = verdict else { return true };
+                refused.push(Refused {
+                    id: resolved.instance.id.clone(),
+                    address: policy::shown_address(&resolved.instance),
+                    reason,
+                });
+                false
+            })
+            .cloned()
+            .collect();
         let mut departed = self.live.lock_departed();
         let now = now_ms();
         departed.retain(|_, d| !m::grace_expired(d.at, now));
@@ -105,7 +145,7 @@ impl Upstream {
         let next = Snapshot::rebuild_with(
             &previous,
             |id| departed.get(id).map(|d| d.stats.clone()),
-            instances,
+            &admitted,
             &self.filter,
             &self.balancer,
         );
@@ -122,6 +162,7 @@ impl Upstream {
         self.balancer.rebase(&previous, &next);
         self.live.snapshot.store(Arc::new(next));
         self.generation.send_modify(|g| *g += 1);
+        refused
     }
 
     /// Ids of the instances that left within the grace period (for tests).
@@ -178,10 +219,10 @@ impl LiveSeries for Live {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::{EjectionPolicy, Strategy};
-    use crate::registry::Status;
+    use crate::balance::{EjectionPolicy, Refusal, Strategy};
+    use crate::registry::{Instance, Status};
 
-    fn instances(ids: &[&str]) -> Vec<Instance> {
+    fn instances(ids: &[&str]) -> Vec<Resolved> {
         ids.iter()
             .map(|id| Instance {
                 name: "svc".into(),
@@ -194,6 +235,7 @@ mod tests {
                 weight: 100,
                 status: Status::Healthy,
             })
+            .filter_map(Resolved::literal)
             .collect()
     }
 
@@ -206,11 +248,11 @@ mod tests {
     #[test]
     fn an_instance_back_within_the_grace_period_keeps_its_counts() {
         let upstream = upstream();
-        upstream.refresh(&instances(&["a", "b"]));
+        upstream.refresh(&instances(&["a", "b"]), &OwnAddrs::default());
         let a = upstream.snapshot().endpoints()[0].stats.clone();
         a.picked();
         a.picked();
-        upstream.refresh(&instances(&["b"]));
+        upstream.refresh(&instances(&["b"]), &OwnAddrs::default());
         assert_eq!(upstream.departed(), vec!["a".to_owned()]);
         // Still rendered while it is away.
         let mut samples = LiveSamples::default();
@@ -220,7 +262,7 @@ mod tests {
             "{}",
             samples.render()
         );
-        upstream.refresh(&instances(&["a", "b"]));
+        upstream.refresh(&instances(&["a", "b"]), &OwnAddrs::default());
         assert!(upstream.departed().is_empty());
         let snapshot = upstream.snapshot();
         let back = &snapshot.endpoints()[0];
@@ -229,10 +271,33 @@ mod tests {
     }
 
     #[test]
+    fn refused_instances_stay_out_of_the_snapshot_and_are_returned() {
+        let upstream = upstream();
+        let mut all = instances(&["a", "b", "c"]);
+        // "b" points at our own listener, "c" is unresolvable.
+        all[1].addrs = Ok(Arc::from(["127.0.0.1:7000".parse().expect("addr")]));
+        all[2].addrs = Err(Refusal::Unresolvable);
+        let own = OwnAddrs {
+            listeners: vec!["127.0.0.1:7000".parse().expect("addr")],
+            local: Vec::new(),
+        };
+        let refused = upstream.refresh(&all, &own);
+        let reasons: Vec<_> = refused.iter().map(|r| (r.id.as_str(), r.reason)).collect();
+        assert_eq!(reasons, [("b", Refusal::Own), ("c", Refusal::Unresolvable)]);
+        let snapshot = upstream.snapshot();
+        let ids: Vec<_> = snapshot
+            .endpoints()
+            .iter()
+            .map(|e| e.instance.id.as_str())
+            .collect();
+        assert_eq!(ids, ["a"]);
+    }
+
+    #[test]
     fn a_departed_instance_past_the_grace_period_is_not_rendered() {
         let upstream = upstream();
-        upstream.refresh(&instances(&["a", "b"]));
-        upstream.refresh(&instances(&["b"]));
+        upstream.refresh(&instances(&["a", "b"]), &OwnAddrs::default());
+        upstream.refresh(&instances(&["b"]), &OwnAddrs::default());
         let later = now_ms() + m::departed_grace().as_millis() as u64;
         let mut samples = LiveSamples::default();
         upstream.live.collect(later, &mut samples);

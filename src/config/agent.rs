@@ -7,8 +7,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::problems::{duration, socket_addr, Problems};
+use super::problems::{cidrs, duration, socket_addr, Problems};
 use super::raw::RawAgent;
+use crate::balance::Ranges;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
@@ -30,6 +31,10 @@ pub struct AgentConfig {
     /// Where discovery keeps each service's last known instances, so a
     /// squire restarted during a registry outage still routes.
     pub state_dir: PathBuf,
+    /// How often discovery resolves the host names of instances again.
+    pub dns_refresh: Duration,
+    /// The address ranges every upstream may dial, unless it sets its own.
+    pub ranges: Ranges,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +75,11 @@ pub(super) fn validate_agent(raw: RawAgent, problems: &mut Problems) -> AgentCon
         }
     };
     let drain_timeout = duration("agent.drain_timeout", raw.drain_timeout, "30s", problems);
+    let dns_refresh = duration("agent.dns_refresh", raw.dns_refresh, "30s", problems);
+    if dns_refresh < Duration::from_secs(1) {
+        problems.push("agent.dns_refresh", "must be at least 1s");
+    }
+    let ranges = ranges("agent", raw.allow, raw.deny, &Ranges::default(), problems);
     let drain_spread = match raw.drain_spread {
         Some(text) => duration("agent.drain_spread", Some(text), "1s", problems),
         None => default_drain_spread(drain_timeout),
@@ -104,7 +114,32 @@ pub(super) fn validate_agent(raw: RawAgent, problems: &mut Problems) -> AgentCon
             }
             None => default_state_dir(),
         },
+        dns_refresh,
+        ranges,
     }
+}
+
+/// The `allow` and `deny` keys under `base`: each replaces the one of
+/// `inherited` when set (an empty list included: `deny = []` denies
+/// nothing, `allow = []` allows everything). An `allow` list means only its
+/// ranges.
+pub(super) fn ranges(
+    base: &str,
+    allow: Option<Vec<String>>,
+    deny: Option<Vec<String>>,
+    inherited: &Ranges,
+    problems: &mut Problems,
+) -> Ranges {
+    let allow = match allow {
+        None => inherited.allow.clone(),
+        Some(list) if list.is_empty() => None,
+        Some(list) => Some(cidrs(&format!("{base}.allow"), list, problems)),
+    };
+    let deny = match deny {
+        None => inherited.deny.clone(),
+        Some(list) => cidrs(&format!("{base}.deny"), list, problems),
+    };
+    Ranges { allow, deny }
 }
 
 /// 10% of `drain_timeout`, at least one second.

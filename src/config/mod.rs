@@ -186,7 +186,7 @@ fn validate(raw: RawConfig, problems: &mut Problems) -> Config {
         .into_iter()
         .enumerate()
         .map(|(i, u)| {
-            let mut upstream = validate_upstream(i, u, &mut listens, problems);
+            let mut upstream = validate_upstream(i, u, &agent.ranges, &mut listens, problems);
             if upstream.backlog == 0 {
                 upstream.backlog = agent.backlog;
             }

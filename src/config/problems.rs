@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::balance::policy::Cidr;
+
 /// One thing wrong with the file: where, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -145,6 +147,22 @@ pub(super) fn socket_addr(path: &str, text: &str, problems: &mut Problems) -> So
         );
         unspecified()
     })
+}
+
+/// An address range list (`allow`, `deny`): each bad entry reported with
+/// its index, `upstream.gate.deny[1]: ...`.
+pub(super) fn cidrs(path: &str, values: Vec<String>, problems: &mut Problems) -> Vec<Cidr> {
+    values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, text)| match text.parse::<Cidr>() {
+            Ok(cidr) => Some(cidr),
+            Err(reason) => {
+                problems.push(format!("{path}[{i}]"), reason);
+                None
+            }
+        })
+        .collect()
 }
 
 pub(super) fn unspecified() -> SocketAddr {

@@ -59,6 +59,10 @@ pub struct RawAgent {
     pub threads: Option<i64>,
     pub backlog: Option<i64>,
     pub state_dir: Option<String>,
+    // the endpoint policy
+    pub dns_refresh: Option<String>,
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,6 +116,9 @@ pub struct RawUpstream {
     pub statuses: Option<Vec<String>>,
     pub connect_timeout: Option<String>,
     pub retries: Option<i64>,
+    /// Address ranges; each replaces the agent's when set.
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
     // load balancing
     pub hash_key: Option<String>,
     pub preamble_timeout: Option<String>,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::http::{self, HttpUpstreamConfig};
 use super::problems::{check_name, duration, required, socket_addr, unspecified, Problems};
 use super::raw::{RawEjection, RawUpstream};
-use crate::balance::{EjectionPolicy, Filter, HashKey, Strategy};
+use crate::balance::{EjectionPolicy, Filter, HashKey, Ranges, Strategy};
 use crate::registry::Status;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +20,9 @@ pub struct UpstreamConfig {
     pub strategy: Strategy,
     /// Which instances may take new connections.
     pub filter: Filter,
+    /// The address ranges it may dial: its own `allow`/`deny`, each
+    /// replacing the agent's when set.
+    pub ranges: Ranges,
     pub connect_timeout: Duration,
     /// Further connect attempts after the first, each on another instance.
     pub retries: u32,
@@ -65,6 +68,7 @@ impl Protocol {
 pub(super) fn validate_upstream(
     index: usize,
     mut raw: RawUpstream,
+    agent_ranges: &Ranges,
     listens: &mut HashSet<SocketAddr>,
     problems: &mut Problems,
 ) -> UpstreamConfig {
@@ -141,6 +145,7 @@ pub(super) fn validate_upstream(
         version: raw.version,
         metadata: raw.metadata.unwrap_or_default(),
     };
+    let ranges = super::agent::ranges(&base, raw.allow, raw.deny, agent_ranges, problems);
     let connect_timeout = duration(&at("connect_timeout"), raw.connect_timeout, "1s", problems);
     if connect_timeout.is_zero() {
         problems.push(at("connect_timeout"), "must be greater than zero");
@@ -163,6 +168,7 @@ pub(super) fn validate_upstream(
         protocol,
         strategy,
         filter,
+        ranges,
         connect_timeout,
         retries,
         retry_backoff: balancing.retry_backoff,

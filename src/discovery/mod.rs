@@ -31,11 +31,21 @@
 //! and the service is marked stale (`squire_discovery_stale`, `"stale"` in
 //! `/v1/services`) until the first listing replaces them.
 //!
+//! **Endpoint policy**: what is published goes through `endpoints`, which
+//! resolves host names (`resolve`: when the snapshot is built and every
+//! `agent.dns_refresh`, never per connect) and has every upstream build its
+//! snapshot, refusing what the [policy](crate::balance::policy) refuses:
+//! logged and counted once per instance and reason, shown in
+//! `/v1/services`.
+//!
 //! Here: the task and its failover and merge loops. `state`: the admin
 //! read model ([`ServiceState`], [`SourceState`]). `view`: what one
 //! registry says, entry by entry. `last_known`: the snapshot files.
+//! `endpoints` and `resolve`: instances to snapshots, as above.
 
+mod endpoints;
 mod last_known;
+mod resolve;
 mod state;
 mod view;
 
@@ -47,24 +57,29 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::balance::Upstream;
+use crate::balance::{OwnAddrs, Upstream};
 use crate::config::{DiscoveryConfig, DiscoveryMode};
 use crate::metrics as m;
 use crate::registry::{Instance, Registry, RegistryError, Status, Watch, WatchEvent};
 use crate::time::{sleep_or_shutdown, sleep_until_some};
 
+use endpoints::Endpoints;
 use last_known::{LastKnown, Snapshot, Writer};
-pub use state::{ServiceState, SourceState};
+pub use resolve::{CONCURRENT_LOOKUPS, LOOKUP_TIMEOUT};
+pub use state::{RefusedEntry, Resolution, ServiceState, SourceState};
 use view::View;
 
 /// The longest wait before re-listing a broken watch: a registry that
 /// answers again is watched again within this.
 const RELIST_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// `agent.dns_refresh` unless configured.
+pub const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(30);
 
 /// One registry discovery reads: its configured name and its backend.
 #[derive(Clone)]
@@ -88,6 +103,11 @@ pub struct Discovery {
     service: Arc<ServiceState>,
     /// Every upstream of the service (one per listener and route).
     upstreams: Vec<Arc<Upstream>>,
+    /// Hands each instance set put in service to [`Endpoints`].
+    published: watch::Sender<Arc<Vec<Instance>>>,
+    /// This squire's own addresses, which no endpoint may be.
+    own: watch::Receiver<Arc<OwnAddrs>>,
+    dns_refresh: Duration,
     /// What each registry last said, in the order of `sources`.
     views: Vec<View>,
     /// Failover: the registry whose view is in service.
@@ -120,13 +140,18 @@ impl Discovery {
         service: Arc<ServiceState>,
         upstreams: Vec<Arc<Upstream>>,
     ) -> Self {
+        // Without `with_policy`, no own addresses: the sender is gone.
+        let (_, own) = watch::channel(Arc::default());
         Discovery {
             views: sources.iter().map(|_| View::default()).collect(),
             sources,
             mode: config.mode,
             failback: config.failback,
+            published: watch::Sender::new(service.instances()),
             service,
             upstreams,
+            own,
+            dns_refresh: DEFAULT_DNS_REFRESH,
             serving: None,
             last_known: None,
             writer: None,
@@ -143,12 +168,36 @@ impl Discovery {
         self
     }
 
+    /// Refuses endpoints at this squire's `own` addresses (as they are
+    /// now and whenever they change) and looks host names up again every
+    /// `dns_refresh` (default 30s).
+    pub fn with_policy(
+        mut self,
+        own: watch::Receiver<Arc<OwnAddrs>>,
+        dns_refresh: Duration,
+    ) -> Self {
+        self.own = own;
+        self.dns_refresh = dns_refresh;
+        self
+    }
+
     pub async fn run(mut self, shutdown: CancellationToken) {
         self.writer = self.last_known.clone().map(Writer::start);
-        match self.mode {
-            DiscoveryMode::Failover => self.failover(&shutdown).await,
-            DiscoveryMode::Merge => self.merge(&shutdown).await,
-        }
+        let endpoints = Endpoints::new(
+            self.service.clone(),
+            self.upstreams.clone(),
+            self.published.subscribe(),
+            self.own.clone(),
+            self.dns_refresh,
+        );
+        let building = endpoints.run(shutdown.clone());
+        let watching = async {
+            match self.mode {
+                DiscoveryMode::Failover => self.failover(&shutdown).await,
+                DiscoveryMode::Merge => self.merge(&shutdown).await,
+            }
+        };
+        tokio::join!(watching, building);
         if let Some(writer) = self.writer.take() {
             writer.finish().await;
         }
@@ -412,9 +461,7 @@ impl Discovery {
         if self.listed {
             *lock(&self.service.listed_at) = Some(SystemTime::now());
         }
-        for upstream in &self.upstreams {
-            upstream.refresh(&instances);
-        }
+        self.published.send_replace(Arc::new(instances.clone()));
         for status in Status::ALL {
             let count = instances.iter().filter(|i| i.status == status).count();
             metrics::gauge!(m::ENDPOINTS, "service" => self.service.name.clone(), "status" => status.as_str())

@@ -1,6 +1,8 @@
 //! [`ServiceState`] and [`SourceState`]: the admin read model of one
 //! discovered service, written by its [`super::Discovery`] task.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -8,6 +10,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 
 use super::Source;
+use crate::balance::{Refusal, Resolved};
 use crate::config::DiscoveryMode;
 use crate::registry::Instance;
 
@@ -21,6 +24,36 @@ pub struct ServiceState {
     pub(super) listed_at: Mutex<Option<SystemTime>>,
     pub(super) stale_since: Mutex<Option<SystemTime>>,
     pub(super) sources: Vec<SourceState>,
+    /// The instances as last handed to the upstreams, with their addresses.
+    pub(super) resolved: ArcSwap<Vec<Resolved>>,
+    /// What each host name of the instances resolves to, by name. Kept
+    /// here so a discovery restarted by a reload starts from them.
+    pub(super) names: Mutex<BTreeMap<String, Resolution>>,
+    /// Instances the endpoint policy refuses now, by id and reason.
+    pub(super) refused: Mutex<Vec<RefusedEntry>>,
+}
+
+/// What one host name resolved to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolution {
+    /// The addresses of the last lookup that gave some; a later failure
+    /// keeps them (a DNS outage takes no working route away).
+    pub addrs: Option<Arc<[IpAddr]>>,
+    /// Why the last lookup failed, until one succeeds.
+    pub error: Option<String>,
+    /// When the last lookup ended.
+    pub at: Option<SystemTime>,
+}
+
+/// An instance the endpoint policy refuses, for the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedEntry {
+    pub id: String,
+    pub address: String,
+    pub reason: Refusal,
+    /// Listen addresses of the upstreams that refuse it (several may
+    /// read the service, each with its own ranges).
+    pub listeners: Vec<String>,
 }
 
 /// What one registry gives one service, for the admin API.
@@ -74,7 +107,34 @@ impl ServiceState {
                     last_error: Mutex::new(None),
                 })
                 .collect(),
+            resolved: ArcSwap::from_pointee(Vec::new()),
+            names: Mutex::new(BTreeMap::new()),
+            refused: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Takes over what `other` (the state of the same service before the
+    /// registries changed) knows of host names, so they need not resolve
+    /// again before the instances using them are routed.
+    pub fn with_names_of(self, other: &ServiceState) -> Self {
+        *lock(&self.names) = lock(&other.names).clone();
+        self
+    }
+
+    /// The instances with the addresses last handed to the upstreams: what
+    /// a new upstream of the service starts from.
+    pub fn resolved(&self) -> Arc<Vec<Resolved>> {
+        self.resolved.load_full()
+    }
+
+    /// Every host name of the instances and what it resolved to.
+    pub fn names(&self) -> BTreeMap<String, Resolution> {
+        lock(&self.names).clone()
+    }
+
+    /// The instances refused now, by id.
+    pub fn refused(&self) -> Vec<RefusedEntry> {
+        lock(&self.refused).clone()
     }
 
     /// Every known instance of the service, whatever its status, by id.
@@ -117,4 +177,9 @@ impl ServiceState {
             .map(|s| s.name.as_str())
             .collect()
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain data: a panic elsewhere mid-update leaves it usable.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -180,12 +180,10 @@ impl TcpProxy {
         while let Some(attempt) = attempts.next().await {
             let endpoint = attempts.endpoint(&attempt);
             let authority = &endpoint.authority;
-            let outcome = match tokio::time::timeout(
-                timeout,
-                TcpStream::connect(authority.as_str()),
-            )
-            .await
-            {
+            // The addresses resolved when the snapshot was built: a
+            // connect never looks a name up.
+            let connect = TcpStream::connect(&endpoint.addrs[..]);
+            let outcome = match tokio::time::timeout(timeout, connect).await {
                 Ok(Ok(stream)) => {
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(endpoint = %authority, error = %e, "cannot set TCP_NODELAY on the upstream side");

@@ -89,9 +89,10 @@ impl HttpProxy {
         let mut reached: Reached = None;
         let mut attempts = Attempts::new(&route.upstream, self.policy, key, &self.attempts);
         while let Some(attempt) = attempts.next().await {
+            let endpoint = attempts.endpoint(&attempt);
             let instance = route
                 .connections
-                .instance(&attempts.endpoint(&attempt).authority);
+                .instance(&endpoint.authority, &endpoint.addrs);
             reached = Some(instance.clone());
             let outcome = self
                 .attempt(

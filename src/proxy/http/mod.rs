@@ -235,11 +235,11 @@ impl HttpProxy {
                     changed = changes.changed() => if changed.is_err() { return },
                 }
                 let snapshot = route.upstream.snapshot();
-                route.connections.retain(|authority| {
+                route.connections.retain(|authority, addrs| {
                     snapshot
                         .endpoints()
                         .iter()
-                        .any(|e| e.authority == authority)
+                        .any(|e| e.authority == authority && *e.addrs == *addrs)
                 });
             }
         });

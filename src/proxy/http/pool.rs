@@ -6,7 +6,10 @@
 //! retry it on another instance, and knows whether a request rode a reused
 //! connection. HTTP/1.1 connections go back to their instance's idle list when
 //! the response body has been read to its end; HTTP/2 keeps one multiplexed
-//! connection per instance. What a route keeps per instance goes when the
+//! connection per instance. An instance is dialled at the addresses its
+//! endpoint carries (resolved when the snapshot was built, never per
+//! connect); when they change, its connections go as if it had left. What
+//! a route keeps per instance goes when the
 //! instance leaves the upstream ([`ConnPool::retain`]), except its request
 //! counters, kept for the grace period
 //! ([`departed_grace`](crate::metrics::departed_grace)) so a scrape still
@@ -14,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
@@ -122,6 +126,8 @@ struct Instances {
 /// upstream; a request in flight holds its own reference and finishes.
 pub struct InstancePool {
     authority: String,
+    /// What to dial (see [`crate::balance::Endpoint::addrs`]).
+    addrs: Arc<[SocketAddr]>,
     settings: PoolSettings,
     http1_idle: Mutex<Vec<Idle>>,
     http2: Mutex<Option<http2::SendRequest<RequestBody>>>,
@@ -145,13 +151,17 @@ impl ConnPool {
         self.settings.h2
     }
 
-    /// What the route keeps for the instance at `authority`.
-    pub fn instance(&self, authority: &str) -> Arc<InstancePool> {
+    /// What the route keeps for the instance at `authority`, dialled at
+    /// `addrs`. Kept connections to other addresses (the name resolved
+    /// anew) are let go of; the counters go on.
+    pub fn instance(&self, authority: &str, addrs: &Arc<[SocketAddr]>) -> Arc<InstancePool> {
         let mut instances = self.lock();
-        if let Some(instance) = instances.live.get(authority) {
-            return instance.clone();
-        }
-        let requests = match instances.departed.remove(authority) {
+        let moved = match instances.live.get(authority) {
+            Some(instance) if instance.addrs == *addrs => return instance.clone(),
+            Some(_) => instances.live.remove(authority).map(|i| i.requests.clone()),
+            None => None,
+        };
+        let requests = match moved.or_else(|| instances.departed.remove(authority)) {
             Some(counters) => {
                 counters.returned();
                 counters
@@ -163,6 +173,7 @@ impl ConnPool {
         };
         let instance = Arc::new(InstancePool {
             authority: authority.to_owned(),
+            addrs: addrs.clone(),
             settings: self.settings,
             http1_idle: Mutex::new(Vec::new()),
             http2: Mutex::new(None),
@@ -175,17 +186,18 @@ impl ConnPool {
         instance
     }
 
-    /// Lets go of every instance not in `keep`: their idle connections
-    /// close now, busy ones when their request is done; their counters stay
-    /// for the grace period. Counters past it are dropped.
-    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+    /// Lets go of every instance not in `keep` (by authority and
+    /// addresses): their idle connections close now, busy ones when their
+    /// request is done; their counters stay for the grace period. Counters
+    /// past it are dropped.
+    pub fn retain(&self, keep: impl Fn(&str, &[SocketAddr]) -> bool) {
         let now = now_ms();
         let mut guard = self.lock();
         let instances = &mut *guard;
         instances.departed.retain(|_, c| !c.expired(now));
         let departed = &mut instances.departed;
         instances.live.retain(|authority, instance| {
-            if keep(authority) {
+            if keep(authority, &instance.addrs) {
                 return true;
             }
             instance.requests.departed(now);
@@ -278,7 +290,7 @@ impl InstancePool {
     }
 
     async fn tcp(&self) -> Result<TcpStream, ConnectError> {
-        let connect = TcpStream::connect(self.authority.as_str());
+        let connect = TcpStream::connect(&self.addrs[..]);
         let stream = match tokio::time::timeout(self.settings.connect_timeout, connect).await {
             Err(_) => return Err(ConnectError::Timeout),
             Ok(Err(e)) => return Err(ConnectError::Io(e)),
@@ -471,6 +483,10 @@ mod tests {
         addr.to_string()
     }
 
+    fn addrs(authority: &str) -> Arc<[SocketAddr]> {
+        Arc::from([authority.parse::<SocketAddr>().expect("addr")])
+    }
+
     fn pool() -> ConnPool {
         let settings = PoolSettings {
             h2: false,
@@ -485,22 +501,39 @@ mod tests {
     fn an_instance_that_left_keeps_its_counters_for_the_grace_period_only() {
         let pool = pool();
         let get = hyper::Method::GET;
-        pool.instance("127.0.0.1:1")
+        pool.instance("127.0.0.1:1", &addrs("127.0.0.1:1"))
             .requests
             .count(&get, hyper::StatusCode::OK);
-        pool.instance("127.0.0.1:2");
-        pool.retain(|authority| authority == "127.0.0.1:2");
+        pool.instance("127.0.0.1:2", &addrs("127.0.0.1:2"));
+        pool.retain(|authority, _| authority == "127.0.0.1:2");
         assert_eq!(pool.authorities(), vec!["127.0.0.1:2".to_owned()]);
         assert_eq!(pool.departed(), vec!["127.0.0.1:1".to_owned()]);
         // Back within the grace period: it counts on.
-        let back = pool.instance("127.0.0.1:1");
+        let back = pool.instance("127.0.0.1:1", &addrs("127.0.0.1:1"));
         assert_eq!(back.requests.get(&get, hyper::StatusCode::OK), 1);
         assert!(pool.departed().is_empty());
         // Gone again, and past the grace period: forgotten.
-        pool.retain(|authority| authority == "127.0.0.1:2");
+        pool.retain(|authority, _| authority == "127.0.0.1:2");
         let later = now_ms() + crate::metrics::departed_grace().as_millis() as u64;
         assert!(back.requests.expired(later));
         assert!(!back.requests.expired(now_ms()));
+    }
+
+    #[test]
+    fn an_instance_at_new_addresses_gets_a_new_pool_and_keeps_its_counters() {
+        let pool = pool();
+        let get = hyper::Method::GET;
+        let first = pool.instance("game.test:1", &addrs("127.0.0.2:1"));
+        first.requests.count(&get, hyper::StatusCode::OK);
+        assert!(Arc::ptr_eq(
+            &first,
+            &pool.instance("game.test:1", &addrs("127.0.0.2:1"))
+        ));
+        let moved = pool.instance("game.test:1", &addrs("127.0.0.3:1"));
+        assert!(!Arc::ptr_eq(&first, &moved), "dials the new address");
+        assert_eq!(moved.addrs[..], addrs("127.0.0.3:1")[..]);
+        assert_eq!(moved.requests.get(&get, hyper::StatusCode::OK), 1);
+        assert_eq!(pool.authorities(), vec!["game.test:1".to_owned()]);
     }
 
     #[tokio::test]
@@ -518,7 +551,7 @@ mod tests {
         let (_socket, _fillers, hanging) = hanging_address().await;
         let good = h2_server().await;
 
-        let stuck = pool.instance(&hanging);
+        let stuck = pool.instance(&hanging, &addrs(&hanging));
         let connecting = tokio::spawn({
             let stuck = stuck.clone();
             async move { stuck.checkout().await.map(|_| ()) }
@@ -530,11 +563,13 @@ mod tests {
             tokio::task::yield_now().await;
         }
         // ... and a first request to another instance connects meanwhile.
-        let checkout =
-            tokio::time::timeout(Duration::from_secs(10), pool.instance(&good).checkout())
-                .await
-                .expect("not held up by the hanging connect")
-                .expect("connects");
+        let checkout = tokio::time::timeout(
+            Duration::from_secs(10),
+            pool.instance(&good, &addrs(&good)).checkout(),
+        )
+        .await
+        .expect("not held up by the hanging connect")
+        .expect("connects");
         assert!(!checkout.reused);
         assert!(
             !connecting.is_finished(),
