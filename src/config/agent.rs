@@ -290,6 +290,92 @@ mod tests {
     }
 
     #[test]
+    fn bad_ranges_and_refresh_are_reported_with_their_paths() {
+        let found = problems(
+            r#"
+[agent]
+dns_refresh = "500ms"
+allow = ["10.0.0.0/8", "10.0.0.1/8"]
+deny = ["nonsense"]
+
+[[upstream]]
+service = "gate"
+listen = "127.0.0.1:7000"
+deny = ["169.254.0.0/16", "fe80::/129"]
+
+[[upstream]]
+service = "lobby"
+listen = "127.0.0.1:7001"
+allow = "10.0.0.0/8"
+"#,
+        );
+        assert_problems(
+            &found,
+            &[
+                "agent.dns_refresh: must be at least 1s",
+                "agent.allow[1]: \"10.0.0.1/8\" has bits set past the prefix; write 10.0.0.0/8",
+                "agent.deny[0]: \"nonsense\" is not an address range",
+                "upstream.gate.deny[1]: \"fe80::/129\": the prefix length must be 0-128",
+                "upstream.lobby.allow: invalid type: string \"10.0.0.0/8\", expected a sequence",
+            ],
+        );
+    }
+
+    #[test]
+    fn an_upstream_range_list_replaces_the_agents() {
+        let config = Config::from_toml(
+            r#"
+[agent]
+allow = ["10.0.0.0/8"]
+deny = ["10.9.0.0/16"]
+
+[[upstream]]
+service = "inherits"
+listen = "127.0.0.1:7000"
+
+[[upstream]]
+service = "own_deny"
+listen = "127.0.0.1:7001"
+deny = []
+
+[[upstream]]
+service = "own_allow"
+listen = "127.0.0.1:7002"
+allow = []
+"#,
+        )
+        .expect("valid");
+        let cidrs = |texts: &[&str]| -> Vec<crate::balance::policy::Cidr> {
+            texts.iter().map(|t| t.parse().expect("cidr")).collect()
+        };
+        let agent = Ranges {
+            allow: Some(cidrs(&["10.0.0.0/8"])),
+            deny: cidrs(&["10.9.0.0/16"]),
+        };
+        assert_eq!(config.agent.ranges, agent);
+        assert_eq!(config.upstreams[0].ranges, agent);
+        assert_eq!(
+            config.upstreams[1].ranges,
+            Ranges {
+                allow: agent.allow.clone(),
+                deny: Vec::new()
+            }
+        );
+        assert_eq!(
+            config.upstreams[2].ranges,
+            Ranges {
+                allow: None,
+                deny: agent.deny.clone()
+            }
+        );
+        // Nothing set: link-local denied, everything else allowed, names
+        // looked up again every 30s.
+        let defaults = Config::from_toml("").expect("valid");
+        assert_eq!(defaults.agent.ranges, Ranges::default());
+        assert_eq!(defaults.agent.dns_refresh, Duration::from_secs(30));
+    }
+
+    #[test]
     fn the_default_state_dir_is_absolute() {
         let config = Config::from_toml("").expect("valid");
         assert!(config.agent.state_dir.is_absolute());
