@@ -207,9 +207,13 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind backend");
+        Backend::start_on(name, "127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// [`Backend::start`] on `addr` (another loopback address, a chosen
+    /// port).
+    pub async fn start_on(name: &str, addr: SocketAddr) -> Backend {
+        let listener = TcpListener::bind(addr).await.expect("bind backend");
         let addr = listener.local_addr().expect("backend addr");
         let connections = Arc::new(AtomicUsize::new(0));
         let counter = connections.clone();
@@ -258,6 +262,12 @@ impl Drop for Backend {
 /// Announces an instance in the embedded registry under `dir` the way
 /// another squire would: a record file with a lease that outlives the test.
 pub fn announce_local(dir: &std::path::Path, service: &str, id: &str, addr: SocketAddr) {
+    announce_local_at(dir, service, id, &addr.ip().to_string(), addr.port());
+}
+
+/// [`announce_local`] with any `host` (a name, or an address no squire
+/// would announce).
+pub fn announce_local_at(dir: &std::path::Path, service: &str, id: &str, host: &str, port: u16) {
     let service_dir = dir.join(service);
     std::fs::create_dir_all(&service_dir).expect("mkdir");
     let expires = std::time::SystemTime::now()
@@ -266,8 +276,8 @@ pub fn announce_local(dir: &std::path::Path, service: &str, id: &str, addr: Sock
         .as_millis() as u64
         + 600_000;
     let record = format!(
-        r#"{{"expires_at_ms":{expires},"instance":{{"name":"{service}","id":"{id}","host":"127.0.0.1","port":{}}}}}"#,
-        addr.port()
+        r#"{{"expires_at_ms":{expires},"instance":{{"name":"{service}","id":"{id}","host":{},"port":{port}}}}}"#,
+        serde_json::Value::from(host)
     );
     std::fs::write(service_dir.join(format!("{id}.json")), record).expect("write record");
 }

@@ -16,11 +16,39 @@ impl Squire {
     /// its log (RUST_LOG=info) in `log`.
     pub fn spawn(config: &Path, open_files: Option<u32>, log: PathBuf) -> Squire {
         let limit = open_files.map_or(String::new(), |n| format!("ulimit -n {n} && "));
-        let child = Command::new("sh")
+        let mut command = Command::new("sh");
+        command
             .arg("-c")
-            .arg(format!("{limit}exec \"$0\" run -c \"$1\""))
+            .arg(format!("{limit}exec \"$0\" run -c \"$1\""));
+        Squire::start(command, config, &[], log)
+    }
+
+    /// Starts it in a mount namespace of its own (needs root, as the tests
+    /// run) where `dir/hosts` is `/etc/hosts` and `/etc/resolv.conf` names
+    /// a DNS server on loopback that is not there: its host names resolve
+    /// as the test writes them, any other name fails at once without a
+    /// packet leaving loopback, and nothing else on the machine sees them.
+    pub fn spawn_with_hosts(config: &Path, dir: &Path, log: PathBuf) -> Squire {
+        let resolv = dir.join("resolv.conf");
+        std::fs::write(
+            &resolv,
+            "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+        )
+        .expect("resolv.conf");
+        let mut command = Command::new("unshare");
+        command.arg("--mount").arg("sh").arg("-c").arg(
+            "mount --make-rprivate / && mount --bind \"$2\" /etc/hosts \
+             && mount --bind \"$3\" /etc/resolv.conf && exec \"$0\" run -c \"$1\"",
+        );
+        let hosts = dir.join("hosts");
+        Squire::start(command, config, &[&hosts, &resolv], log)
+    }
+
+    fn start(mut command: Command, config: &Path, more: &[&Path], log: PathBuf) -> Squire {
+        let child = command
             .arg(env!("CARGO_BIN_EXE_squire"))
             .arg(config)
+            .args(more)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -43,6 +71,13 @@ impl Squire {
         // SAFETY: sysconf has no preconditions.
         let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         ticks as f64 / per_second
+    }
+
+    /// Open file descriptors now (`/proc/PID/fd`).
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     pub fn log(&self) -> String {
