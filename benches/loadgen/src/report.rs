@@ -87,7 +87,7 @@ pub fn render(text: &str) -> Result<String, String> {
     let mut table = String::from(
         "| Workload | Target | Throughput | spread | ÷ direct | ÷ nginx | p50 µs | p99 µs \
          | proxy CPU per op | spread | CPU ÷ nginx | errors |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (workload, title) in WORKLOADS {
         let bulk = *workload == "tcp-bulk";
