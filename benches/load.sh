@@ -3,6 +3,7 @@
 # backends directly, all against the same backends, in one command:
 #
 #   benches/load.sh                  # about 15 minutes; REPS=1 DURATION=2 for a quick look
+#   ONLY="tcp-bulk memory" TARGETS="nginx squire" benches/load.sh   # a subset
 #
 # Backends (benches/loadgen, `serve`): 3 TCP servers answering PING\r\n with
 # +PONG\r\n, 3 HTTP/1.1 servers answering every request with a 128-byte body,
@@ -239,14 +240,16 @@ for t in haproxy nginx squire; do
   printf 'idle\t%s\t-\t%s\n' "$t" "$("$LG" idle --pids "$(pids_of "$t")" --secs 3)" >> "$results"
 done
 
-targets=(direct haproxy nginx squire)
+read -r -a targets <<<"${TARGETS:-direct haproxy nginx squire}"
+nt=${#targets[@]}
 workloads=("tcp-1 tcp tcp 1" "tcp-50 tcp tcp 50" "tcp-churn tcp-churn tcp 50" "tcp-bulk bulk bulk 1"
            "http-1 http http 1" "http-50 http http 50" "http-churn http-churn http 50")
 for rep in $(seq 1 "$REPS"); do
   for w in "${workloads[@]}"; do
     read -r label workload kind conns <<<"$w"
-    for k in 0 1 2 3; do
-      t=${targets[$(( (k + rep) % 4 ))]}
+    [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $label "* ]] && continue
+    for k in $(seq 0 $((nt - 1))); do
+      t=${targets[$(( (k + rep) % nt ))]}
       if line=$(pin "$LG" run --workload "$workload" --targets "$(where "$t" "$kind")" --conns "$conns" \
                   --warmup "$WARMUP" --duration "$DURATION" --pids "$(pids_of "$t")"); then
         printf '%s\t%s\t%s\t%s\n' "$label" "$t" "$rep" "$line" >> "$results"
@@ -256,8 +259,10 @@ for rep in $(seq 1 "$REPS"); do
       fi
     done
   done
-  for k in 0 1 2; do
-    t=${targets[$(( 1 + (k + rep) % 3 ))]}
+  [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" memory "* ]] && continue
+  for k in $(seq 0 $((nt - 1))); do
+    t=${targets[$(( (k + rep) % nt ))]}
+    [ "$t" = direct ] && continue
     if line=$(pin "$LG" hold --targets "$(where "$t" tcp)" --conns "$IDLE_CONNS" --burst "$BURST" \
                 --pids "$(pids_of "$t")"); then
       printf 'memory\t%s\t%s\t%s\n' "$t" "$rep" "$line" >> "$results"

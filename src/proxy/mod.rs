@@ -18,6 +18,7 @@
 //! then close the rest in staggered batches.
 
 pub mod attempts;
+mod copy;
 mod error;
 pub mod http;
 pub mod listener;

@@ -4,21 +4,18 @@
 //! way for `idle_timeout`.
 
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::attempts::{AttemptMetrics, Attempts, Outcome, RetryPolicy};
 use super::listener::set_keepalive;
-use super::{preamble, GaugeGuard, ProxyError};
+use super::{copy, preamble, GaugeGuard, ProxyError};
 use crate::balance::{self, now_ms, ActiveGuard, HashKey, Strategy, Upstream};
 use crate::config::UpstreamConfig;
 use crate::metrics as m;
@@ -107,17 +104,13 @@ impl TcpProxy {
             self.metrics.bytes_in.increment(routed.rest.len() as u64);
         }
         let _active = GaugeGuard::new(&self.metrics.active);
-        let moved = self
-            .config
-            .idle_timeout
-            .map(|_| Arc::new(AtomicU64::new(now_ms())));
-        let mut client = Metered::new(client, self.metrics.bytes_in.clone(), moved.clone());
-        let mut server = Metered::new(server, self.metrics.bytes_out.clone(), moved.clone());
-        // copy_bidirectional forwards a half-close: when one side stops
-        // sending, the other side's write half is shut down and bytes keep
-        // flowing the other way until that side is done too.
-        let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
-        let copied = match (self.config.idle_timeout, &moved) {
+        let meters = copy::Meters {
+            from_client: &self.metrics.bytes_in,
+            from_server: &self.metrics.bytes_out,
+            moved: self.config.idle_timeout.map(|_| AtomicU64::new(now_ms())),
+        };
+        let copy = copy::bidirectional(&mut client, &mut server, &meters);
+        let copied = match (self.config.idle_timeout, &meters.moved) {
             (Some(idle), Some(moved)) => until_idle(copy, idle, moved).await,
             _ => Some(copy.await),
         };
@@ -228,56 +221,5 @@ async fn until_idle<F: Future>(work: F, idle: Duration, moved: &AtomicU64) -> Op
             output = &mut work => return Some(output),
             _ = tokio::time::sleep(idle - quiet) => {}
         }
-    }
-}
-
-/// A stream that counts the bytes read from it and, when the connection
-/// has an idle timeout, notes when the last ones came.
-struct Metered<S> {
-    inner: S,
-    read: Counter,
-    moved: Option<Arc<AtomicU64>>,
-}
-
-impl<S> Metered<S> {
-    fn new(inner: S, read: Counter, moved: Option<Arc<AtomicU64>>) -> Self {
-        Metered { inner, read, moved }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.read.increment(n as u64);
-            if let Some(moved) = &self.moved {
-                moved.store(now_ms(), Ordering::Relaxed);
-            }
-        }
-        polled
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
