@@ -428,6 +428,7 @@ async fn a_changed_name_is_picked_up_at_the_refresh_and_never_per_connect() {
         greeting(listen).await.is_ok_and(|g| g == "new")
     })
     .await;
+    assert!(new.connections.load(std::sync::atomic::Ordering::SeqCst) > 0);
     assert_eq!(
         metric(
             admin,
