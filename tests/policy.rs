@@ -439,3 +439,42 @@ async fn a_changed_name_is_picked_up_at_the_refresh_and_never_per_connect() {
     );
     drop(squire);
 }
+
+#[tokio::test]
+async fn a_listener_bound_by_a_reload_is_refused_as_an_endpoint_at_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    // Nothing listens here yet: an instance at it is admitted.
+    let later: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    announce_local(dir.path(), "relay", "relay-1", later);
+    let config = |extra: bool| {
+        let toml = AgentToml::local(dir.path())
+            .agent("admin", admin.to_string())
+            .upstream(Section::fast_upstream("relay").set("listen", listen.to_string()));
+        let toml = if extra {
+            toml.upstream(Section::fast_upstream("other").set("listen", later.to_string()))
+        } else {
+            toml
+        };
+        toml.to_string()
+    };
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, config(false)).expect("config");
+    let squire = Squire::spawn(&path, Some(1024), dir.path().join("squire.log"));
+    wait_admin(admin).await;
+    eventually("relay-1 admitted", DEADLINE, || async {
+        dials(&services_of(admin).await, 0).len() == 1
+    })
+    .await;
+
+    // The reload binds a listener at the instance's address and leaves
+    // the relay upstream (and its discovery) as they are.
+    std::fs::write(&path, config(true)).expect("config");
+    let (status, body) = support::http_request(admin, "POST", "/v1/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let services = wait_refused(admin, "relay", &[("relay-1", "self")]).await;
+    assert!(dials(&services, 0).is_empty(), "{services}");
+    assert_eq!(greeting(listen).await.unwrap_or_default(), "");
+    assert!(squire.open_fds() < 64);
+}
