@@ -448,10 +448,15 @@ async fn a_listener_bound_by_a_reload_is_refused_as_an_endpoint_at_once() {
     // Nothing listens here yet: an instance at it is admitted.
     let later: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     announce_local(dir.path(), "relay", "relay-1", later);
-    let config = |extra: bool| {
+    let config = |extra: bool, deny: &[&str]| {
+        let relay = Section::fast_upstream("relay").set("listen", listen.to_string());
+        let relay = match deny {
+            [] => relay,
+            deny => relay.set("deny", deny.to_vec()),
+        };
         let toml = AgentToml::local(dir.path())
             .agent("admin", admin.to_string())
-            .upstream(Section::fast_upstream("relay").set("listen", listen.to_string()));
+            .upstream(relay);
         let toml = if extra {
             toml.upstream(Section::fast_upstream("other").set("listen", later.to_string()))
         } else {
@@ -460,7 +465,7 @@ async fn a_listener_bound_by_a_reload_is_refused_as_an_endpoint_at_once() {
         toml.to_string()
     };
     let path = dir.path().join("agent.toml");
-    std::fs::write(&path, config(false)).expect("config");
+    std::fs::write(&path, config(false, &[])).expect("config");
     let squire = Squire::spawn(&path, Some(1024), dir.path().join("squire.log"));
     wait_admin(admin).await;
     eventually("relay-1 admitted", DEADLINE, || async {
@@ -470,11 +475,30 @@ async fn a_listener_bound_by_a_reload_is_refused_as_an_endpoint_at_once() {
 
     // The reload binds a listener at the instance's address and leaves
     // the relay upstream (and its discovery) as they are.
-    std::fs::write(&path, config(true)).expect("config");
+    std::fs::write(&path, config(true, &[])).expect("config");
     let (status, body) = support::http_request(admin, "POST", "/v1/reload").await;
     assert_eq!(status, 200, "{body}");
     let services = wait_refused(admin, "relay", &[("relay-1", "self")]).await;
     assert!(dials(&services, 0).is_empty(), "{services}");
     assert_eq!(greeting(listen).await.unwrap_or_default(), "");
     assert!(squire.open_fds() < 64);
+
+    // A reload that changes the relay's ranges replaces its upstream: the
+    // new one is built from what is in service, refusals reported.
+    let backend = Backend::start("relay").await;
+    announce_local(dir.path(), "relay", "relay-2", backend.addr);
+    eventually("relay-2 serving", DEADLINE, || async {
+        greeting(listen).await.is_ok_and(|g| g == "relay")
+    })
+    .await;
+    std::fs::write(&path, config(true, &["127.0.0.0/8"])).expect("config");
+    let (status, body) = support::http_request(admin, "POST", "/v1/reload").await;
+    assert_eq!(status, 200, "{body}");
+    wait_refused(
+        admin,
+        "relay",
+        &[("relay-1", "self"), ("relay-2", "denied_range")],
+    )
+    .await;
+    assert_eq!(greeting(listen).await.unwrap_or_default(), "");
 }

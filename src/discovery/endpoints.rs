@@ -54,6 +54,13 @@ impl Endpoints {
     /// Rebuilds whenever something it builds from changes, until
     /// `shutdown` or until discovery stops publishing.
     pub(super) async fn run(mut self, shutdown: CancellationToken) {
+        // Restarted (a reload gave the service new upstreams): build them
+        // from what is in service, so their refusals are reported. A first
+        // start has nothing in service yet, and builds nothing until the
+        // registries say something: an outage never empties an upstream.
+        if !self.instances.borrow().is_empty() {
+            self.rebuild();
+        }
         // Agent-less uses (tests) have no sender of our own addresses.
         let mut own_open = true;
         loop {
