@@ -52,7 +52,7 @@ pub use problems::{ConfigError, Problem};
 pub use registry::{
     default_local_dir, DiscoveryConfig, DiscoveryMode, RegistryBackend, RegistryConfig,
 };
-pub use secret::Secret;
+pub use secret::{check_private, read_secret_file, Secret, MAX_SECRET_FILE_BYTES};
 pub use service::ServiceConfig;
 pub use upstream::{Protocol, UpstreamConfig};
 

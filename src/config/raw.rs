@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use super::secret::Secret;
+
 /// Built section by section by `read_sections`, not deserialized whole.
 #[derive(Debug, Default)]
 pub struct RawConfig {
@@ -74,11 +76,11 @@ pub struct RawRegistry {
     pub endpoints: Option<Vec<String>>,
     pub prefix: Option<String>,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     pub timeout: Option<String>,
     // consul
     pub address: Option<String>,
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     pub datacenter: Option<String>,
     pub wait: Option<String>,
     pub deregister_critical_after: Option<String>,
@@ -170,7 +172,8 @@ pub struct RawCheck {
     // http, https
     pub method: Option<String>,
     pub path: Option<String>,
-    pub headers: Option<BTreeMap<String, String>>,
+    /// Values may carry credentials (`Authorization`).
+    pub headers: Option<BTreeMap<String, Secret>>,
     pub expect_status: Option<Vec<i64>>,
     pub body_contains: Option<String>,
     // https
