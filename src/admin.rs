@@ -19,8 +19,11 @@
 //!   service (as SIGHUP does): 200 with what changed, or 400 with the
 //!   problems, the running configuration unchanged.
 //!
-//! Mutating requests pass `authorize` first: the seam where the admin
-//! token will be checked.
+//! Mutating requests (`PUT /v1/maintenance`, `POST /v1/reload`) need the
+//! admin token (see [`token`]); the rest is open to whoever reaches the
+//! admin address.
+
+mod token;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -30,7 +33,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -50,6 +53,8 @@ use crate::registration::{Maintenance, SharedState};
 use crate::registry::{Instance, Status};
 use crate::reload::{ReloadOutcome, Reloader};
 
+pub use token::{client_token, generated_path, AdminToken, Denied, DENIED_LOG_INTERVAL};
+
 /// What the admin API reads: the agent's parts, shared with it.
 pub struct AgentState {
     pub node: String,
@@ -64,6 +69,8 @@ pub struct AgentState {
     pub catalog: ArcSwap<Catalog>,
     /// `POST /v1/reload` asks the agent through this.
     pub reloader: Reloader,
+    /// What the mutating endpoints require; a reload may replace it.
+    pub admin_token: ArcSwap<AdminToken>,
 }
 
 /// The parts of the agent a reload may replace.
@@ -103,12 +110,12 @@ impl Admin {
         // The socket closes when the loop hands it back here.
         let _listener = self
             .listener
-            .run(drain, move |stream, _| {
+            .run(drain, move |stream, client| {
                 let state = state.clone();
                 async move {
                     let service = service_fn(move |request| {
                         let state = state.clone();
-                        async move { Ok::<_, Infallible>(route(&state, request).await) }
+                        async move { Ok::<_, Infallible>(route(&state, request, client).await) }
                     });
                     let connection = hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())
@@ -134,10 +141,14 @@ pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 
 type Body = Full<Bytes>;
 
-async fn route(state: &AgentState, request: Request<Incoming>) -> Response<Body> {
+async fn route(
+    state: &AgentState,
+    request: Request<Incoming>,
+    client: SocketAddr,
+) -> Response<Body> {
     if request.uri().path() == "/v1/maintenance" {
         if request.method() == Method::PUT {
-            if let Err(refused) = authorize(&request) {
+            if let Err(refused) = authorize(state, &request, client) {
                 return refused;
             }
         }
@@ -147,7 +158,7 @@ async fn route(state: &AgentState, request: Request<Incoming>) -> Response<Body>
         if request.method() != Method::POST {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only POST\n");
         }
-        if let Err(refused) = authorize(&request) {
+        if let Err(refused) = authorize(state, &request, client) {
             return refused;
         }
         return reload(state).await;
@@ -193,11 +204,27 @@ async fn route(state: &AgentState, request: Request<Incoming>) -> Response<Body>
 }
 
 /// Whether a mutating request (`PUT /v1/maintenance`, `POST /v1/reload`)
-/// may proceed. Every one may for now: the admin API listens on loopback
-/// by default. The admin token check goes here.
+/// carries the admin token; if not, the 401 to answer (counted and logged).
 #[allow(clippy::result_large_err)] // the refusal is the response itself
-fn authorize(_request: &Request<Incoming>) -> Result<(), Response<Body>> {
-    Ok(())
+fn authorize(
+    state: &AgentState,
+    request: &Request<Incoming>,
+    client: SocketAddr,
+) -> Result<(), Response<Body>> {
+    let Err(denied) = state.admin_token.load().check(request.headers()) else {
+        return Ok(());
+    };
+    token::record(
+        denied,
+        request.method().as_str(),
+        request.uri().path(),
+        client,
+    );
+    let mut response = text(StatusCode::UNAUTHORIZED, token::DENIED_BODY);
+    response
+        .headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static(token::CHALLENGE));
+    Err(response)
 }
 
 /// `POST /v1/reload`: 200 with what changed, 400 with the problems.
@@ -457,6 +484,7 @@ fn json_response(value: serde_json::Value) -> Response<Body> {
 /// returns the agent's answer, or why it could not be had.
 pub async fn set_maintenance(
     admin: std::net::SocketAddr,
+    token: &crate::config::Secret,
     enable: bool,
     reason: Option<&str>,
 ) -> Result<String, String> {
@@ -477,6 +505,7 @@ pub async fn set_maintenance(
         .method(Method::PUT)
         .uri(uri)
         .header(hyper::header::HOST, admin.to_string())
+        .header(hyper::header::AUTHORIZATION, token::authorization(token)?)
         .body(http_body_util::Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
     let response = sender
@@ -516,6 +545,7 @@ mod tests {
                 upstreams: Vec::new(),
             }),
             reloader: Reloader(tokio::sync::mpsc::channel(1).0),
+            admin_token: ArcSwap::from_pointee(AdminToken::for_tests("0123456789abcdef")),
         }
     }
 

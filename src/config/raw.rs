@@ -61,6 +61,7 @@ pub struct RawAgent {
     pub threads: Option<i64>,
     pub backlog: Option<i64>,
     pub state_dir: Option<String>,
+    pub admin_token_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
