@@ -481,7 +481,9 @@ fn json_response(value: serde_json::Value) -> Response<Body> {
 }
 
 /// The client side of `PUT /v1/maintenance`, for `squire maintenance`:
-/// returns the agent's answer, or why it could not be had.
+/// returns the agent's answer, or why it could not be had. An agent that
+/// listens on an unspecified address (`0.0.0.0`, `::`) is reached on
+/// loopback.
 pub async fn set_maintenance(
     admin: std::net::SocketAddr,
     token: &crate::config::Secret,
@@ -494,6 +496,15 @@ pub async fn set_maintenance(
         query.append_pair("reason", reason);
     }
     let uri = format!("/v1/maintenance?{}", query.finish());
+    let admin = match admin.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, admin.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, admin.port()))
+        }
+        _ => admin,
+    };
     let stream = tokio::net::TcpStream::connect(admin)
         .await
         .map_err(|e| format!("cannot reach the admin API at {admin}: {e}"))?;
