@@ -20,7 +20,7 @@
 //!   problems, the running configuration unchanged.
 //!
 //! Mutating requests (`PUT /v1/maintenance`, `POST /v1/reload`) need the
-//! admin token (see [`token`]); the rest is open to whoever reaches the
+//! admin token (see [`AdminToken`]); the rest is open to whoever reaches the
 //! admin address.
 
 mod token;

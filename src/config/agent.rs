@@ -30,7 +30,8 @@ pub struct AgentConfig {
     /// upstream sets its own.
     pub backlog: u32,
     /// Where discovery keeps each service's last known instances, so a
-    /// squire restarted during a registry outage still routes.
+    /// squire restarted during a registry outage still routes; and where a
+    /// generated admin token is written.
     pub state_dir: PathBuf,
     /// `agent.admin_token_file`: where the admin token was read from.
     pub admin_token_file: Option<PathBuf>,

@@ -20,7 +20,8 @@
 //!   own keys), `service` (`[service]`), `check` (`[[service.check]]`),
 //!   `upstream` (`[[upstream]]` with its balancing and ejection keys), `http`
 //!   (the keys of `protocol = "http"` upstreams).
-//! - `secret`: [`Secret`], for passwords and tokens.
+//! - `secret`: [`Secret`], for passwords and tokens, and
+//!   [`read_secret_file`], which refuses a file others can read.
 //! - `tests`: whole-file validation tests, and the helpers the sections'
 //!   tests share.
 
