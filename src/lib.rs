@@ -42,6 +42,7 @@ pub mod config;
 pub mod discovery;
 pub mod health;
 pub mod liveness;
+pub mod memory;
 pub mod metrics;
 pub mod proxy;
 pub mod registration;

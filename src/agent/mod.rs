@@ -199,6 +199,7 @@ impl Agent {
 
         let admin_stop = CancellationToken::new();
         let admin_task = tokio::spawn(admin.run(admin_stop.clone()));
+        let trim_task = tokio::spawn(crate::memory::trim_periodically(admin_stop.clone()));
 
         let health = health.map(LiveHealth::start);
         let mut running = Running {
@@ -244,6 +245,8 @@ impl Agent {
         let state = running.state.clone();
         running.shutdown().await;
         admin_stop.cancel();
+        // It only waits for its next tick; nothing to wait for.
+        trim_task.abort();
         if let Err(e) = admin_task.await {
             tracing::error!(error = %e, "admin task failed");
         }

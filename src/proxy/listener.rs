@@ -178,11 +178,11 @@ impl Drain {
 /// then one every third of it (at least 1s), as many as the kernel's
 /// `tcp_keepalive_probes` (9 on Linux): with `idle = 30s` a dead peer
 /// releases its socket after about two minutes.
-pub fn set_keepalive(stream: &TcpStream, idle: Duration) -> io::Result<()> {
+pub fn set_keepalive<S: std::os::fd::AsFd>(socket: &S, idle: Duration) -> io::Result<()> {
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(idle)
         .with_interval((idle / 3).max(Duration::from_secs(1)));
-    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+    socket2::SockRef::from(socket).set_tcp_keepalive(&keepalive)
 }
 
 /// A bound listening socket and how its accept loop treats connections.
@@ -204,7 +204,10 @@ struct Limit {
 
 impl Listener {
     /// Binds `addr` with `SO_REUSEADDR` (a restart does not wait out
-    /// TIME_WAIT) and a listen backlog of `backlog`.
+    /// TIME_WAIT) and a listen backlog of `backlog`. `TCP_NODELAY` is set
+    /// on the listening socket: Linux copies it (and keep-alive, see
+    /// [`Listener::keepalive`]) into every accepted socket, which saves two
+    /// system calls per connection.
     pub fn bind(addr: SocketAddr, backlog: u32, name: impl Into<String>) -> io::Result<Listener> {
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()?
@@ -214,6 +217,7 @@ impl Listener {
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
         let socket = socket.listen(backlog)?;
+        socket2::SockRef::from(&socket).set_nodelay(true)?;
         let local = socket.local_addr()?;
         Ok(Listener {
             socket,
@@ -253,9 +257,18 @@ impl Listener {
         self
     }
 
-    /// TCP keep-alive on every accepted socket (see [`set_keepalive`]);
-    /// `None` leaves the kernel's default (off).
+    /// TCP keep-alive on every accepted socket (see [`set_keepalive`]),
+    /// set once on the listening socket, which accepted ones inherit;
+    /// `None` turns it off (the kernel's default).
     pub fn keepalive(mut self, idle: Option<Duration>) -> Self {
+        let socket = socket2::SockRef::from(&self.socket);
+        let set = match idle {
+            Some(idle) => set_keepalive(&self.socket, idle),
+            None => socket.set_keepalive(false),
+        };
+        if let Err(e) = set {
+            tracing::warn!(listener = %self.name, error = %e, "cannot set TCP keep-alive on the listening socket");
+        }
         self.keepalive = idle;
         self
     }
@@ -297,14 +310,6 @@ impl Listener {
                     }
                 },
             };
-            if let Err(e) = stream.set_nodelay(true) {
-                tracing::debug!(listener = %self.name, error = %e, "cannot set TCP_NODELAY");
-            }
-            if let Some(idle) = self.keepalive {
-                if let Err(e) = set_keepalive(&stream, idle) {
-                    tracing::debug!(listener = %self.name, error = %e, "cannot set TCP keep-alive");
-                }
-            }
             let connection = serve(stream, peer);
             let turn = drain.turn();
             drain.connections.spawn(async move {
@@ -334,6 +339,48 @@ fn accept_failed(listener: &str, error: &io::Error, throttle: &LogThrottle) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn keepalive_idle_secs(stream: &TcpStream) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut secs: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the descriptor is open and `secs`/`len` are valid out
+        // pointers of the sizes given.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_KEEPIDLE,
+                (&mut secs as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        secs
+    }
+
+    /// What the accept loop no longer sets per connection, accepted
+    /// sockets must have from the listening one.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_and_keepalive() {
+        let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), 16, "test")
+            .unwrap()
+            .keepalive(Some(Duration::from_secs(17)));
+        let _client = TcpStream::connect(listener.local_addr()).await.unwrap();
+        let (accepted, _) = listener.socket.accept().await.unwrap();
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(socket.nodelay().unwrap());
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(keepalive_idle_secs(&accepted), 17);
+
+        // A reload that drops keep-alive turns it off for later connections.
+        let listener = listener.keepalive(None);
+        let _client = TcpStream::connect(listener.local_addr()).await.unwrap();
+        let (accepted, _) = listener.socket.accept().await.unwrap();
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(socket.nodelay().unwrap());
+        assert!(!socket.keepalive().unwrap());
+    }
 
     #[test]
     fn a_cut_plan_spreads_batches_over_the_window() {

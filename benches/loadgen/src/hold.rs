@@ -81,6 +81,10 @@ pub async fn hold(
     drop(open);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_kib(&pids)?;
+    // What an allocator gives back on its own schedule (squire trims every
+    // 5 s).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let settled = rss_kib(&pids)?;
     let at = |p: f64| -> f64 {
         if burst_ms.is_empty() {
             return 0.0;
@@ -89,7 +93,7 @@ pub async fn hold(
         burst_ms[rank - 1]
     };
     Ok(format!(
-        "rss_idle_kib={idle} rss_held_kib={held} rss_after_kib={after} conns={held_conns} \
+        "rss_idle_kib={idle} rss_held_kib={held} rss_after_kib={after} rss_settled_kib={settled} conns={held_conns} \
          kib_per_conn={:.2} open_secs={open_secs:.2} burst={} burst_p50_ms={:.1} burst_p99_ms={:.1} \
          burst_max_ms={:.1} burst_delayed={delayed} errors={errors}",
         (held as f64 - idle as f64) / held_conns.max(1) as f64,

@@ -187,12 +187,13 @@ pub fn render(text: &str) -> Result<String, String> {
         }
         let _ = writeln!(
             memory,
-            "| {proxy} | {:.1} MiB | {:.1} MiB | {:.0} | {:.2} KiB | {:.1} MiB | {:.1} s | {:.0} / {:.0} / {:.0} ms | {:.0} | {:.0} |",
+            "| {proxy} | {:.1} MiB | {:.1} MiB | {:.0} | {:.2} KiB | {:.1} MiB | {:.1} MiB | {:.1} s | {:.0} / {:.0} / {:.0} ms | {:.0} | {:.0} |",
             first("rss_idle_kib") / 1024.0,
             first("rss_held_kib") / 1024.0,
             first("conns"),
             first("kib_per_conn"),
             first("rss_after_kib") / 1024.0,
+            first("rss_settled_kib") / 1024.0,
             v("open_secs"),
             v("burst_p50_ms"),
             v("burst_p99_ms"),
@@ -206,8 +207,8 @@ pub fn render(text: &str) -> Result<String, String> {
             "\nMemory: the RSS columns are the first repetition's (the proxies run for the whole \
              benchmark and keep what they allocated); the rest are medians over the repetitions.\n\
              \n| Proxy | RSS idle | RSS holding | idle proxied conns | per conn | RSS 2 s after close \
-             | time to open them | burst of 1,000 connects p50 / p99 / max | of them ≥ 0.9 s | errors |\n\
-             |---|---|---|---|---|---|---|---|---|---|\n",
+             | 10 s after | time to open them | burst of 1,000 connects p50 / p99 / max | of them ≥ 0.9 s | errors |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         out.push_str(&memory);
     }

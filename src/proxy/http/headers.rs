@@ -7,9 +7,23 @@ use std::net::SocketAddr;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Uri, Version};
 
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and those the client named in
 /// `Connection` apply to one connection only.
+///
+/// One pass over the names finds them; most messages carry none, and then
+/// nothing is hashed or removed (removing the nine names one by one was 8%
+/// of squire's instructions per proxied request).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    // Names listed in Connection only matter when Connection is there,
+    // which is itself hop-by-hop: only then is this reached.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -17,22 +31,29 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in named {
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    for name in named.into_iter().chain(present) {
         headers.remove(name);
     }
-    for name in [
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
         header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
         header::PROXY_AUTHENTICATE,
         header::PROXY_AUTHORIZATION,
         header::TE,
         header::TRAILER,
         header::TRANSFER_ENCODING,
         header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
+    ]
+    .contains(name)
 }
 
 /// Whether the request asks to switch protocols (`Connection: upgrade`
@@ -77,24 +98,27 @@ pub fn prepare_request_headers(
             headers.insert(header::HOST, host);
         }
     }
-    let forwarded_for = HeaderName::from_static("x-forwarded-for");
-    let chain: Vec<String> = headers
-        .get_all(&forwarded_for)
-        .iter()
-        .filter_map(|v| v.to_str().ok().map(str::to_owned))
-        .collect();
-    let ip = client.ip().to_string();
-    let value = if chain.is_empty() {
-        ip
-    } else {
-        format!("{}, {ip}", chain.join(", "))
-    };
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert(forwarded_for, value);
+    append_forwarded_for(headers, client.ip());
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
-    let proto = HeaderName::from_static("x-forwarded-proto");
-    if !headers.contains_key(&proto) {
-        headers.insert(proto, HeaderValue::from_static("http"));
+}
+
+/// Appends `ip` to the `X-Forwarded-For` chain (one header, the earlier
+/// values joined with ", ").
+fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
+    use std::fmt::Write;
+    let mut value = String::new();
+    for earlier in headers.get_all(X_FORWARDED_FOR) {
+        if let Ok(earlier) = earlier.to_str() {
+            value.push_str(earlier);
+            value.push_str(", ");
+        }
+    }
+    // Writing to a String cannot fail.
+    let _ = write!(value, "{ip}");
+    if let Ok(value) = HeaderValue::try_from(value) {
+        headers.insert(X_FORWARDED_FOR, value);
     }
 }
 
