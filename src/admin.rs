@@ -20,8 +20,11 @@
 //!   service (as SIGHUP does): 200 with what changed, or 400 with the
 //!   problems, the running configuration unchanged.
 //!
-//! Mutating requests pass `authorize` first: the seam where the admin
-//! token will be checked.
+//! Mutating requests (`PUT /v1/maintenance`, `POST /v1/reload`) need the
+//! admin token (see [`AdminToken`]); the rest is open to whoever reaches the
+//! admin address.
+
+mod token;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -31,7 +34,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -51,6 +54,8 @@ use crate::registration::{Maintenance, SharedState};
 use crate::registry::{Instance, Status};
 use crate::reload::{ReloadOutcome, Reloader};
 
+pub use token::{client_token, generated_path, AdminToken, Denied, DENIED_LOG_INTERVAL};
+
 /// What the admin API reads: the agent's parts, shared with it.
 pub struct AgentState {
     pub node: String,
@@ -65,6 +70,8 @@ pub struct AgentState {
     pub catalog: ArcSwap<Catalog>,
     /// `POST /v1/reload` asks the agent through this.
     pub reloader: Reloader,
+    /// What the mutating endpoints require; a reload may replace it.
+    pub admin_token: ArcSwap<AdminToken>,
 }
 
 /// The parts of the agent a reload may replace.
@@ -104,12 +111,12 @@ impl Admin {
         // The socket closes when the loop hands it back here.
         let _listener = self
             .listener
-            .run(drain, move |stream, _| {
+            .run(drain, move |stream, client| {
                 let state = state.clone();
                 async move {
                     let service = service_fn(move |request| {
                         let state = state.clone();
-                        async move { Ok::<_, Infallible>(route(&state, request).await) }
+                        async move { Ok::<_, Infallible>(route(&state, request, client).await) }
                     });
                     let connection = hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())
@@ -135,10 +142,14 @@ pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 
 type Body = Full<Bytes>;
 
-async fn route(state: &AgentState, request: Request<Incoming>) -> Response<Body> {
+async fn route(
+    state: &AgentState,
+    request: Request<Incoming>,
+    client: SocketAddr,
+) -> Response<Body> {
     if request.uri().path() == "/v1/maintenance" {
         if request.method() == Method::PUT {
-            if let Err(refused) = authorize(&request) {
+            if let Err(refused) = authorize(state, &request, client) {
                 return refused;
             }
         }
@@ -148,7 +159,7 @@ async fn route(state: &AgentState, request: Request<Incoming>) -> Response<Body>
         if request.method() != Method::POST {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only POST\n");
         }
-        if let Err(refused) = authorize(&request) {
+        if let Err(refused) = authorize(state, &request, client) {
             return refused;
         }
         return reload(state).await;
@@ -194,11 +205,27 @@ async fn route(state: &AgentState, request: Request<Incoming>) -> Response<Body>
 }
 
 /// Whether a mutating request (`PUT /v1/maintenance`, `POST /v1/reload`)
-/// may proceed. Every one may for now: the admin API listens on loopback
-/// by default. The admin token check goes here.
+/// carries the admin token; if not, the 401 to answer (counted and logged).
 #[allow(clippy::result_large_err)] // the refusal is the response itself
-fn authorize(_request: &Request<Incoming>) -> Result<(), Response<Body>> {
-    Ok(())
+fn authorize(
+    state: &AgentState,
+    request: &Request<Incoming>,
+    client: SocketAddr,
+) -> Result<(), Response<Body>> {
+    let Err(denied) = state.admin_token.load().check(request.headers()) else {
+        return Ok(());
+    };
+    token::record(
+        denied,
+        request.method().as_str(),
+        request.uri().path(),
+        client,
+    );
+    let mut response = text(StatusCode::UNAUTHORIZED, token::DENIED_BODY);
+    response
+        .headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static(token::CHALLENGE));
+    Err(response)
 }
 
 /// `POST /v1/reload`: 200 with what changed, 400 with the problems.
@@ -467,9 +494,12 @@ fn json_response(value: serde_json::Value) -> Response<Body> {
 }
 
 /// The client side of `PUT /v1/maintenance`, for `squire maintenance`:
-/// returns the agent's answer, or why it could not be had.
+/// returns the agent's answer, or why it could not be had. An agent that
+/// listens on an unspecified address (`0.0.0.0`, `::`) is reached on
+/// loopback.
 pub async fn set_maintenance(
     admin: std::net::SocketAddr,
+    token: &crate::config::Secret,
     enable: bool,
     reason: Option<&str>,
 ) -> Result<String, String> {
@@ -479,6 +509,15 @@ pub async fn set_maintenance(
         query.append_pair("reason", reason);
     }
     let uri = format!("/v1/maintenance?{}", query.finish());
+    let admin = match admin.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, admin.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, admin.port()))
+        }
+        _ => admin,
+    };
     let stream = tokio::net::TcpStream::connect(admin)
         .await
         .map_err(|e| format!("cannot reach the admin API at {admin}: {e}"))?;
@@ -490,6 +529,7 @@ pub async fn set_maintenance(
         .method(Method::PUT)
         .uri(uri)
         .header(hyper::header::HOST, admin.to_string())
+        .header(hyper::header::AUTHORIZATION, token::authorization(token)?)
         .body(http_body_util::Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
     let response = sender
@@ -529,6 +569,7 @@ mod tests {
                 upstreams: Vec::new(),
             }),
             reloader: Reloader(tokio::sync::mpsc::channel(1).0),
+            admin_token: ArcSwap::from_pointee(AdminToken::for_tests("0123456789abcdef")),
         }
     }
 

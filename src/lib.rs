@@ -18,7 +18,8 @@
 //!   ([`proxy::listener`]), the attempt loop ([`proxy::attempts`]), and the
 //!   TCP and HTTP handlers.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/v1/services`, `/v1/self`,
-//!   maintenance, `/v1/reload`; its read model [`admin::AgentState`].
+//!   maintenance, `/v1/reload`; its read model [`admin::AgentState`]; the
+//!   admin token the mutating endpoints require ([`admin::AdminToken`]).
 //! - [`reload`]: reloading `agent.toml` while running (SIGHUP, `POST /v1/reload`).
 //! - [`liveness`]: a panic anywhere is recorded and fails `/live`.
 //! - [`metrics`]: every metric name in one place.

@@ -53,6 +53,11 @@ enum Command {
         /// The admin address, instead of reading it from the configuration.
         #[arg(long)]
         admin: Option<SocketAddr>,
+        /// A file holding the admin token (private to its owner, as
+        /// agent.admin_token_file), instead of the one the configuration
+        /// names or the agent generated in its state_dir.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
     },
 }
 
@@ -77,13 +82,11 @@ fn main() -> ExitCode {
             reason,
             config,
             admin,
+            token_file,
         } => {
-            let admin = match admin {
-                Some(admin) => admin,
-                None => match Config::load(&config) {
-                    Ok(config) => config.agent.admin,
-                    Err(e) => return config_failure(&config, &e),
-                },
+            let (admin, token) = match admin_and_token(&config, admin, token_file) {
+                Ok(target) => target,
+                Err(code) => return code,
             };
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
             let enable = matches!(mode, OnOff::On);
             match runtime.block_on(squire::admin::set_maintenance(
                 admin,
+                &token,
                 enable,
                 reason.as_deref(),
             )) {
@@ -135,6 +139,38 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Where `squire maintenance` sends its request and the token it sends:
+/// `--admin` and `--token-file`, else what the configuration says (its
+/// `agent.admin`; its `agent.admin_token_file`, or the token the agent
+/// generated in its `state_dir`). Errors are printed.
+fn admin_and_token(
+    config: &std::path::Path,
+    admin: Option<SocketAddr>,
+    token_file: Option<PathBuf>,
+) -> Result<(SocketAddr, squire::config::Secret), ExitCode> {
+    let from_file = token_file.map(|file| {
+        squire::config::read_secret_file(&file).map_err(|e| {
+            eprintln!("squire: --token-file: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        })
+    });
+    match (admin, from_file) {
+        (Some(admin), Some(token)) => Ok((admin, token?)),
+        (admin, from_file) => {
+            let loaded = Config::load(config).map_err(|e| config_failure(config, &e))?;
+            let admin = admin.unwrap_or(loaded.agent.admin);
+            let token = match from_file {
+                Some(token) => token?,
+                None => squire::admin::client_token(&loaded.agent, admin).map_err(|e| {
+                    eprintln!("squire: {e}");
+                    ExitCode::FAILURE
+                })?,
+            };
+            Ok((admin, token))
         }
     }
 }

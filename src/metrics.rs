@@ -73,6 +73,8 @@ pub const DRAIN_CUT: &str = "squire_drain_connections_cut_total";
 pub const CONFIG_RELOADS: &str = "squire_config_reloads_total";
 /// Admin API connections refused at its connection limit.
 pub const ADMIN_REJECTED: &str = "squire_admin_connections_rejected_total";
+/// Mutating admin requests refused for a missing or wrong admin token. Labels: reason.
+pub const ADMIN_DENIED: &str = "squire_admin_denied_total";
 /// Panics anywhere in the process (each makes `/live` fail).
 pub const PANICS: &str = "squire_panics_total";
 /// Errors that are squire's own (out of file descriptors, buffers, local
@@ -364,6 +366,10 @@ fn describe() {
         "Connections still open at drain_timeout, closed in staggered batches"
     );
     describe_counter!(CONFIG_RELOADS, "Configuration reloads by result");
+    describe_counter!(
+        ADMIN_DENIED,
+        "Mutating admin requests refused for a missing or wrong admin token"
+    );
     describe_counter!(
         CONNECT_FAILURES,
         "Failed connect attempts to upstream instances"

@@ -6,8 +6,12 @@
 //! - [`TokenBucket`]: the one rate limit, for registration's status writes
 //!   (asked when a token is due, so the loop can `select!` on it) and the
 //!   Consul watch's queries (which wait for one).
+//! - [`LogThrottle`]: the one log rate limit, for faults that repeat by the
+//!   thousand (accept errors, squire out of descriptors, denied admin
+//!   requests).
 //! - [`rfc3339`]: how the admin API prints a wall-clock time.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -35,6 +39,49 @@ pub fn rfc3339<S: serde::Serializer>(time: &Option<SystemTime>, s: S) -> Result<
     match time {
         Some(t) => s.collect_str(&humantime::format_rfc3339_millis(*t)),
         None => s.serialize_none(),
+    }
+}
+
+/// At most one log line per `interval` for one kind of event, with how many
+/// were not logged in between: a fault that repeats by the thousand (out of
+/// file descriptors, a client retrying a wrong admin token) is still seen,
+/// but does not flood the log. Lock-free, so it can be a `static` that every
+/// task shares.
+#[derive(Debug)]
+pub struct LogThrottle {
+    interval_ms: u64,
+    /// When a line was last logged, ms on [`crate::balance::now_ms`]'s clock
+    /// (never 0); 0 until the first.
+    logged_at: AtomicU64,
+    unlogged: AtomicU64,
+}
+
+impl LogThrottle {
+    pub const fn new(interval: Duration) -> Self {
+        LogThrottle {
+            interval_ms: interval.as_millis() as u64,
+            logged_at: AtomicU64::new(0),
+            unlogged: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)`: log this one now; `n` were not logged since the last line.
+    /// `None`: stay quiet; this one is counted into the next line's `n`.
+    pub fn due(&self) -> Option<u64> {
+        let now = crate::balance::now_ms();
+        let at = self.logged_at.load(Ordering::Relaxed);
+        let due = at == 0 || now.saturating_sub(at) >= self.interval_ms;
+        if due
+            && self
+                .logged_at
+                .compare_exchange(at, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.unlogged.swap(0, Ordering::Relaxed))
+        } else {
+            self.unlogged.fetch_add(1, Ordering::Relaxed);
+            None
+        }
     }
 }
 
@@ -106,6 +153,20 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_log_throttle_lets_one_line_through_per_interval_with_a_count() {
+        let throttle = LogThrottle::new(Duration::from_secs(10));
+        assert_eq!(throttle.due(), Some(0), "the first is logged");
+        for _ in 0..5 {
+            assert_eq!(throttle.due(), None);
+        }
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(throttle.due(), None);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(throttle.due(), Some(6), "with the six not logged");
+        assert_eq!(throttle.due(), None);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_bucket_allows_a_burst_then_one_per_refill() {

@@ -142,24 +142,128 @@ fn from_toml_reports_the_same_problems_as_load() {
     assert!(loaded.problems().len() > 1);
 }
 
-#[test]
-fn shipped_configs_are_valid() {
-    let agent = root().join("agent.toml");
-    if let Err(e) = Config::load(&agent) {
-        panic!("{}: {e}", agent.display());
+/// Every configuration this repository ships, as (where, text):
+/// `agent.toml`, `examples/*.toml`, every `*.toml` under `deploy/`, and the
+/// `agent.toml` of every ConfigMap in `deploy/kubernetes/*.yaml`.
+fn shipped_configs() -> Vec<(String, String)> {
+    let read = |path: &Path| fs::read_to_string(path).expect("readable");
+    let name = |path: &Path| {
+        path.strip_prefix(root())
+            .unwrap_or(path)
+            .display()
+            .to_string()
+    };
+    let mut files = vec![root().join("agent.toml")];
+    files.extend(toml_files(&root().join("examples")));
+    let mut dirs = vec![root().join("deploy")];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).expect("deploy/ lists") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            }
+        }
+        files.extend(toml_files(&dir));
     }
-    let examples = toml_files(&root().join("examples"));
-    assert!(!examples.is_empty(), "no examples/*.toml found");
-    let deploy: Vec<PathBuf> = ["deploy/container", "deploy/compose"]
-        .iter()
-        .flat_map(|dir| toml_files(&root().join(dir)))
-        .collect();
-    assert!(deploy.len() >= 3, "deploy configs not found: {deploy:?}");
-    for path in examples.iter().chain(&deploy) {
-        if let Err(e) = Config::load(path) {
-            panic!("{}: {e}", path.display());
+    let mut configs: Vec<(String, String)> = files.iter().map(|p| (name(p), read(p))).collect();
+    for yaml in fs::read_dir(root().join("deploy/kubernetes")).expect("deploy/kubernetes") {
+        let path = yaml.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let text = read(&path);
+            for (i, block) in config_map_agent_tomls(&text).into_iter().enumerate() {
+                configs.push((format!("{}: ConfigMap agent.toml #{i}", name(&path)), block));
+            }
         }
     }
+    configs
+}
+
+/// The `agent.toml: |` block scalars of a YAML file, dedented.
+fn config_map_agent_tomls(yaml: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut lines = yaml.lines().peekable();
+    while let Some(line) = lines.next() {
+        let Some(key_indent) = line.find("agent.toml: |") else {
+            continue;
+        };
+        let mut block = Vec::new();
+        while let Some(next) = lines.peek() {
+            let indent = next.len() - next.trim_start().len();
+            if !next.trim().is_empty() && indent <= key_indent {
+                break;
+            }
+            block.push(*next);
+            lines.next();
+        }
+        let indent = block
+            .iter()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.len() - l.trim_start().len())
+            .min()
+            .unwrap_or(0);
+        let text: Vec<&str> = block
+            .iter()
+            .map(|l| l.get(indent..).unwrap_or(""))
+            .collect();
+        blocks.push(text.join("\n") + "\n");
+    }
+    blocks
+}
+
+/// What an operator fills in before a shipped config runs: the Kubernetes
+/// template's placeholders, and the admin token file, which here is
+/// `token` (the real one lives in a mounted secret). Returns the text and
+/// whether it named a token file.
+fn as_deployed(text: &str, token: &Path) -> (String, bool) {
+    let mut named = false;
+    let lines: Vec<String> = text
+        .lines()
+        .map(|line| {
+            if line.trim_start().starts_with("admin_token_file") {
+                named = true;
+                format!("admin_token_file = {:?}", token.display().to_string())
+            } else {
+                line.replace("@POD_IP@", "10.0.0.5")
+                    .replace("@POD_NAME@", "battle-7d9f-x2")
+                    .replace("@NODE_NAME@", "node-1")
+            }
+        })
+        .collect();
+    (lines.join("\n") + "\n", named)
+}
+
+#[test]
+fn squire_check_accepts_every_shipped_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("admin.token");
+    fs::write(&token, "0123456789abcdef0123456789abcdef\n").expect("token");
+    fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let configs = shipped_configs();
+    let mut with_token = 0;
+    for (i, (name, text)) in configs.iter().enumerate() {
+        let (text, named) = as_deployed(text, &token);
+        with_token += usize::from(named);
+        let path = dir.path().join(format!("shipped-{i}.toml"));
+        fs::write(&path, &text).expect("write");
+        if let Err(e) = Config::load(&path) {
+            panic!("{name}: {e}");
+        }
+        let (status, stderr) = squire_once(&["check", "-c", &path.display().to_string()]);
+        assert_eq!(status.code(), Some(0), "squire check {name}:\n{stderr}");
+    }
+    // agent.toml, 3 examples, container + 2 compose, the Kubernetes one.
+    assert!(
+        configs.len() >= 8,
+        "shipped configs not all found: {:?}",
+        configs.iter().map(|c| &c.0).collect::<Vec<_>>()
+    );
+    assert!(
+        configs.iter().any(|(name, _)| name.contains("ConfigMap")),
+        "the Kubernetes ConfigMap's agent.toml was not found"
+    );
+    // Each one that binds the admin API beyond loopback names a token file.
+    assert!(with_token >= 4, "{with_token} configs name a token file");
 }
 
 // ---------------------------------------------------------------------------

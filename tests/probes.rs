@@ -38,7 +38,7 @@ async fn run(config: ProbeConfig) -> (Outcome, String) {
 async fn http_status_decides_and_headers_are_sent() {
     let backend = HttpBackend::start("web").await;
     let mut config = http(backend.addr.to_string());
-    config.headers = vec![("X-Probe".into(), "squire".into())];
+    config.headers = vec![("X-Probe".into(), squire::config::Secret::new("squire"))];
     let (outcome, output) = run(ProbeConfig::Http(config.clone())).await;
     assert_eq!(outcome, Outcome::Passing, "{output}");
     assert_eq!(output, "HTTP 200 OK: health 200");

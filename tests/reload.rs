@@ -369,6 +369,7 @@ async fn sighup_changing_the_strategy_keeps_the_open_session_and_the_port() {
 /// An agent in this process that reloads from `path`.
 struct InProcess {
     admin: SocketAddr,
+    token: squire::config::Secret,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -381,11 +382,17 @@ impl InProcess {
             .expect("binds")
             .reload_from(path);
         let admin = agent.admin_addr();
+        let token = agent.admin_token();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(agent.run(async {
             let _ = stopped.await; // a dropped sender also means stop
         }));
-        InProcess { admin, stop, task }
+        InProcess {
+            admin,
+            token,
+            stop,
+            task,
+        }
     }
 
     async fn stop(self) {
@@ -397,9 +404,10 @@ impl InProcess {
     }
 }
 
-/// `POST path` with an empty body: status and body.
-async fn post(addr: SocketAddr, path: &str) -> (u16, String) {
-    support::http_request(addr, "POST", path).await
+/// `POST path` with an empty body and the agent's admin token: status and
+/// body.
+async fn post(agent: &InProcess, path: &str) -> (u16, String) {
+    support::http_with_token(agent.admin, "POST", path, agent.token.expose()).await
 }
 
 #[tokio::test]
@@ -424,7 +432,7 @@ async fn post_v1_reload_applies_a_valid_file_and_rejects_an_invalid_one() {
             .to_string(),
     )
     .expect("write");
-    let (status, body) = post(admin, "/v1/reload").await;
+    let (status, body) = post(&agent, "/v1/reload").await;
     assert_eq!(status, 200, "{body}");
     let summary: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(summary["result"], "ok", "{summary}");
@@ -453,7 +461,7 @@ async fn post_v1_reload_applies_a_valid_file_and_rejects_an_invalid_one() {
             .to_string(),
     )
     .expect("write");
-    let (status, body) = post(admin, "/v1/reload").await;
+    let (status, body) = post(&agent, "/v1/reload").await;
     assert_eq!(status, 400, "{body}");
     let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(answer["result"], "invalid");
@@ -483,7 +491,6 @@ async fn a_changed_service_registers_again() {
     };
     fs::write(&path, config(old)).expect("write");
     let agent = InProcess::start(&path).await;
-    let admin = agent.admin;
     // The id is {name}-{host}-{port}: a new port is a new instance.
     let file = |addr: SocketAddr| {
         registry
@@ -496,7 +503,7 @@ async fn a_changed_service_registers_again() {
     .await;
 
     fs::write(&path, config(new)).expect("write");
-    let (status, body) = post(admin, "/v1/reload").await;
+    let (status, body) = post(&agent, "/v1/reload").await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"reregistered\":true"), "{body}");
     eventually("the new registration", DEADLINE, || async {

@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{Admin, AgentState, Catalog, UpstreamView};
+use crate::admin::{Admin, AdminToken, AgentState, Catalog, UpstreamView};
 use crate::balance::{Balancer, OwnAddrs, Upstream};
 use crate::config::{
     AgentConfig, Config, Protocol, RegistryBackend, RegistryConfig, ServiceConfig, UpstreamConfig,
@@ -74,6 +74,8 @@ pub enum AgentError {
     Registry { name: String, reason: String },
     #[error("cannot set up the health checks: {0}")]
     Health(#[from] crate::tls::TlsError),
+    #[error("{0}")]
+    AdminToken(String),
 }
 
 /// A bound agent, ready to [`run`](Agent::run).
@@ -104,6 +106,8 @@ impl Agent {
             "the admin API",
             "admin",
         )?;
+        let admin_token = AdminToken::for_agent(&config.agent, admin_listener.local_addr())
+            .map_err(AgentError::AdminToken)?;
 
         let mut listeners = Vec::new();
         for upstream in &config.upstreams {
@@ -140,6 +144,7 @@ impl Agent {
                 upstreams: listeners.iter().map(Built::view).collect(),
             }),
             reloader: reloader.clone(),
+            admin_token: ArcSwap::from_pointee(admin_token),
         });
         Ok(Agent {
             admin_addr,
@@ -172,6 +177,12 @@ impl Agent {
     /// Where the admin API listens (the real port when configured as `:0`).
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The token the admin API's mutating endpoints require (configured or
+    /// generated), for a program that runs the agent in-process.
+    pub fn admin_token(&self) -> crate::config::Secret {
+        self.state.admin_token.load().secret().clone()
     }
 
     /// Where each upstream listens, in configuration order.
@@ -244,6 +255,7 @@ impl Agent {
         }
         // Reloads asked from here on are answered "shutting down".
         reloads.close();
+        let state = running.state.clone();
         running.shutdown().await;
         admin_stop.cancel();
         // It only waits for its next tick; nothing to wait for.
@@ -251,6 +263,7 @@ impl Agent {
         if let Err(e) = admin_task.await {
             tracing::error!(error = %e, "admin task failed");
         }
+        state.admin_token.load().remove_generated();
         tracing::info!("stopped");
     }
 }

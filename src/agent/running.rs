@@ -198,6 +198,11 @@ impl Running {
                 }
             }
         }
+        // Last: a token generated here is written to its file at once.
+        let admin_token = match self.state.admin_token.load().reloaded(&config.agent) {
+            Ok(token) => token,
+            Err(e) => return ReloadOutcome::Failed(e),
+        };
 
         self.update_own(bound.values().map(Listener::local_addr));
 
@@ -301,6 +306,11 @@ impl Running {
             };
             self.registrations = Some(LiveRegistrations::start(registrations));
             summary.reregistered = true;
+        }
+        if let Some(token) = admin_token {
+            let old = self.state.admin_token.swap(Arc::new(token));
+            old.remove_generated();
+            tracing::info!("admin token replaced");
         }
         self.publish();
         ReloadOutcome::Applied(summary)

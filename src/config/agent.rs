@@ -1,5 +1,6 @@
 //! `[agent]`: this squire's own settings (node name, admin address, logging,
-//! shutdown timing, runtime threads, where state survives a restart).
+//! shutdown timing, runtime threads, where state survives a restart, the
+//! admin token).
 
 use std::ffi::CString;
 use std::net::SocketAddr;
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use super::problems::{cidrs, duration, socket_addr, Problems};
 use super::raw::RawAgent;
+use super::secret::{read_secret_file, Secret};
 use crate::balance::Ranges;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -29,12 +31,19 @@ pub struct AgentConfig {
     /// upstream sets its own.
     pub backlog: u32,
     /// Where discovery keeps each service's last known instances, so a
-    /// squire restarted during a registry outage still routes.
+    /// squire restarted during a registry outage still routes; and where a
+    /// generated admin token is written.
     pub state_dir: PathBuf,
     /// How often discovery resolves the host names of instances again.
     pub dns_refresh: Duration,
     /// The address ranges every upstream may dial, unless it sets its own.
     pub ranges: Ranges,
+    /// `agent.admin_token_file`: where the admin token was read from.
+    pub admin_token_file: Option<PathBuf>,
+    /// The token read from `admin_token_file` (read again on every load, so
+    /// a reload picks up a new one). `None`: squire generates one at
+    /// startup (see `admin::token`); only allowed on a loopback `admin`.
+    pub admin_token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +68,7 @@ pub(super) fn validate_agent(raw: RawAgent, problems: &mut Problems) -> AgentCon
         raw.admin.as_deref().unwrap_or(DEFAULT_ADMIN),
         problems,
     );
+    let (admin_token_file, admin_token) = admin_token(admin, raw.admin_token_file, problems);
     let log = raw.log.unwrap_or_else(|| "info".to_owned());
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log) {
         problems.push("agent.log", format!("not a log filter: {e}"));
@@ -116,7 +126,79 @@ pub(super) fn validate_agent(raw: RawAgent, problems: &mut Problems) -> AgentCon
         },
         dns_refresh,
         ranges,
+        admin_token_file,
+        admin_token,
     }
+}
+
+/// The shortest admin token accepted from a file.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
+
+/// `agent.admin_token_file`, read; required when `admin` is not a loopback
+/// address (anyone who reaches it could drain this instance or reload it).
+fn admin_token(
+    admin: SocketAddr,
+    file: Option<String>,
+    problems: &mut Problems,
+) -> (Option<PathBuf>, Option<Secret>) {
+    const PATH: &str = "agent.admin_token_file";
+    let Some(file) = file else {
+        if !admin.ip().is_loopback() {
+            problems.push(
+                PATH,
+                format!(
+                    "required because agent.admin ({admin}) is not a loopback address: anyone \
+                     who can reach it could put this instance in maintenance or reload it. \
+                     Write a random token to a file only squire's user can read \
+                     (head -c 32 /dev/urandom | base64 > /etc/squire/admin.token; \
+                     chmod 600 /etc/squire/admin.token) and set agent.admin_token_file to \
+                     its path, or listen on 127.0.0.1"
+                ),
+            );
+        }
+        return (None, None);
+    };
+    let path = PathBuf::from(file);
+    if path.as_os_str().is_empty() {
+        problems.push(PATH, "must not be empty");
+        return (None, None);
+    }
+    if !path.is_absolute() {
+        problems.push(PATH, format!("{} must be an absolute path", path.display()));
+        return (Some(path), None);
+    }
+    let token = match read_secret_file(&path) {
+        Ok(token) => token,
+        Err(reason) => {
+            problems.push(PATH, reason);
+            return (Some(path), None);
+        }
+    };
+    // Not shown: the reasons name the file, never its content.
+    if !token.expose().bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        problems.push(
+            PATH,
+            format!(
+                "{}: the token must be printable ASCII without spaces (it is sent in an \
+                 Authorization header)",
+                path.display()
+            ),
+        );
+        return (Some(path), None);
+    }
+    if token.expose().len() < MIN_ADMIN_TOKEN_LEN {
+        problems.push(
+            PATH,
+            format!(
+                "{}: the token has {} characters, fewer than {MIN_ADMIN_TOKEN_LEN}: too easy \
+                 to guess; write a random one (head -c 32 /dev/urandom | base64)",
+                path.display(),
+                token.expose().len()
+            ),
+        );
+        return (Some(path), None);
+    }
+    (Some(path), Some(token))
 }
 
 /// The `allow` and `deny` keys under `base`: each replaces the one of
@@ -380,5 +462,88 @@ allow = []
         let config = Config::from_toml("").expect("valid");
         assert!(config.agent.state_dir.is_absolute());
         assert_eq!(config.agent.state_dir, default_state_dir());
+    }
+
+    fn token_file(dir: &Path, text: &str, mode: u32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("admin.token");
+        std::fs::write(&path, text).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        path
+    }
+
+    fn admin(addr: &str, file: Option<&Path>) -> String {
+        let mut text = format!("[agent]\nadmin = {addr:?}\n");
+        if let Some(file) = file {
+            text.push_str(&format!(
+                "admin_token_file = {:?}\n",
+                file.display().to_string()
+            ));
+        }
+        text
+    }
+
+    #[test]
+    fn a_non_loopback_admin_requires_a_token_file() {
+        for addr in ["0.0.0.0:9901", "[::]:9901", "10.1.2.3:9901"] {
+            let found = problems(&admin(addr, None));
+            assert_problems(
+                &found,
+                &["agent.admin_token_file: required because agent.admin"],
+            );
+            assert!(
+                found[0].contains(addr) && found[0].contains("chmod 600"),
+                "{found:?}"
+            );
+        }
+        for addr in ["127.0.0.1:9901", "127.0.0.2:9901", "[::1]:9901"] {
+            assert!(problems(&admin(addr, None)).is_empty(), "{addr}");
+        }
+    }
+
+    #[test]
+    fn the_token_file_is_read_and_must_be_private() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = token_file(dir.path(), "0123456789abcdef-token\n", 0o600);
+        let config = Config::from_toml(&admin("0.0.0.0:9901", Some(&path))).expect("valid");
+        assert_eq!(
+            config.agent.admin_token_file.as_deref(),
+            Some(path.as_path())
+        );
+        assert_eq!(
+            config.agent.admin_token.as_ref().map(Secret::expose),
+            Some("0123456789abcdef-token")
+        );
+        assert!(!format!("{config:?}").contains("0123456789abcdef"));
+
+        token_file(dir.path(), "0123456789abcdef-token\n", 0o644);
+        let found = problems(&admin("0.0.0.0:9901", Some(&path)));
+        assert_problems(&found, &["agent.admin_token_file: "]);
+        assert!(
+            found[0].contains("mode 0644") && found[0].contains("chmod 600"),
+            "{found:?}"
+        );
+        assert!(!found[0].contains("0123456789abcdef"), "{found:?}");
+    }
+
+    #[test]
+    fn a_token_must_be_long_printable_and_its_path_absolute() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = token_file(dir.path(), "short", 0o600);
+        let found = problems(&admin("127.0.0.1:9901", Some(&path)));
+        assert_problems(&found, &["agent.admin_token_file: "]);
+        assert!(found[0].contains("fewer than 16"), "{found:?}");
+        assert!(!found[0].contains("short"), "{found:?}");
+        token_file(dir.path(), "with a space in the middle", 0o600);
+        let found = problems(&admin("127.0.0.1:9901", Some(&path)));
+        assert!(found[0].contains("printable ASCII"), "{found:?}");
+        assert!(!found[0].contains("middle"), "{found:?}");
+        assert_problems(
+            &problems("[agent]\nadmin_token_file = \"admin.token\"\n"),
+            &["agent.admin_token_file: admin.token must be an absolute path"],
+        );
+        let missing = dir.path().join("missing");
+        let found = problems(&admin("127.0.0.1:9901", Some(&missing)));
+        assert!(found[0].contains("No such file"), "{found:?}");
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::problems::{duration, Problems};
 use super::raw::RawCheck;
+use super::secret::Secret;
 use super::section;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -62,7 +63,8 @@ pub struct HttpProbeConfig {
     pub tls: Option<ProbeTls>,
     pub method: String,
     pub path: String,
-    pub headers: Vec<(String, String)>,
+    /// Values are secrets: they may carry credentials (`Authorization`).
+    pub headers: Vec<(String, Secret)>,
     /// Statuses that pass; empty means any 2xx or 3xx.
     pub expect_status: Vec<u16>,
     pub body_contains: Option<String>,
@@ -292,12 +294,12 @@ fn validate_http(
             format!("{request_path:?} is not a path like /health"),
         );
     }
-    let headers: Vec<(String, String)> = raw.headers.unwrap_or_default().into_iter().collect();
+    let headers: Vec<(String, Secret)> = raw.headers.unwrap_or_default().into_iter().collect();
     for (name, value) in &headers {
         if hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
             problems.push(at("headers"), format!("{name:?} is not a header name"));
         }
-        if hyper::header::HeaderValue::from_str(value).is_err() {
+        if hyper::header::HeaderValue::from_str(value.expose()).is_err() {
             problems.push(
                 at("headers"),
                 format!("the value of {name:?} is not a valid header value"),

@@ -72,21 +72,21 @@ pub(super) fn validate(base: &str, raw: RawRegistry, problems: &mut Problems) ->
     let token = match raw.token {
         None => None,
         // The value itself never goes into a message.
-        Some(token) if token.is_empty() => {
+        Some(token) if token.expose().is_empty() => {
             problems.push(
                 at("token"),
                 "must not be empty; leave it out for the anonymous token",
             );
             None
         }
-        Some(token) if !token.bytes().all(|b| (0x21..0x7f).contains(&b)) => {
+        Some(token) if !token.expose().bytes().all(|b| (0x21..0x7f).contains(&b)) => {
             problems.push(
                 at("token"),
                 "must be printable ASCII without spaces (it goes in an HTTP header)",
             );
             None
         }
-        Some(token) => Some(Secret::new(token)),
+        Some(token) => Some(token),
     };
 
     let datacenter = match raw.datacenter {
@@ -170,6 +170,12 @@ pub(super) fn validate(base: &str, raw: RawRegistry, problems: &mut Problems) ->
 /// `http(s)://host[:port]` with nothing after the authority but an optional
 /// `/`; returned without the slash.
 fn normalize_address(address: &str) -> Result<String, String> {
+    if address.contains('@') {
+        // Not shown: the part before '@' is a password.
+        return Err(
+            "must not hold credentials (user:password@); set token for Consul's ACLs".to_owned(),
+        );
+    }
     let bad = || format!("{address:?} is not http://host:port or https://host:port");
     let uri: hyper::Uri = address.parse().map_err(|_| bad())?;
     let scheme = match uri.scheme_str() {
@@ -177,7 +183,7 @@ fn normalize_address(address: &str) -> Result<String, String> {
         _ => return Err(bad()),
     };
     let authority = uri.authority().ok_or_else(bad)?;
-    if authority.host().is_empty() || authority.as_str().contains('@') {
+    if authority.host().is_empty() {
         return Err(bad());
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {

@@ -25,6 +25,14 @@ pub(super) fn validate_etcd(base: &str, raw: RawRegistry, problems: &mut Problem
     }
     for (i, endpoint) in endpoints.iter().enumerate() {
         let path = format!("{base}.endpoints[{i}]");
+        if endpoint.contains('@') {
+            // Not shown: the part before '@' is a password.
+            problems.push(
+                path,
+                "must not hold credentials (user:password@); set username and password instead",
+            );
+            continue;
+        }
         if endpoint.starts_with("https://") {
             problems.push(path, "TLS to etcd is not supported yet; use http://");
             continue;
@@ -46,7 +54,7 @@ pub(super) fn validate_etcd(base: &str, raw: RawRegistry, problems: &mut Problem
         problems.push(at("prefix"), "must start with '/'");
     }
     let credentials = match (raw.username, raw.password) {
-        (Some(user), Some(password)) => Some((user, Secret::new(password))),
+        (Some(user), Some(password)) => Some((user, password)),
         (None, None) => None,
         (Some(_), None) => {
             problems.push(at("password"), "required when username is set");

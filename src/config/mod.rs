@@ -20,7 +20,8 @@
 //!   own keys), `service` (`[service]`), `check` (`[[service.check]]`),
 //!   `upstream` (`[[upstream]]` with its balancing and ejection keys), `http`
 //!   (the keys of `protocol = "http"` upstreams).
-//! - `secret`: [`Secret`], for passwords and tokens.
+//! - `secret`: [`Secret`], for passwords and tokens, and
+//!   [`read_secret_file`], which refuses a file others can read.
 //! - `tests`: whole-file validation tests, and the helpers the sections'
 //!   tests share.
 
@@ -52,7 +53,7 @@ pub use problems::{ConfigError, Problem};
 pub use registry::{
     default_local_dir, DiscoveryConfig, DiscoveryMode, RegistryBackend, RegistryConfig,
 };
-pub use secret::Secret;
+pub use secret::{check_private, read_secret_file, Secret, MAX_SECRET_FILE_BYTES};
 pub use service::ServiceConfig;
 pub use upstream::{Protocol, UpstreamConfig};
 

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use super::secret::Secret;
+
 /// Built section by section by `read_sections`, not deserialized whole.
 #[derive(Debug, Default)]
 pub struct RawConfig {
@@ -63,6 +65,7 @@ pub struct RawAgent {
     pub dns_refresh: Option<String>,
     pub allow: Option<Vec<String>>,
     pub deny: Option<Vec<String>>,
+    pub admin_token_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -78,11 +81,11 @@ pub struct RawRegistry {
     pub endpoints: Option<Vec<String>>,
     pub prefix: Option<String>,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     pub timeout: Option<String>,
     // consul
     pub address: Option<String>,
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     pub datacenter: Option<String>,
     pub wait: Option<String>,
     pub deregister_critical_after: Option<String>,
@@ -177,7 +180,8 @@ pub struct RawCheck {
     // http, https
     pub method: Option<String>,
     pub path: Option<String>,
-    pub headers: Option<BTreeMap<String, String>>,
+    /// Values may carry credentials (`Authorization`).
+    pub headers: Option<BTreeMap<String, Secret>>,
     pub expect_status: Option<Vec<i64>>,
     pub body_contains: Option<String>,
     // https

@@ -399,3 +399,70 @@ fn the_backlog_defaults_from_the_agent_and_is_bounded() {
         "{error}"
     );
 }
+
+/// Every kind of broken line that holds a secret: the error says where
+/// and why, never what the line holds.
+#[test]
+fn syntax_errors_never_show_a_value() {
+    let broken = [
+        "password = \"hunter2\n",
+        "password = hunter2\n",
+        "password = \"hunter2\" \"x\"\n",
+        "password = 'hunter2\n",
+        "password = \"hun\\qter2\"\n",
+        "password = \"hunter2\"x\n",
+        "password = 1hunter2\n",
+        "password = \"\"\"hunter2\n",
+        "password = [\"hunter2\"\n",
+        "password = { a = \"hunter2\" \n",
+        "password = \"hunter2\"\npassword = \"hunter2\"\n",
+        "password = 2024-01-0hunter2\n",
+        "password = \"\\u00zzhunter2\"\n",
+        "token = \"hunter2\n",
+        "hunter2\n",
+    ];
+    for line in broken {
+        let text = format!("[registry]\nkind = \"etcd\"\nusername = \"u\"\n{line}");
+        let error = Config::from_toml(&text).expect_err("not TOML").to_string();
+        assert!(error.starts_with("not valid TOML: line "), "{error}");
+        assert!(!error.contains("hunter2"), "{line:?} -> {error}");
+    }
+}
+
+/// Secrets in the wrong type or the wrong place: the problem names the
+/// field, never the value.
+#[test]
+fn validation_errors_never_show_a_secret() {
+    let cases = [
+        // A number where the password goes: serde would quote it.
+        ("[registry]\nkind = \"etcd\"\nusername = \"u\"\npassword = 4242424242\n", "4242424242", "registry.password: expected a string, found an integer"),
+        ("[registry]\nkind = \"consul\"\ntoken = [\"hunter2\"]\n", "hunter2", "registry.token: expected a string, found an array"),
+        ("[registry]\nkind = \"consul\"\ntoken = \"hunter2 with spaces\"\n", "hunter2", "registry.token: must be printable ASCII"),
+        ("[registry]\nkind = \"consul\"\naddress = \"http://u:hunter2@127.0.0.1:8500\"\n", "hunter2", "registry.address: must not hold credentials"),
+        ("[registry]\nkind = \"consul\"\naddress = \"http://u:hun ter2@127.0.0.1:8500\"\n", "hun ter2", "registry.address: must not hold credentials"),
+        ("[registry]\nkind = \"etcd\"\nendpoints = [\"http://u:hunter2@127.0.0.1:2379\"]\n", "hunter2", "registry.endpoints[0]: must not hold credentials"),
+        ("[registry]\nkind = \"etcd\"\nendpoints = [\"u:hunter2@127.0.0.1:2379\"]\n", "hunter2", "registry.endpoints[0]: must not hold credentials"),
+        ("[registry]\nkind = \"etcd\"\npassword = \"hunter2\"\n", "hunter2", "registry.username: required when password is set"),
+        ("[registry]\nkind = \"local\"\npassword = \"hunter2\"\n", "hunter2", "registry.password: only applies to kind = \"etcd\""),
+        ("[service]\nname = \"a\"\nhost = \"127.0.0.1\"\nport = 1\n[[service.check]]\nkind = \"http\"\naddress = \"127.0.0.1:1\"\nheaders = { Authorization = \"Bearer hunter2\\n\" }\n", "hunter2", "service.check"),
+        ("[service]\nname = \"a\"\nhost = \"127.0.0.1\"\nport = 1\n[[service.check]]\nkind = \"http\"\naddress = \"127.0.0.1:1\"\nheaders = { Authorization = 4242424242 }\n", "4242424242", "service.check"),
+    ];
+    for (text, secret, want) in cases {
+        let error = Config::from_toml(text).expect_err("invalid").to_string();
+        assert!(error.contains(want), "{text:?}: want {want:?} in {error}");
+        assert!(!error.contains(secret), "{text:?} -> {error}");
+    }
+}
+
+#[test]
+fn health_check_header_values_do_not_print() {
+    let config = Config::from_toml(
+        "[service]\nname = \"a\"\nhost = \"127.0.0.1\"\nport = 1\n[[service.check]]\nkind = \"http\"\naddress = \"127.0.0.1:1\"\nheaders = { Authorization = \"Bearer hunter2\" }\n",
+    )
+    .expect("valid");
+    let shown = format!("{config:?}");
+    assert!(
+        shown.contains("Authorization") && !shown.contains("hunter2"),
+        "{shown}"
+    );
+}

@@ -91,7 +91,7 @@ impl HttpProbe {
             // Validated with the configuration.
             if let (Ok(name), Ok(value)) = (
                 HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(value),
+                HeaderValue::from_str(value.expose()),
             ) {
                 headers.insert(name, value);
             }

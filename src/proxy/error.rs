@@ -4,12 +4,12 @@
 //! ([`ProxyError::status`]); and which failures are squire's own
 //! (`local_kind`), never held against an endpoint.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::StatusCode;
 
 use super::preamble;
+use crate::time::LogThrottle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -143,29 +143,18 @@ pub fn local_error(kind: &'static str, what: &str, error: &dyn std::fmt::Display
         "local_ports" => 2,
         _ => 3,
     };
-    let (last, unlogged) = &LOCAL_ERROR_LOG[slot];
-    let now = crate::balance::now_ms();
-    let at = last.load(Ordering::Relaxed);
-    let due = at == 0 || now.saturating_sub(at) >= LOCAL_ERROR_LOG_INTERVAL.as_millis() as u64;
-    if due
-        && last
-            .compare_exchange(at, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        let since_last_log = unlogged.swap(0, Ordering::Relaxed);
+    if let Some(since_last_log) = LOCAL_ERROR_LOG[slot].due() {
         tracing::warn!(kind, %error, since_last_log, "{what}: squire is out of resources");
-    } else {
-        unlogged.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 /// At most one log line per kind of local error in this interval.
 pub const LOCAL_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Per kind: when it was last logged (ms), and how many since.
-static LOCAL_ERROR_LOG: [(AtomicU64, AtomicU64); 4] = [
-    (AtomicU64::new(0), AtomicU64::new(0)),
-    (AtomicU64::new(0), AtomicU64::new(0)),
-    (AtomicU64::new(0), AtomicU64::new(0)),
-    (AtomicU64::new(0), AtomicU64::new(0)),
+/// One per kind.
+static LOCAL_ERROR_LOG: [LogThrottle; 4] = [
+    LogThrottle::new(LOCAL_ERROR_LOG_INTERVAL),
+    LogThrottle::new(LOCAL_ERROR_LOG_INTERVAL),
+    LogThrottle::new(LOCAL_ERROR_LOG_INTERVAL),
+    LogThrottle::new(LOCAL_ERROR_LOG_INTERVAL),
 ];

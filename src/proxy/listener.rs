@@ -27,6 +27,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::time::LogThrottle;
+
 /// How long the loop pauses after a failed accept.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
@@ -280,7 +282,7 @@ impl Listener {
         F: Fn(TcpStream, SocketAddr) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let mut errors = AcceptErrors::default();
+        let errors = LogThrottle::new(ACCEPT_ERROR_LOG_INTERVAL);
         loop {
             let accepted = tokio::select! {
                 _ = drain.stop.cancelled() => break,
@@ -289,7 +291,7 @@ impl Listener {
             let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    errors.failed(&self.name, &error);
+                    accept_failed(&self.name, &error, &errors);
                     tokio::select! {
                         _ = drain.stop.cancelled() => break,
                         _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
@@ -323,29 +325,14 @@ impl Listener {
     }
 }
 
-/// Accept errors since the last log line.
-#[derive(Default)]
-struct AcceptErrors {
-    logged_at: Option<Instant>,
-    unlogged: u64,
-}
-
-impl AcceptErrors {
-    fn failed(&mut self, listener: &str, error: &io::Error) {
-        if let Some(kind) = super::error::local_kind(error) {
-            return super::error::local_error(kind, "accept failed", error);
-        }
-        let now = Instant::now();
-        let due = self
-            .logged_at
-            .is_none_or(|at| now.duration_since(at) >= ACCEPT_ERROR_LOG_INTERVAL);
-        if due {
-            tracing::warn!(%listener, %error, since_last_log = self.unlogged, pause = ?ACCEPT_ERROR_PAUSE, "accept failed; pausing");
-            self.logged_at = Some(now);
-            self.unlogged = 0;
-        } else {
-            self.unlogged += 1;
-        }
+/// Logs a failed accept: a local error (out of descriptors...) as such,
+/// any other at most once per [`ACCEPT_ERROR_LOG_INTERVAL`] per listener.
+fn accept_failed(listener: &str, error: &io::Error, throttle: &LogThrottle) {
+    if let Some(kind) = super::error::local_kind(error) {
+        return super::error::local_error(kind, "accept failed", error);
+    }
+    if let Some(since_last_log) = throttle.due() {
+        tracing::warn!(%listener, %error, since_last_log, pause = ?ACCEPT_ERROR_PAUSE, "accept failed; pausing");
     }
 }
 

@@ -321,6 +321,8 @@ async fn read_line(stream: &mut TcpStream) -> std::io::Result<String> {
 /// A whole agent running in this process.
 pub struct TestAgent {
     pub admin: SocketAddr,
+    /// What the admin API's mutating endpoints require.
+    pub token: squire::config::Secret,
     pub listens: Vec<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
@@ -340,6 +342,7 @@ impl TestAgent {
             squire::Config::from_toml(&toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
         let agent = squire::Agent::bind(config).await.expect("agent binds");
         let admin = agent.admin_addr();
+        let token = agent.admin_token();
         let listens = agent.listen_addrs();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(agent.run(async {
@@ -347,6 +350,7 @@ impl TestAgent {
         }));
         TestAgent {
             admin,
+            token,
             listens,
             stop: Some(stop),
             task,
@@ -414,9 +418,33 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// A minimal HTTP/1.1 request with an empty body: status code and body.
 pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let answer = http_call(addr, method, path, &[]).await;
+    (answer.status, answer.body)
+}
+
+/// What [`http_call`] got back.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    pub status: u16,
+    /// The status line and headers, as sent.
+    pub head: String,
+    pub body: String,
+}
+
+/// `method path` over HTTP/1.1 with an empty body and `headers`.
+pub async fn http_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> HttpAnswer {
     let mut stream = TcpStream::connect(addr).await.expect("connect to admin");
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n{extra}\r\n"
     );
     stream
         .write_all(request.as_bytes())
@@ -432,11 +460,23 @@ pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, S
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("bad response: {response}"));
-    let body = response
+    let (head, body) = response
         .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
+        .map(|(h, b)| (h.to_owned(), b.to_owned()))
         .unwrap_or_default();
-    (status, body)
+    HttpAnswer { status, head, body }
+}
+
+/// `method path` with `Authorization: Bearer {token}`: status and body.
+pub async fn http_with_token(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+) -> (u16, String) {
+    let bearer = format!("Bearer {token}");
+    let answer = http_call(addr, method, path, &[("Authorization", &bearer)]).await;
+    (answer.status, answer.body)
 }
 
 /// An HTTP/1.1 backend (hyper) whose `/health` answers with a status that a

@@ -1,9 +1,10 @@
 //! squire as a child process: the release of a limit (`ulimit -n`), its
-//! CPU time, its log.
+//! CPU time, its log, a graceful stop.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
 
 /// The squire binary running `run -c config`, killed when dropped.
 pub struct Squire {
@@ -15,12 +16,22 @@ impl Squire {
     /// Starts it with at most `open_files` file descriptors (`ulimit -n`),
     /// its log (RUST_LOG=info) in `log`.
     pub fn spawn(config: &Path, open_files: Option<u32>, log: PathBuf) -> Squire {
+        Squire::spawn_logging(config, open_files, "info", log)
+    }
+
+    /// [`Squire::spawn`] with `RUST_LOG` set to `filter`.
+    pub fn spawn_logging(
+        config: &Path,
+        open_files: Option<u32>,
+        filter: &str,
+        log: PathBuf,
+    ) -> Squire {
         let limit = open_files.map_or(String::new(), |n| format!("ulimit -n {n} && "));
         let mut command = Command::new("sh");
         command
             .arg("-c")
             .arg(format!("{limit}exec \"$0\" run -c \"$1\""));
-        Squire::start(command, config, &[], log)
+        Squire::start(command, config, &[], filter, log)
     }
 
     /// Starts it in a mount namespace of its own (needs root, as the tests
@@ -41,15 +52,21 @@ impl Squire {
              && mount --bind \"$3\" /etc/resolv.conf && exec \"$0\" run -c \"$1\"",
         );
         let hosts = dir.join("hosts");
-        Squire::start(command, config, &[&hosts, &resolv], log)
+        Squire::start(command, config, &[&hosts, &resolv], "info", log)
     }
 
-    fn start(mut command: Command, config: &Path, more: &[&Path], log: PathBuf) -> Squire {
+    fn start(
+        mut command: Command,
+        config: &Path,
+        more: &[&Path],
+        filter: &str,
+        log: PathBuf,
+    ) -> Squire {
         let child = command
             .arg(env!("CARGO_BIN_EXE_squire"))
             .arg(config)
             .args(more)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).expect("log file"))
@@ -82,6 +99,30 @@ impl Squire {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether it has exited (and how).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// SIGTERM, then waits up to `limit` for the exit.
+    pub async fn stop(&mut self, limit: Duration) -> ExitStatus {
+        // SAFETY: kill has no memory preconditions; the pid is our child's.
+        let sent = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(sent, 0, "SIGTERM sent");
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "squire did not exit within {limit:?}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
