@@ -497,9 +497,13 @@ fn json_response(value: serde_json::Value) -> Response<Body> {
 /// returns the agent's answer, or why it could not be had. An agent that
 /// listens on an unspecified address (`0.0.0.0`, `::`) is reached on
 /// loopback.
+///
+/// `token` may be the reason there is none (the agent's generated token
+/// could not be read): that is reported only once the admin API answered,
+/// so an agent that is not running is reported as such.
 pub async fn set_maintenance(
     admin: std::net::SocketAddr,
-    token: &crate::config::Secret,
+    token: Result<&crate::config::Secret, &str>,
     enable: bool,
     reason: Option<&str>,
 ) -> Result<String, String> {
@@ -521,6 +525,7 @@ pub async fn set_maintenance(
     let stream = tokio::net::TcpStream::connect(admin)
         .await
         .map_err(|e| format!("cannot reach the admin API at {admin}: {e}"))?;
+    let token = token.map_err(str::to_owned)?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;

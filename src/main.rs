@@ -101,7 +101,7 @@ fn main() -> ExitCode {
             let enable = matches!(mode, OnOff::On);
             match runtime.block_on(squire::admin::set_maintenance(
                 admin,
-                &token,
+                token.as_ref().map_err(String::as_str),
                 enable,
                 reason.as_deref(),
             )) {
@@ -146,12 +146,13 @@ fn main() -> ExitCode {
 /// Where `squire maintenance` sends its request and the token it sends:
 /// `--admin` and `--token-file`, else what the configuration says (its
 /// `agent.admin`; its `agent.admin_token_file`, or the token the agent
-/// generated in its `state_dir`). Errors are printed.
+/// generated in its `state_dir`, or why it cannot be read). Errors
+/// about the flags and the configuration are printed.
 fn admin_and_token(
     config: &std::path::Path,
     admin: Option<SocketAddr>,
     token_file: Option<PathBuf>,
-) -> Result<(SocketAddr, squire::config::Secret), ExitCode> {
+) -> Result<(SocketAddr, Result<squire::config::Secret, String>), ExitCode> {
     let from_file = token_file.map(|file| {
         squire::config::read_secret_file(&file).map_err(|e| {
             eprintln!("squire: --token-file: {e}");
@@ -159,16 +160,13 @@ fn admin_and_token(
         })
     });
     match (admin, from_file) {
-        (Some(admin), Some(token)) => Ok((admin, token?)),
+        (Some(admin), Some(token)) => Ok((admin, Ok(token?))),
         (admin, from_file) => {
             let loaded = Config::load(config).map_err(|e| config_failure(config, &e))?;
             let admin = admin.unwrap_or(loaded.agent.admin);
             let token = match from_file {
-                Some(token) => token?,
-                None => squire::admin::client_token(&loaded.agent, admin).map_err(|e| {
-                    eprintln!("squire: {e}");
-                    ExitCode::FAILURE
-                })?,
+                Some(token) => Ok(token?),
+                None => squire::admin::client_token(&loaded.agent, admin),
             };
             Ok((admin, token))
         }

@@ -170,7 +170,7 @@ async fn maintenance_stops_new_connections_while_open_ones_keep_flowing() {
         "lobby"
     );
 
-    let answer = squire::admin::set_maintenance(a.admin, &a.token, true, Some("patch 1.2"))
+    let answer = squire::admin::set_maintenance(a.admin, Ok(&a.token), true, Some("patch 1.2"))
         .await
         .expect("maintenance on");
     assert!(answer.contains("patch 1.2"), "{answer}");
@@ -205,7 +205,7 @@ async fn maintenance_stops_new_connections_while_open_ones_keep_flowing() {
     assert_eq!(this["maintenance"]["enabled"], true);
     assert_eq!(this["maintenance"]["reason"], "patch 1.2");
 
-    squire::admin::set_maintenance(a.admin, &a.token, false, None)
+    squire::admin::set_maintenance(a.admin, Ok(&a.token), false, None)
         .await
         .expect("maintenance off");
     eventually("healthy again", DEADLINE, || async {

@@ -138,10 +138,12 @@ async fn shutdown_drains_open_connections_then_cuts_at_the_deadline() {
 async fn the_maintenance_command_drains_and_restores_the_instance() {
     let dir = tempfile::tempdir().expect("temp dir");
     let backend = Backend::start("patchy").await;
-    let a = TestAgent::start(
-        &AgentToml::local(dir.path()).service(Section::service("patchy", backend.addr)),
-    )
-    .await;
+    let toml = AgentToml::local(dir.path()).service(Section::service("patchy", backend.addr));
+    let a = TestAgent::start(&toml).await;
+    // The command reads the agent's config, as an operator runs it, to
+    // find the token the agent generated in its state_dir.
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, toml.to_string()).expect("write config");
     let record = dir
         .path()
         .join("patchy")
@@ -162,6 +164,8 @@ async fn the_maintenance_command_drains_and_restores_the_instance() {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_squire"))
             .args(args)
             .args(["--admin", &a.admin.to_string()])
+            .arg("-c")
+            .arg(&config)
             .output()
     };
     let on = squire(&["maintenance", "on", "--reason", "patch 1.2"])

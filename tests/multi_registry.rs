@@ -375,7 +375,7 @@ async fn each_registry_reports_the_status_it_was_last_told() {
     // With etcd gone, draining reaches Consul only: each series keeps what
     // its own registry holds.
     etcd.kill();
-    squire::admin::set_maintenance(agent.admin, &agent.token, true, None)
+    squire::admin::set_maintenance(agent.admin, Ok(&agent.token), true, None)
         .await
         .expect("maintenance on");
     eventually("Consul told draining", DEADLINE, || async {
