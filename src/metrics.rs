@@ -27,6 +27,9 @@ pub const LEASE_REGRANTS: &str = "squire_lease_regrants_total";
 /// Failed registration attempts. Labels: registry (its name), kind.
 pub const REGISTRATION_FAILURES: &str = "squire_registration_failures_total";
 /// Failed lease refreshes. Labels: registry (its name), kind.
+/// Our entry found deleted while its lease was kept alive (then written
+/// again under a new lease). Labels: registry (its name), kind.
+pub const ENTRY_DELETED: &str = "squire_registration_deleted_total";
 pub const KEEPALIVE_FAILURES: &str = "squire_keepalive_failures_total";
 /// 1 while our instance is registered. Labels: registry (its name), kind.
 pub const REGISTERED: &str = "squire_registered";
@@ -82,6 +85,9 @@ pub const PANICS: &str = "squire_panics_total";
 pub const LOCAL_ERRORS: &str = "squire_local_errors_total";
 /// Connect attempts that failed (each retry counts). Labels: upstream, listen.
 pub const CONNECT_FAILURES: &str = "squire_upstream_connect_failures_total";
+/// Connections or requests that found no endpoint to pick and waited for
+/// one (`endpoint_wait`). Labels: upstream, listen.
+pub const ENDPOINT_WAITS: &str = "squire_upstream_endpoint_waits_total";
 /// Connect attempts made again on another endpoint after a failure. Labels: upstream, listen.
 pub const RETRIES: &str = "squire_upstream_retries_total";
 /// Times the balancer chose an endpoint (each connect attempt). Labels: upstream, listen, endpoint.
@@ -308,6 +314,10 @@ fn describe() {
     );
     describe_counter!(REGISTRATION_FAILURES, "Failed registration attempts");
     describe_counter!(KEEPALIVE_FAILURES, "Failed lease refreshes");
+    describe_counter!(
+        ENTRY_DELETED,
+        "Our registry entry found deleted while its lease was kept alive, then written again"
+    );
     describe_gauge!(REGISTERED, "1 while our instance is registered");
     describe_counter!(WATCH_RESTARTS, "Registry watches restarted after an error");
     describe_gauge!(
@@ -373,6 +383,10 @@ fn describe() {
     describe_counter!(
         CONNECT_FAILURES,
         "Failed connect attempts to upstream instances"
+    );
+    describe_counter!(
+        ENDPOINT_WAITS,
+        "Connections or requests that found no endpoint to pick and waited up to endpoint_wait for one"
     );
     describe_counter!(
         RETRIES,

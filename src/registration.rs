@@ -290,6 +290,12 @@ impl Registration {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ended::Shutdown(lease),
                 _ = sleep_until_some(unhealthy_deadline) => return Ended::UnhealthyTooLong(lease),
+                _ = lease.gone() => {
+                    tracing::warn!(registry = %self.name, kind, lease = %lease.id(), "our entry was deleted from the registry while the lease was kept; registering again");
+                    metrics::counter!(m::ENTRY_DELETED, self.labels.iter()).increment(1);
+                    self.update(|s| s.last_error = Some("our entry was deleted from the registry".into()));
+                    return Ended::Lost;
+                }
                 _ = tokio::time::sleep_until(expires), if held => {
                     held = false;
                     tracing::warn!(registry = %self.name, kind, ttl = ?self.ttl, "no successful keep-alive for a ttl; the lease has likely expired");

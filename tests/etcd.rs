@@ -89,8 +89,12 @@ async fn a_revoked_lease_is_replaced_within_one_keep_alive() {
         .await
         .expect("revoke behind the agent's back");
     let revoked = Instant::now();
+    // Revoking removed the key; the watch of our own key may already have
+    // written it again, under a new lease.
     assert!(
-        value(&etcd, key).await.is_none(),
+        value(&etcd, key)
+            .await
+            .is_none_or(|(_, lease)| lease != old_lease),
         "revoking removed the key"
     );
     eventually("the key to come back", DEADLINE, || async {
@@ -107,6 +111,50 @@ async fn a_revoked_lease_is_replaced_within_one_keep_alive() {
     );
     let this = agent.json("/v1/self").await;
     assert_eq!(this["registrations"][0]["registrations"], 2);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_deleted_under_a_live_lease_is_written_again_at_once() {
+    let etcd = Etcd::start().await;
+    let addr = "127.0.0.1:7002".parse().expect("addr");
+    // ttl 30s: the next keep-alive is 10 s away, so only the watch of our
+    // own key can bring it back within the bound below.
+    let registry = Section::etcd(&etcd, "/deleted").set("ttl", "30s");
+    let agent =
+        TestAgent::start(&AgentToml::new(registry).service(Section::game_service("logic", addr)))
+            .await;
+    let key = "/deleted/logic/logic-1";
+    eventually("the key in etcd", DEADLINE, || async {
+        value(&etcd, key).await.is_some()
+    })
+    .await;
+    let (_, old_lease) = value(&etcd, key).await.expect("key present");
+
+    // As a resumed stale leader's revocation or an operator's etcdctl del
+    // does: the key goes, the lease stays alive.
+    let deleted = etcd
+        .client()
+        .await
+        .delete(key, None)
+        .await
+        .expect("delete behind the agent's back");
+    assert_eq!(deleted.deleted(), 1);
+    let at = Instant::now();
+    eventually("the key to come back", DEADLINE, || async {
+        value(&etcd, key).await.is_some()
+    })
+    .await;
+    let took = at.elapsed();
+    println!("measured: key back {took:?} after it was deleted");
+    assert!(took < Duration::from_millis(500), "took {took:?}");
+    let (_, lease) = value(&etcd, key).await.expect("key present");
+    assert_ne!(lease, old_lease, "written again under a new lease");
+    let (_, metrics) = agent.get("/metrics").await;
+    assert!(
+        metrics.contains(r#"squire_registration_deleted_total{registry="etcd",kind="etcd"} 1"#),
+        "{metrics}"
+    );
     agent.stop().await;
 }
 

@@ -15,15 +15,9 @@ use crate::registry::{Instance, Status};
 
 fn instance(id: &str, status: Status, weight: u32) -> Instance {
     Instance {
-        name: "svc".into(),
-        id: id.into(),
-        host: "127.0.0.1".into(),
-        port: 1,
-        tags: Vec::new(),
-        metadata: Default::default(),
-        version: String::new(),
         weight,
         status,
+        ..Instance::for_tests(id)
     }
 }
 

@@ -220,21 +220,11 @@ impl LiveSeries for Live {
 mod tests {
     use super::*;
     use crate::balance::{EjectionPolicy, Refusal, Strategy};
-    use crate::registry::{Instance, Status};
+    use crate::registry::Instance;
 
     fn instances(ids: &[&str]) -> Vec<Resolved> {
         ids.iter()
-            .map(|id| Instance {
-                name: "svc".into(),
-                id: (*id).into(),
-                host: "127.0.0.1".into(),
-                port: 1,
-                tags: Vec::new(),
-                metadata: Default::default(),
-                version: String::new(),
-                weight: 100,
-                status: Status::Healthy,
-            })
+            .map(|id| Instance::for_tests(id))
             .filter_map(Resolved::literal)
             .collect()
     }

@@ -118,6 +118,7 @@ pub struct RawUpstream {
     pub metadata: Option<BTreeMap<String, String>>,
     pub statuses: Option<Vec<String>>,
     pub connect_timeout: Option<String>,
+    pub endpoint_wait: Option<String>,
     pub retries: Option<i64>,
     /// Address ranges; each replaces the agent's when set.
     pub allow: Option<Vec<String>>,

@@ -24,6 +24,9 @@ pub struct UpstreamConfig {
     /// replacing the agent's when set.
     pub ranges: Ranges,
     pub connect_timeout: Duration,
+    /// How long a connection or request that finds no endpoint to pick
+    /// waits for one to appear (zero: fails at once).
+    pub endpoint_wait: Duration,
     /// Further connect attempts after the first, each on another instance.
     pub retries: u32,
     /// Delay before the first retry (jittered, doubling per retry).
@@ -150,6 +153,7 @@ pub(super) fn validate_upstream(
     if connect_timeout.is_zero() {
         problems.push(at("connect_timeout"), "must be greater than zero");
     }
+    let endpoint_wait = duration(&at("endpoint_wait"), raw.endpoint_wait, "1s", problems);
     let retries = match raw.retries {
         None => 2,
         Some(r) => u32::try_from(r)
@@ -170,6 +174,7 @@ pub(super) fn validate_upstream(
         filter,
         ranges,
         connect_timeout,
+        endpoint_wait,
         retries,
         retry_backoff: balancing.retry_backoff,
         hash_key: balancing.hash_key,

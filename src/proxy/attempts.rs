@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use super::ProxyError;
 use crate::backoff::Backoff;
 use crate::balance::{self, now_ms, Endpoint, Snapshot, Upstream};
+use crate::config::UpstreamConfig;
 
 /// The most attempts one connection or request makes: the first and at
 /// most 16 retries (`upstream.retries` is validated to 0-16).
@@ -35,12 +36,27 @@ pub struct RetryPolicy {
     /// Pause before the first retry, jittered and doubled per retry (at
     /// most 8 times this); zero retries at once.
     pub backoff: Duration,
+    /// How long the first attempt waits for an endpoint when there is none
+    /// to pick; zero fails at once.
+    pub endpoint_wait: Duration,
+}
+
+impl RetryPolicy {
+    pub fn of(config: &UpstreamConfig) -> RetryPolicy {
+        RetryPolicy {
+            retries: config.retries,
+            backoff: config.retry_backoff,
+            endpoint_wait: config.endpoint_wait,
+        }
+    }
 }
 
 /// Metric handles resolved once per listener, not per attempt.
 pub struct AttemptMetrics {
     /// Attempts after the first.
     pub retries: Counter,
+    /// First attempts that found no endpoint and waited for one.
+    pub endpoint_waits: Counter,
     /// Attempts whose endpoint could not be connected to.
     pub connect_failures: Counter,
     /// Time from the start of an attempt to the endpoint's answer, for
@@ -137,7 +153,13 @@ impl<'a, T> Attempts<'a, T> {
         let context = balance::Context::new(now_ms())
             .with_key(self.key)
             .with_tried(&self.tried[..self.count]);
-        let index = balancer.pick(&self.snapshot, &context)?;
+        let index = match balancer.pick(&self.snapshot, &context) {
+            Some(index) => index,
+            None if self.count == 0 && !self.policy.endpoint_wait.is_zero() => {
+                self.wait_for_endpoint().await?
+            }
+            None => return None,
+        };
         if self.count > 0 {
             self.metrics.retries.increment(1);
         }
@@ -155,6 +177,31 @@ impl<'a, T> Attempts<'a, T> {
             more: self.count < attempts && self.count < pickable,
             started: Instant::now(),
         })
+    }
+
+    /// With nothing to pick at the first attempt, waits up to the policy's
+    /// `endpoint_wait` for a rebuild of the snapshot that offers an
+    /// endpoint, and picks it: an instance that re-registers (its key lost
+    /// and written again), or the first instance of a service that is
+    /// coming up, costs its clients a short wait instead of a refusal.
+    async fn wait_for_endpoint(&mut self) -> Option<usize> {
+        self.metrics.endpoint_waits.increment(1);
+        let deadline = Instant::now() + self.policy.endpoint_wait;
+        // Subscribed before the snapshot is read again, so a rebuild in
+        // between is seen.
+        let mut changes = self.upstream.changes();
+        loop {
+            self.snapshot = self.upstream.snapshot();
+            let context = balance::Context::new(now_ms()).with_key(self.key);
+            if let Some(index) = self.upstream.balancer().pick(&self.snapshot, &context) {
+                return Some(index);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                // The deadline, or the upstream is gone (a reload replaced it).
+                Ok(Err(_)) | Err(_) => return None,
+            }
+        }
     }
 
     /// The endpoint of `attempt`.
@@ -232,5 +279,88 @@ impl<'a, T> Attempts<'a, T> {
                 service: self.upstream.service().to_owned(),
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::{Balancer, EjectionPolicy, Filter, OwnAddrs, Resolved, Strategy};
+    use crate::registry::Instance;
+
+    fn upstream() -> Arc<Upstream> {
+        let balancer = Balancer::new(Strategy::RoundRobin, EjectionPolicy::default(), 0.0);
+        Arc::new(Upstream::new("svc", Filter::default(), balancer))
+    }
+
+    fn instance(id: &str) -> Vec<Resolved> {
+        Resolved::literal(Instance::for_tests(id))
+            .into_iter()
+            .collect()
+    }
+
+    fn metrics() -> AttemptMetrics {
+        AttemptMetrics {
+            retries: Counter::noop(),
+            endpoint_waits: Counter::noop(),
+            connect_failures: Counter::noop(),
+            latency: Histogram::noop(),
+        }
+    }
+
+    fn policy(endpoint_wait: Duration) -> RetryPolicy {
+        RetryPolicy {
+            retries: 0,
+            backoff: Duration::ZERO,
+            endpoint_wait,
+        }
+    }
+
+    /// The id of the endpoint the first attempt picks, if any.
+    async fn first_pick(upstream: &Upstream, policy: RetryPolicy) -> Option<String> {
+        let metrics = metrics();
+        let mut attempts = Attempts::<()>::new(upstream, policy, None, &metrics);
+        let attempt = attempts.next().await?;
+        Some(attempts.endpoint(&attempt).instance.id.clone())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_attempt_waits_for_an_endpoint_that_appears() {
+        let upstream = upstream();
+        let later = upstream.clone();
+        let appears = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            later.refresh(&instance("back"), &OwnAddrs::default());
+        });
+        let started = Instant::now();
+        let picked = first_pick(&upstream, policy(Duration::from_secs(1))).await;
+        assert_eq!(picked.as_deref(), Some("back"));
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+        appears.await.expect("refresh task");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_ends_at_endpoint_wait_and_a_rebuild_without_endpoints_does_not_end_it() {
+        let upstream = upstream();
+        let later = upstream.clone();
+        let empty = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            later.refresh(&[], &OwnAddrs::default());
+        });
+        let started = Instant::now();
+        assert_eq!(
+            first_pick(&upstream, policy(Duration::from_secs(1))).await,
+            None
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+        empty.await.expect("refresh task");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_endpoint_wait_fails_at_once() {
+        let upstream = upstream();
+        let started = Instant::now();
+        assert_eq!(first_pick(&upstream, policy(Duration::ZERO)).await, None);
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 }

@@ -47,12 +47,10 @@ impl TcpProxy {
             ("listen", listen.to_string()),
         ];
         TcpProxy {
-            policy: RetryPolicy {
-                retries: config.retries,
-                backoff: config.retry_backoff,
-            },
+            policy: RetryPolicy::of(&config),
             attempts: AttemptMetrics {
                 retries: metrics::counter!(m::RETRIES, &labels),
+                endpoint_waits: metrics::counter!(m::ENDPOINT_WAITS, &labels),
                 connect_failures: metrics::counter!(m::CONNECT_FAILURES, &labels),
                 latency: metrics::histogram!(m::CONNECT_SECONDS, &labels),
             },

@@ -181,6 +181,25 @@ impl RegistryError {
 }
 
 /// A registry backend. See the module doc for the contract.
+/// A healthy instance `id` of service `svc` at 127.0.0.1:1, weight 100,
+/// for the unit tests that only need one to exist.
+#[cfg(test)]
+impl Instance {
+    pub(crate) fn for_tests(id: &str) -> Instance {
+        Instance {
+            name: "svc".into(),
+            id: id.into(),
+            host: "127.0.0.1".into(),
+            port: 1,
+            tags: Vec::new(),
+            metadata: Default::default(),
+            version: String::new(),
+            weight: 100,
+            status: Status::Healthy,
+        }
+    }
+}
+
 #[async_trait]
 pub trait Registry: Send + Sync + 'static {
     /// `"etcd"`, `"local"`, ...: for logs, metrics and `/v1/self`.
@@ -204,6 +223,15 @@ pub trait Lease: Send {
 
     /// Refreshes the lease. `Err(LeaseLost)` means register again.
     async fn keep_alive(&mut self) -> Result<(), RegistryError>;
+
+    /// Resolves when the registry says our entry is gone although this
+    /// lease was kept alive (deleted by someone else, or revoked by the
+    /// registry on its own), so it is written again at once rather than
+    /// when the next refresh fails. Pends otherwise. Cancel-safe. The
+    /// default, for a backend that cannot tell, pends forever.
+    async fn gone(&mut self) {
+        std::future::pending::<()>().await
+    }
 
     /// Rewrites the instance (e.g. a status change) under the same lease.
     async fn update(&mut self, instance: &Instance) -> Result<(), RegistryError>;

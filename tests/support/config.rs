@@ -106,11 +106,13 @@ impl Section {
     }
 
     /// An upstream that gives up on an endpoint after 500 ms and retries
-    /// once, so a dead instance costs a test little.
+    /// once, and fails at once with no endpoint, so a dead or missing
+    /// instance costs a test little.
     pub fn fast_upstream(service: &str) -> Section {
         Section::upstream(service)
             .set("connect_timeout", "500ms")
             .set("retries", 1)
+            .set("endpoint_wait", "0s")
     }
 
     /// [`Section::fast_upstream`] with `protocol = "http"`.

@@ -128,6 +128,7 @@ impl HttpProxy {
         };
         let attempts = AttemptMetrics {
             retries: metrics::counter!(m::HTTP_RETRIES, &labels),
+            endpoint_waits: metrics::counter!(m::ENDPOINT_WAITS, &labels),
             connect_failures: metrics::counter!(m::CONNECT_FAILURES, &labels),
             // Request latency is `squire_http_request_duration_seconds`.
             latency: Histogram::noop(),
@@ -145,10 +146,7 @@ impl HttpProxy {
             .max_header_list_size(u32::try_from(http.max_header_bytes).unwrap_or(u32::MAX));
         HttpProxy {
             budget: RetryBudget::new(http.retry_budget),
-            policy: RetryPolicy {
-                retries: config.retries,
-                backoff: config.retry_backoff,
-            },
+            policy: RetryPolicy::of(&config),
             config,
             http,
             routes: Routes::new(routes),

@@ -9,6 +9,7 @@ use etcd_client::{LeaseKeepAliveStream, LeaseKeeper, PutOptions};
 
 use super::error::{bounded, map_error};
 use super::members::Members;
+use super::own_key::OwnKey;
 use crate::registry::{Instance, Lease, RegistryError};
 
 pub(super) struct EtcdLease {
@@ -24,6 +25,8 @@ pub(super) struct EtcdLease {
     /// and dropped on any error so the next call opens a fresh one, on a
     /// working member, on the same lease.
     pub stream: Option<KeepAlive>,
+    /// The watch of `key` that says when etcd deleted it under us.
+    pub own: OwnKey,
 }
 
 pub(super) struct KeepAlive {
@@ -105,6 +108,12 @@ impl Lease for EtcdLease {
             },
             other => other,
         }
+    }
+
+    async fn gone(&mut self) {
+        self.own
+            .gone(&self.members, self.timeout, self.reply_timeout)
+            .await
     }
 
     async fn update(&mut self, instance: &Instance) -> Result<(), RegistryError> {

@@ -38,6 +38,7 @@
 mod error;
 mod lease;
 mod members;
+mod own_key;
 mod watch;
 
 use std::sync::Arc;
@@ -138,6 +139,7 @@ impl Registry for EtcdRegistry {
             return Err(e);
         }
         Ok(Box::new(lease::EtcdLease {
+            own: own_key::OwnKey::new(key.clone()),
             members: self.members.clone(),
             lease,
             key,
