@@ -180,7 +180,6 @@ impl RegistryError {
     }
 }
 
-/// A registry backend. See the module doc for the contract.
 /// A healthy instance `id` of service `svc` at 127.0.0.1:1, weight 100,
 /// for the unit tests that only need one to exist.
 #[cfg(test)]
@@ -200,6 +199,7 @@ impl Instance {
     }
 }
 
+/// A registry backend. See the module doc for the contract.
 #[async_trait]
 pub trait Registry: Send + Sync + 'static {
     /// `"etcd"`, `"local"`, ...: for logs, metrics and `/v1/self`.
