@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::consul::{self, ConsulConfig};
 use super::etcd::{validate_etcd, EtcdConfig};
+use super::eureka::{self, EurekaConfig};
 use super::problems::{duration, required, Problems};
 use super::raw::{RawDiscovery, RawRegistries, RawRegistry};
 use super::section;
@@ -62,6 +63,7 @@ pub enum RegistryBackend {
     },
     Etcd(EtcdConfig),
     Consul(ConsulConfig),
+    Eureka(EurekaConfig),
 }
 
 impl RegistryBackend {
@@ -70,6 +72,7 @@ impl RegistryBackend {
             RegistryBackend::Local { .. } => "local",
             RegistryBackend::Etcd(_) => "etcd",
             RegistryBackend::Consul(_) => "consul",
+            RegistryBackend::Eureka(_) => "eureka",
         }
     }
 }
@@ -243,6 +246,11 @@ fn validate_registry(
             problems.push(at(key), format!("only applies to kind = {belongs:?}"));
         }
     };
+    if kind != "eureka" {
+        for key in eureka::keys_set(&raw) {
+            misplaced(problems, key, true, "eureka");
+        }
+    }
     let backend = match kind {
         "local" => {
             misplaced(problems, "endpoints", raw.endpoints.is_some(), "etcd");
@@ -292,10 +300,22 @@ fn validate_registry(
             misplaced(problems, "password", raw.password.is_some(), "etcd");
             RegistryBackend::Consul(consul::validate(base, raw, problems))
         }
+        "eureka" => {
+            misplaced(problems, "dir", raw.dir.is_some(), "local");
+            misplaced(problems, "group", raw.group.is_some(), "local");
+            misplaced(problems, "endpoints", raw.endpoints.is_some(), "etcd");
+            misplaced(problems, "prefix", raw.prefix.is_some(), "etcd");
+            misplaced(problems, "username", raw.username.is_some(), "etcd");
+            misplaced(problems, "password", raw.password.is_some(), "etcd");
+            for key in consul::keys_set(&raw) {
+                misplaced(problems, key, true, "consul");
+            }
+            RegistryBackend::Eureka(eureka::validate(base, &mut raw, problems))
+        }
         other => {
             problems.push(
                 at("kind"),
-                format!("unknown kind {other:?}; expected \"local\", \"etcd\" or \"consul\""),
+                format!("unknown kind {other:?}; expected \"local\", \"etcd\", \"consul\" or \"eureka\""),
             );
             RegistryBackend::Local {
                 dir: default_local_dir(),

@@ -16,6 +16,8 @@
 
 pub mod consul;
 pub mod etcd;
+pub mod eureka;
+mod http;
 pub mod local;
 mod wire;
 
