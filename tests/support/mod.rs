@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod config;
 pub mod consul;
+pub mod eureka;
 pub mod process;
 
 use std::future::Future;
