@@ -44,12 +44,18 @@ pub mod health;
 pub mod liveness;
 pub mod memory;
 pub mod metrics;
+pub mod process;
 pub mod proxy;
 pub mod registration;
 pub mod registry;
 pub mod reload;
 pub mod time;
 pub mod tls;
+
+/// The commit squire was built from (`git rev-parse --short=12`, `-dirty`
+/// with uncommitted changes; `SQUIRE_COMMIT` at build time overrides it;
+/// `unknown` without either).
+pub const COMMIT: &str = env!("SQUIRE_COMMIT");
 
 pub use agent::{run, Agent, AgentError};
 pub use config::{Config, ConfigError};
