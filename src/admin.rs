@@ -24,6 +24,7 @@
 //! admin token (see [`AdminToken`]); the rest is open to whoever reaches the
 //! admin address.
 
+mod client;
 mod token;
 
 use std::convert::Infallible;
@@ -54,6 +55,7 @@ use crate::registration::{Maintenance, SharedState};
 use crate::registry::{Instance, Status};
 use crate::reload::{ReloadOutcome, Reloader};
 
+pub use client::{set_maintenance, status, Status as AgentStatus};
 pub use token::{client_token, generated_path, AdminToken, Denied, DENIED_LOG_INTERVAL};
 
 /// What the admin API reads: the agent's parts, shared with it.
@@ -492,67 +494,6 @@ fn json_response(value: serde_json::Value) -> Response<Body> {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
-}
-
-/// The client side of `PUT /v1/maintenance`, for `squire maintenance`:
-/// returns the agent's answer, or why it could not be had. An agent that
-/// listens on an unspecified address (`0.0.0.0`, `::`) is reached on
-/// loopback.
-///
-/// `token` may be the reason there is none (the agent's generated token
-/// could not be read): that is reported only once the admin API answered,
-/// so an agent that is not running is reported as such.
-pub async fn set_maintenance(
-    admin: std::net::SocketAddr,
-    token: Result<&crate::config::Secret, &str>,
-    enable: bool,
-    reason: Option<&str>,
-) -> Result<String, String> {
-    let mut query = form_urlencoded::Serializer::new(String::new());
-    query.append_pair("enable", if enable { "true" } else { "false" });
-    if let Some(reason) = reason {
-        query.append_pair("reason", reason);
-    }
-    let uri = format!("/v1/maintenance?{}", query.finish());
-    let admin = match admin.ip() {
-        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
-            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, admin.port()))
-        }
-        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
-            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, admin.port()))
-        }
-        _ => admin,
-    };
-    let stream = tokio::net::TcpStream::connect(admin)
-        .await
-        .map_err(|e| format!("cannot reach the admin API at {admin}: {e}"))?;
-    let token = token.map_err(str::to_owned)?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    let _connection = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(connection));
-    let request = Request::builder()
-        .method(Method::PUT)
-        .uri(uri)
-        .header(hyper::header::HOST, admin.to_string())
-        .header(hyper::header::AUTHORIZATION, token::authorization(token)?)
-        .body(http_body_util::Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status();
-    let body = http_body_util::BodyExt::collect(response.into_body())
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    let body = String::from_utf8_lossy(&body).trim().to_owned();
-    if status.is_success() {
-        Ok(body)
-    } else {
-        Err(format!("{status}: {body}"))
-    }
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ pub mod balance;
 pub mod config;
 pub mod discovery;
 pub mod health;
+pub mod init;
 pub mod liveness;
 pub mod memory;
 pub mod metrics;

@@ -34,6 +34,45 @@ enum Command {
         #[arg(short, long, default_value = "agent.toml")]
         config: PathBuf,
     },
+    /// Show a running agent: readiness, registrations, each upstream's
+    /// endpoints. Exits 1 when the agent is unreachable or not ready.
+    Status {
+        /// The running agent's configuration, to find its admin address.
+        #[arg(short, long, default_value = "agent.toml")]
+        config: PathBuf,
+        /// The admin address, instead of reading it from the configuration.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Print everything read, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an annotated agent.toml for a service, a registry kind and
+    /// upstreams, to stdout or a file; `squire check` accepts it as it is.
+    Init {
+        /// The registry kind: local, etcd, consul, eureka.
+        #[arg(long, default_value = "local")]
+        registry: String,
+        /// The admin API's address (default 127.0.0.1:9901); each squire on
+        /// a host needs its own.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// The local service this squire announces.
+        #[arg(long, requires = "port")]
+        service: Option<String>,
+        /// The local service's port.
+        #[arg(long, requires = "service")]
+        port: Option<u16>,
+        /// SERVICE=LISTEN[:tcp|http], e.g. gate=127.0.0.1:7001 (repeatable).
+        #[arg(long)]
+        upstream: Vec<squire::init::UpstreamSpec>,
+        /// Write to this file instead of stdout.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Overwrite the output file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Validate a configuration file and report every problem in it.
     Check {
         #[arg(short, long, default_value = "agent.toml")]
@@ -70,6 +109,29 @@ enum OnOff {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Init {
+            registry,
+            admin,
+            service,
+            port,
+            upstream,
+            output,
+            force,
+        } => init(
+            squire::init::Template {
+                registry: &registry,
+                admin,
+                service: service.as_deref().zip(port),
+                upstreams: &upstream,
+            },
+            output,
+            force,
+        ),
+        Command::Status {
+            config,
+            admin,
+            json,
+        } => status(&config, admin, json),
         Command::Check { config } => match Config::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
@@ -88,15 +150,9 @@ fn main() -> ExitCode {
                 Ok(target) => target,
                 Err(code) => return code,
             };
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match client_runtime() {
                 Ok(runtime) => runtime,
-                Err(e) => {
-                    eprintln!("squire: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             let enable = matches!(mode, OnOff::On);
             match runtime.block_on(squire::admin::set_maintenance(
@@ -169,6 +225,97 @@ fn admin_and_token(
                 None => squire::admin::client_token(&loaded.agent, admin),
             };
             Ok((admin, token))
+        }
+    }
+}
+
+/// The runtime a CLI command talks to the admin API on.
+fn client_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("squire: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// `squire status`: the tables (or `--json`); 1 when the agent is
+/// unreachable or not ready.
+fn status(config: &std::path::Path, admin: Option<SocketAddr>, json: bool) -> ExitCode {
+    let admin = match admin {
+        Some(admin) => admin,
+        None => match Config::load(config) {
+            Ok(loaded) => loaded.agent.admin,
+            Err(e) => return config_failure(config, &e),
+        },
+    };
+    let runtime = match client_runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    match runtime.block_on(squire::admin::status(admin)) {
+        Ok(status) => {
+            if json {
+                println!("{:#}", status.to_json());
+            } else {
+                print!("{}", status.render(admin));
+            }
+            if status.ready {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("squire: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `squire init`: the template to stdout, or to `output` (never over an
+/// existing file unless `force`).
+fn init(template: squire::init::Template, output: Option<PathBuf>, force: bool) -> ExitCode {
+    let text = match template.render() {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("squire: --registry: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(path) = output else {
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    };
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true);
+    if force {
+        open.create(true).truncate(true);
+    } else {
+        open.create_new(true);
+    }
+    let written = open
+        .open(&path)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, text.as_bytes()));
+    match written {
+        Ok(()) => {
+            eprintln!(
+                "squire: wrote {}; check it with squire check -c {0}",
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            eprintln!(
+                "squire: {} exists; pass --force to overwrite it",
+                path.display()
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("squire: cannot write {}: {e}", path.display());
+            ExitCode::FAILURE
         }
     }
 }

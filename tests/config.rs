@@ -616,3 +616,59 @@ fn the_readme_multi_registry_example_is_valid() {
     let names: Vec<&str> = config.registries.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["primary", "backup"]);
 }
+
+#[test]
+fn squire_init_writes_a_config_squire_check_accepts_for_every_kind() {
+    let dir = tempfile::tempdir().expect("dir");
+    let squire = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_squire"))
+            .args(args)
+            .output()
+            .expect("run squire")
+    };
+    for kind in squire::init::kinds() {
+        let path = dir.path().join(format!("{kind}.toml"));
+        let path = path.to_str().expect("utf-8 path");
+        let init = squire(&[
+            "init",
+            "--registry",
+            kind,
+            "--service",
+            "battle",
+            "--port",
+            "7000",
+            "--upstream",
+            "gate=127.0.0.1:7001",
+            "--upstream",
+            "web=127.0.0.1:7002:http",
+            "-o",
+            path,
+        ]);
+        assert!(
+            init.status.success(),
+            "{}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let check = squire(&["check", "-c", path]);
+        assert!(
+            check.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let again = squire(&["init", "--registry", kind, "-o", path]);
+        assert!(!again.status.success(), "an existing file is kept");
+        assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+        assert!(std::fs::read_to_string(path)
+            .expect("read")
+            .contains("\n[service]"));
+        let forced = squire(&["init", "--registry", kind, "-o", path, "--force"]);
+        assert!(forced.status.success());
+        assert!(!std::fs::read_to_string(path)
+            .expect("read")
+            .contains("\n[service]"));
+    }
+    let stdout = squire(&["init"]);
+    assert!(String::from_utf8_lossy(&stdout.stdout).contains("kind = \"local\""));
+    let unknown = squire(&["init", "--registry", "mdns"]);
+    assert_eq!(unknown.status.code(), Some(64));
+}

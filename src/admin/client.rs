@@ -1,0 +1,245 @@
+//! The client side of the admin API, for the CLI: `squire maintenance`
+//! and `squire status`. An agent that listens on an unspecified address
+//! (`0.0.0.0`, `::`) is reached on loopback.
+
+use std::fmt::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use bytes::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+use super::token;
+use crate::config::Secret;
+
+/// Where to connect for an admin API bound to `admin`.
+fn reachable(admin: SocketAddr) -> SocketAddr {
+    match admin.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, admin.port()))
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv6Addr::LOCALHOST, admin.port()))
+        }
+        _ => admin,
+    }
+}
+
+/// One request: the status and the body, trimmed. `token` is sent as the
+/// bearer token when given; its `Err` (why there is none) is reported only
+/// once the admin API answered, so an agent that is not running is
+/// reported as such.
+async fn call(
+    admin: SocketAddr,
+    method: Method,
+    uri: &str,
+    token: Option<Result<&Secret, &str>>,
+) -> Result<(StatusCode, String), String> {
+    let admin = reachable(admin);
+    let stream = tokio::net::TcpStream::connect(admin)
+        .await
+        .map_err(|e| format!("cannot reach the admin API at {admin}: {e}"))?;
+    let token = token.transpose().map_err(str::to_owned)?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    let _connection = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(connection));
+    let mut request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(hyper::header::HOST, admin.to_string());
+    if let Some(token) = token {
+        request = request.header(hyper::header::AUTHORIZATION, token::authorization(token)?);
+    }
+    let request = request
+        .body(http_body_util::Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).trim().to_owned()))
+}
+
+/// `PUT /v1/maintenance`, for `squire maintenance`: the agent's answer, or
+/// why it could not be had.
+pub async fn set_maintenance(
+    admin: SocketAddr,
+    token: Result<&Secret, &str>,
+    enable: bool,
+    reason: Option<&str>,
+) -> Result<String, String> {
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.append_pair("enable", if enable { "true" } else { "false" });
+    if let Some(reason) = reason {
+        query.append_pair("reason", reason);
+    }
+    let uri = format!("/v1/maintenance?{}", query.finish());
+    let (status, body) = call(admin, Method::PUT, &uri, Some(token)).await?;
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(format!("{status}: {body}"))
+    }
+}
+
+/// What `squire status` read from a running agent.
+pub struct Status {
+    pub ready: bool,
+    /// Why not, from `/ready`.
+    pub ready_answer: String,
+    pub this: Value,
+    pub services: Value,
+}
+
+/// Reads `/ready`, `/v1/self` and `/v1/services`.
+pub async fn status(admin: SocketAddr) -> Result<Status, String> {
+    let (ready, ready_answer) = call(admin, Method::GET, "/ready", None).await?;
+    let json = |path: &'static str| async move {
+        let (code, body) = call(admin, Method::GET, path, None).await?;
+        if !code.is_success() {
+            return Err(format!("GET {path}: {code}: {body}"));
+        }
+        serde_json::from_str::<Value>(&body).map_err(|e| format!("GET {path}: {e}"))
+    };
+    Ok(Status {
+        ready: ready.is_success(),
+        ready_answer,
+        this: json("/v1/self").await?,
+        services: json("/v1/services").await?,
+    })
+}
+
+impl Status {
+    /// The `--json` form: everything read, as read.
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "ready": self.ready,
+            "ready_answer": self.ready_answer,
+            "self": self.this,
+            "services": self.services,
+        })
+    }
+
+    /// Tables like `consul members`: the agent, its registrations, and
+    /// each upstream's endpoints.
+    pub fn render(&self, admin: SocketAddr) -> String {
+        let mut out = String::new();
+        let text = |v: &Value| match v {
+            Value::Null => "-".to_owned(),
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        // Writing to a String cannot fail.
+        let _ = writeln!(
+            out,
+            "agent {admin}: {} (node {}, health {}{})",
+            if self.ready { "ready" } else { "NOT READY" },
+            text(&self.this["node"]),
+            text(&self.this["health"]),
+            if self.this["maintenance"]["enabled"] == true {
+                format!(
+                    ", maintenance: {}",
+                    text(&self.this["maintenance"]["reason"])
+                )
+            } else {
+                String::new()
+            }
+        );
+        if !self.ready {
+            let _ = writeln!(out, "  /ready: {}", self.ready_answer);
+        }
+        let mut registrations = vec![vec![
+            "REGISTRY".to_owned(),
+            "KIND".into(),
+            "REGISTERED".into(),
+            "STATUS".into(),
+            "LEASE".into(),
+            "LAST KEEP-ALIVE".into(),
+            "LAST ERROR".into(),
+        ]];
+        for r in self.this["registrations"].as_array().into_iter().flatten() {
+            registrations.push(vec![
+                text(&r["name"]),
+                text(&r["registry"]),
+                text(&r["registered"]),
+                text(&r["instance"]["status"]),
+                text(&r["lease"]),
+                text(&r["last_keep_alive"]),
+                text(&r["last_error"]),
+            ]);
+        }
+        if registrations.len() > 1 {
+            out.push('\n');
+            table(&mut out, &registrations);
+        }
+        for upstream in self.services["upstreams"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "\nupstream {} on {} ({}, {})",
+                text(&upstream["service"]),
+                text(&upstream["listen"]),
+                text(&upstream["protocol"]),
+                text(&upstream["strategy"]),
+            );
+            let mut rows = vec![vec![
+                "INSTANCE".to_owned(),
+                "ADDRESS".into(),
+                "STATUS".into(),
+                "ACTIVE".into(),
+                "PICKS".into(),
+                "EJECTED FOR".into(),
+                "LATENCY".into(),
+            ]];
+            for e in upstream["endpoints"].as_array().into_iter().flatten() {
+                rows.push(vec![
+                    text(&e["id"]),
+                    text(&e["address"]),
+                    text(&e["status"]),
+                    text(&e["active_connections"]),
+                    text(&e["picks"]),
+                    e["ejected_for_ms"]
+                        .as_u64()
+                        .map_or("-".to_owned(), |ms| format!("{ms} ms")),
+                    e["latency_estimate_ms"]
+                        .as_f64()
+                        .map_or("-".to_owned(), |ms| format!("{ms:.1} ms")),
+                ]);
+            }
+            if rows.len() == 1 {
+                let _ = writeln!(out, "  no endpoints");
+            } else {
+                table(&mut out, &rows);
+            }
+        }
+        out
+    }
+}
+
+/// Rows as columns padded to their widest cell, two spaces apart.
+fn table(out: &mut String, rows: &[Vec<String>]) {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            let _ = write!(line, "{cell:<width$}  ", width = widths[c]);
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+}
