@@ -200,6 +200,9 @@ struct Limit {
     slots: Arc<Semaphore>,
     max: usize,
     rejected: Counter,
+    /// One refusal logged per [`ACCEPT_ERROR_LOG_INTERVAL`], with the
+    /// count of the others.
+    log: LogThrottle,
 }
 
 impl Listener {
@@ -253,6 +256,7 @@ impl Listener {
             slots: Arc::new(Semaphore::new(max)),
             max,
             rejected,
+            log: LogThrottle::new(ACCEPT_ERROR_LOG_INTERVAL),
         });
         self
     }
@@ -305,7 +309,9 @@ impl Listener {
                     Ok(slot) => Some(slot),
                     Err(_) => {
                         limit.rejected.increment(1);
-                        tracing::warn!(listener = %self.name, listen = %self.local, client = %peer, limit = limit.max, "connection limit reached; refusing");
+                        if let Some(since_last_log) = limit.log.due() {
+                            tracing::warn!(listener = %self.name, listen = %self.local, client = %peer, limit = limit.max, since_last_log, "connection limit reached; refusing");
+                        }
                         continue; // dropping the stream closes it
                     }
                 },

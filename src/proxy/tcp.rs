@@ -19,6 +19,7 @@ use super::{copy, preamble, GaugeGuard, ProxyError};
 use crate::balance::{self, now_ms, ActiveGuard, HashKey, Strategy, Upstream};
 use crate::config::UpstreamConfig;
 use crate::metrics as m;
+use crate::time::LogThrottle;
 
 /// Serves the connections of one TCP listener.
 pub struct TcpProxy {
@@ -29,7 +30,13 @@ pub struct TcpProxy {
     policy: RetryPolicy,
     attempts: AttemptMetrics,
     metrics: TcpMetrics,
+    /// One "closing client connection" line per interval, with the count
+    /// of those not logged: a dead upstream refuses every client.
+    reject_log: LogThrottle,
 }
+
+/// How often a listener logs the clients it closes unrouted.
+const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Metric handles resolved once per listener, not per connection.
 struct TcpMetrics {
@@ -64,6 +71,7 @@ impl TcpProxy {
             config,
             listen,
             upstream,
+            reject_log: LogThrottle::new(REJECT_LOG_INTERVAL),
         }
     }
 
@@ -128,7 +136,14 @@ impl TcpProxy {
     fn reject(&self, peer: SocketAddr, error: ProxyError) {
         let service = &self.config.service;
         metrics::counter!(m::TCP_FAILED, "upstream" => service.clone(), "listen" => self.listen.to_string(), "reason" => error.reason()).increment(1);
-        tracing::warn!(upstream = %service, client = %peer, error = %error, "closing client connection");
+        match self.reject_log.due() {
+            Some(since_last_log) => {
+                tracing::warn!(upstream = %service, client = %peer, error = %error, since_last_log, "closing client connection")
+            }
+            None => {
+                tracing::debug!(upstream = %service, client = %peer, error = %error, "closing client connection")
+            }
+        }
     }
 
     /// The affinity key of this connection: the client address, the key
