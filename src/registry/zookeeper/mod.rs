@@ -1,0 +1,239 @@
+//! ZooKeeper backend: an ephemeral znode per instance, children and data
+//! watches per service.
+//!
+//! Node `{root}/{service}/{id}` (parents created as persistent nodes),
+//! data the [`Instance`] JSON, as etcd's value. The client is
+//! [zookeeper-client] (kezhuw): async on tokio, maintained, with ephemeral
+//! nodes, one-shot watches, session state and digest auth; no blocking
+//! client runs on the runtime threads.
+//!
+//! # The session is the lease
+//!
+//! Each registration opens its own session (timeout: the registry's `ttl`,
+//! as the server negotiates it) and creates its node in it; the client
+//! pings to keep the session alive on its own, and moves to another server
+//! of the ensemble when one fails. [`Lease::keep_alive`] only reads the
+//! session's state and checks our node is there: `Unavailable` while
+//! disconnected, `LeaseLost` once the session expired or the node is gone.
+//! [`Lease::gone`] resolves as soon as the client says the session expired
+//! or the node was deleted, so the registration loop writes it again at
+//! once in a new session (counted as a lease re-grant). Deregistration
+//! deletes the node, then closes the session.
+//!
+//! # Discovery
+//!
+//! Watches of all services share one session, opened on first use and
+//! replaced once it has expired. See [`watch`]: a children watch on the
+//! service's node and a data watch on each child, re-armed by the read
+//! that follows every event; any change of the session's state ends the
+//! watch, so the caller re-lists on reconnect rather than trusting a gap.
+//!
+//! # Digest auth
+//!
+//! With `username` and `password`, every session adds the digest identity
+//! `username:password`, and every node we create gets the ACL "all to this
+//! identity, read to anyone": only squires with the same credentials can
+//! change or delete our nodes, or add instances under the parents we made,
+//! while any client may discover.
+//!
+//! [zookeeper-client]: https://crates.io/crates/zookeeper-client
+
+mod error;
+mod lease;
+mod watch;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Mutex;
+use zookeeper_client::{Acl, Acls, Client, CreateMode, CreateOptions, Permission};
+
+use super::{Instance, Lease, Registry, RegistryError, Watch};
+use crate::config::ZooKeeperConfig;
+use error::bounded;
+
+/// Our nodes with credentials: the creator's identity may do anything,
+/// anyone may read.
+static AUTHED_ACL: [Acl; 2] = [
+    Acl::new_const(Permission::ALL, "auth", ""),
+    Acl::new_const(Permission::READ, "world", "anyone"),
+];
+
+pub struct ZooKeeperRegistry {
+    config: ZooKeeperConfig,
+    /// The servers as a connect string: `h1:p1,h2:p2`.
+    connect: String,
+    ttl: Duration,
+    timeout: Duration,
+    /// The session discovery's watches share; `None` until first used.
+    shared: Mutex<Option<Client>>,
+}
+
+impl ZooKeeperRegistry {
+    pub fn new(config: ZooKeeperConfig, ttl: Duration, timeout: Duration) -> Self {
+        ZooKeeperRegistry {
+            connect: config.servers.join(","),
+            config,
+            ttl,
+            timeout,
+            shared: Mutex::new(None),
+        }
+    }
+
+    fn service_path(&self, service: &str) -> String {
+        format!("{}/{}", self.config.root, service)
+    }
+
+    /// The ACL of every node we create.
+    fn acls(&self) -> Acls<'static> {
+        if self.config.credentials.is_some() {
+            Acls::new(&AUTHED_ACL)
+        } else {
+            Acls::anyone_all()
+        }
+    }
+
+    /// A new session, with our digest identity. Fails at once when no
+    /// server accepts a connection, and within `timeout` in any case.
+    async fn session(&self) -> Result<Client, RegistryError> {
+        let mut connector = Client::connector()
+            .with_session_timeout(self.ttl)
+            .with_fail_eagerly();
+        if let Some((user, password)) = &self.config.credentials {
+            let identity = format!("{user}:{}", password.expose());
+            connector = connector.with_auth("digest", identity.as_bytes());
+        }
+        bounded(self.timeout, connector.connect(&self.connect)).await
+    }
+
+    /// The shared session, opened anew if there is none or it has ended
+    /// (expired, closed). A session that is only disconnected is kept: the
+    /// client reconnects it, and calls wait for that within their bound.
+    async fn shared(&self) -> Result<Client, RegistryError> {
+        let mut shared = self.shared.lock().await;
+        if let Some(client) = shared.as_ref() {
+            if !client.state().is_terminated() {
+                return Ok(client.clone());
+            }
+            tracing::info!(session = %client.session_id(), state = %client.state(), "the ZooKeeper session of discovery ended; opening a new one");
+        }
+        let client = self.session().await?;
+        *shared = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Creates our node in `client`'s session, its parents first. A node
+    /// already there with our id is an earlier session's (a restart within
+    /// the ttl): it is replaced, as etcd's put replaces a key.
+    async fn create(&self, client: &Client, path: &str, data: &[u8]) -> Result<(), RegistryError> {
+        let acls = self.acls();
+        let parent = &path[..path.rfind('/').unwrap_or(0)];
+        let persistent = CreateMode::Persistent.with_acls(acls);
+        bounded(self.timeout, client.mkdir(parent, &persistent)).await?;
+        let ephemeral: CreateOptions<'_> = CreateMode::Ephemeral.with_acls(acls);
+        let mut replaced = false;
+        loop {
+            match tokio::time::timeout(self.timeout, client.create(path, data, &ephemeral)).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(zookeeper_client::Error::NodeExists)) if !replaced => {
+                    replaced = true;
+                    tracing::info!(
+                        path,
+                        "a node with our id is there already (an earlier session's); replacing it"
+                    );
+                    match bounded(self.timeout, client.delete(path, None)).await {
+                        Ok(()) | Err(RegistryError::Unavailable(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(Err(e)) => return Err(error::map_error(e)),
+                Err(_) => {
+                    return Err(RegistryError::Unavailable(format!(
+                        "no answer from ZooKeeper within {:?}",
+                        self.timeout
+                    )))
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Registry for ZooKeeperRegistry {
+    fn kind(&self) -> &'static str {
+        "zookeeper"
+    }
+
+    fn target(&self) -> String {
+        self.connect.clone()
+    }
+
+    async fn register(&self, instance: &Instance) -> Result<Box<dyn Lease>, RegistryError> {
+        let client = self.session().await?;
+        let path = format!("{}/{}", self.service_path(&instance.name), instance.id);
+        let created = self
+            .create(&client, &path, instance.to_json().as_bytes())
+            .await;
+        if let Err(e) = created {
+            // Dropping the client closes the session, which would have
+            // removed the node anyway.
+            return Err(match e {
+                // Our new session cannot be lost yet; the server went away.
+                RegistryError::LeaseLost(reason) => RegistryError::Unavailable(reason),
+                other => other,
+            });
+        }
+        Ok(Box::new(lease::ZooKeeperLease::new(
+            client,
+            path,
+            self.timeout,
+        )))
+    }
+
+    async fn watch(&self, service: &str) -> Result<Box<dyn Watch>, RegistryError> {
+        let client = self.shared().await?;
+        let opened =
+            watch::ZooKeeperWatch::open(client, self.service_path(service), self.timeout).await;
+        if let Err(RegistryError::LeaseLost(reason)) = opened {
+            // The shared session expired under us: the next try opens a new one.
+            return Err(RegistryError::Unavailable(reason));
+        }
+        Ok(Box::new(opened?))
+    }
+}
+
+/// A session's id in hex, as ZooKeeper logs it: the lease id in `/v1/self`.
+fn session_id(client: &Client) -> String {
+    format!("{:x}", client.session_id().0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_are_root_service_id_and_auth_gets_an_acl() {
+        let config = ZooKeeperConfig {
+            servers: vec!["127.0.0.1:2181".into(), "127.0.0.2:2181".into()],
+            root: "/services".into(),
+            credentials: None,
+        };
+        let registry = ZooKeeperRegistry::new(
+            config.clone(),
+            Duration::from_secs(10),
+            Duration::from_secs(5),
+        );
+        assert_eq!(registry.target(), "127.0.0.1:2181,127.0.0.2:2181");
+        assert_eq!(registry.service_path("battle"), "/services/battle");
+        assert_eq!(&*registry.acls(), &*Acls::anyone_all());
+        let authed = ZooKeeperRegistry::new(
+            ZooKeeperConfig {
+                credentials: Some(("squire".into(), crate::config::Secret::new("pw"))),
+                ..config
+            },
+            Duration::from_secs(10),
+            Duration::from_secs(5),
+        );
+        assert_eq!(authed.acls().len(), 2);
+    }
+}
