@@ -17,7 +17,10 @@ use zookeeper_client::{Acls, Client, CreateMode};
 /// The data and ephemeral owner of the node at `path`, if it exists.
 async fn node(client: &Client, path: &str) -> Option<(String, i64)> {
     let (data, stat) = client.get_data(path).await.ok()?;
-    Some((String::from_utf8_lossy(&data).into_owned(), stat.ephemeral_owner))
+    Some((
+        String::from_utf8_lossy(&data).into_owned(),
+        stat.ephemeral_owner,
+    ))
 }
 
 /// Creates a persistent node at `path` with `data`, its parents first.
@@ -63,7 +66,11 @@ async fn registration_is_an_ephemeral_node_with_the_exact_json_and_leaves_at_onc
     assert_eq!(registration["name"], "zookeeper", "named after its kind");
     assert_eq!(registration["registry"], "zookeeper");
     assert_eq!(registration["target"], zk.server());
-    assert_eq!(registration["lease"], format!("{owner:x}"), "the session is the lease");
+    assert_eq!(
+        registration["lease"],
+        format!("{owner:x}"),
+        "the session is the lease"
+    );
 
     agent.stop().await;
     assert!(
@@ -81,7 +88,10 @@ async fn a_node_deleted_under_a_live_session_is_created_again_at_once() {
     let addr = "127.0.0.1:7002".parse().expect("addr");
     // ttl 30s: the next keep-alive is 10 s away, so only the watch of our
     // node can bring it back within the bound below.
-    let registry = Section::zookeeper(&zk, "/deleted").set("ttl", "30s");
+    // Named: the metrics of every agent in this process are one registry's.
+    let registry = Section::zookeeper(&zk, "/deleted")
+        .set("ttl", "30s")
+        .set("name", "deleted");
     let agent =
         TestAgent::start(&AgentToml::new(registry).service(Section::game_service("logic", addr)))
             .await;
@@ -92,7 +102,10 @@ async fn a_node_deleted_under_a_live_session_is_created_again_at_once() {
     .await;
     let (_, old_owner) = node(&client, path).await.expect("node present");
 
-    client.delete(path, None).await.expect("delete behind the agent's back");
+    client
+        .delete(path, None)
+        .await
+        .expect("delete behind the agent's back");
     let at = Instant::now();
     eventually("the node to come back", DEADLINE, || async {
         node(&client, path).await.is_some()
@@ -105,8 +118,327 @@ async fn a_node_deleted_under_a_live_session_is_created_again_at_once() {
     assert_ne!(owner, old_owner, "created again in a new session");
     let (_, metrics) = agent.get("/metrics").await;
     assert!(
-        metrics.contains(r#"squire_registration_deleted_total{registry="zookeeper",kind="zookeeper"} 1"#),
+        metrics.contains(
+            r#"squire_registration_deleted_total{registry="deleted",kind="zookeeper"} 1"#
+        ),
         "{metrics}"
     );
     agent.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_session_is_replaced_and_the_node_is_back_within_a_second() {
+    let zk = ZooKeeper::start().await;
+    let client = zk.client().await;
+    let addr = "127.0.0.1:7003".parse().expect("addr");
+    // Named: the metrics of every agent in this process are one registry's.
+    let registry = Section::zookeeper(&zk, "/expiry").set("name", "expiry");
+    let agent =
+        TestAgent::start(&AgentToml::new(registry).service(Section::game_service("logic", addr)))
+            .await;
+    let path = "/expiry/logic/logic-1";
+    eventually("the node in ZooKeeper", DEADLINE, || async {
+        node(&client, path).await.is_some()
+    })
+    .await;
+    let (_, old_owner) = node(&client, path).await.expect("node present");
+
+    // Frozen past the 3 s session timeout: the client gives the session up
+    // (7/5 of its timeout without an answer), and the server, once it
+    // wakes, expires it and so deletes its node.
+    zk.freeze();
+    let gave_up = r#"squire_registration_deleted_total{registry="expiry",kind="zookeeper"}"#;
+    eventually("the session given up", DEADLINE, || async {
+        agent.metric(gave_up).await == Some(1.0)
+    })
+    .await;
+    let this = agent.json("/v1/self").await;
+    assert_eq!(this["registrations"][0]["registered"], false, "{this}");
+    zk.thaw();
+    let thawed = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = node(&client, path).await;
+        if now.as_ref().is_some_and(|(_, owner)| *owner != old_owner) {
+            break;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "old {old_owner:x} now {now:?} self {}",
+                agent.json("/v1/self").await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = thawed.elapsed();
+    println!("measured: node back {took:?} after the server woke");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    eventually("registered again", DEADLINE, || async {
+        agent.json("/v1/self").await["registrations"][0]["registered"] == true
+    })
+    .await;
+    let regrants = agent
+        .metric(r#"squire_lease_regrants_total{registry="expiry",kind="zookeeper"}"#)
+        .await;
+    assert_eq!(regrants, Some(1.0), "{}", agent.get("/metrics").await.1);
+    let this = agent.json("/v1/self").await;
+    assert_eq!(this["registrations"][0]["registrations"], 2);
+    agent.stop().await;
+    assert!(node(&client, path).await.is_none());
+}
+
+#[tokio::test]
+async fn a_peer_proxies_through_zookeeper_discovery_and_follows_status_and_leaving() {
+    let zk = ZooKeeper::start().await;
+    let backend = Backend::start("A").await;
+    let a = TestAgent::start(
+        &AgentToml::zookeeper(&zk, "/proxy").service(Section::game_service("echo", backend.addr)),
+    )
+    .await;
+    let b = TestAgent::start(
+        &AgentToml::zookeeper(&zk, "/proxy").upstream(Section::fast_upstream("echo")),
+    )
+    .await;
+
+    eventually("B to see A", DEADLINE, || async {
+        b.routable().await == ["echo-1"]
+    })
+    .await;
+    let (greeting, echoed, farewell) = session(b.listen(), b"hello through squire")
+        .await
+        .expect("session");
+    assert_eq!(greeting, "A");
+    assert_eq!(echoed, b"hello through squire");
+    assert_eq!(farewell, "bye 20\n");
+
+    // Maintenance rewrites the node's data: B stops routing to a draining A.
+    let (status, body) = support::http_with_token(
+        a.admin,
+        "PUT",
+        "/v1/maintenance?enable=true&reason=drill",
+        a.token.expose(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let client = zk.client().await;
+    eventually("the node to say draining", DEADLINE, || async {
+        node(&client, "/proxy/echo/echo-1")
+            .await
+            .is_some_and(|(json, _)| json.contains(r#""status":"draining""#))
+    })
+    .await;
+    eventually("B to stop routing to A", DEADLINE, || async {
+        b.routable().await.is_empty()
+    })
+    .await;
+    let (status, body) = support::http_with_token(
+        a.admin,
+        "PUT",
+        "/v1/maintenance?enable=false",
+        a.token.expose(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    eventually("B to route to A again", DEADLINE, || async {
+        b.routable().await == ["echo-1"]
+    })
+    .await;
+
+    a.stop().await;
+    eventually("B to drop A", DEADLINE, || async {
+        b.routable().await.is_empty()
+    })
+    .await;
+    let greeting = support::greeting(b.listen()).await.expect("connect to B");
+    assert_eq!(greeting, "", "B closes the client: nothing to route to");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_outage_keeps_routes_and_both_sides_recover_after_the_restart() {
+    let mut zk = ZooKeeper::start().await;
+    let backend = Backend::start("A").await;
+    let a = TestAgent::start(
+        &AgentToml::zookeeper(&zk, "/outage").service(Section::game_service("room", backend.addr)),
+    )
+    .await;
+    let b = TestAgent::start(
+        &AgentToml::zookeeper(&zk, "/outage").upstream(Section::fast_upstream("room")),
+    )
+    .await;
+    eventually("B to see A", DEADLINE, || async {
+        b.routable().await == ["room-1"]
+    })
+    .await;
+
+    zk.kill();
+    eventually("B's watch to notice", DEADLINE, || async {
+        b.json("/v1/services").await["services"][0]["watch_up"] == false
+    })
+    .await;
+    eventually("A's keep-alive to fail", DEADLINE, || async {
+        !a.json("/v1/self").await["registrations"][0]["last_error"].is_null()
+    })
+    .await;
+    for _ in 0..5 {
+        let (greeting, _, farewell) = session(b.listen(), b"still here")
+            .await
+            .expect("session while ZooKeeper is down");
+        assert_eq!(greeting, "A", "B serves from its last snapshot");
+        assert_eq!(farewell, "bye 10\n");
+    }
+    eventually("an outage longer than the 3s ttl", DEADLINE, || async {
+        a.json("/v1/self").await["registrations"][0]["registered"] == false
+    })
+    .await;
+
+    zk.restart().await;
+    let restarted = Instant::now();
+    let client = zk.client().await;
+    eventually("A's node back", DEADLINE, || async {
+        node(&client, "/outage/room/room-1").await.is_some()
+            && a.json("/v1/self").await["registrations"][0]["registered"] == true
+    })
+    .await;
+    println!(
+        "measured: A registered again {:?} after the restart",
+        restarted.elapsed()
+    );
+    // An instance that appears after the restart proves B listed again.
+    let other = Backend::start("C").await;
+    let c = format!(
+        r#"{{"name":"room","id":"room-2","host":"127.0.0.1","port":{}}}"#,
+        other.addr.port()
+    );
+    put(&client, "/outage/room/room-2", &c).await;
+    eventually("B's watch back with both", DEADLINE, || async {
+        let mut ids = b.routable().await;
+        ids.sort();
+        ids == ["room-1", "room-2"]
+    })
+    .await;
+    println!(
+        "measured: B routes both {:?} after the restart",
+        restarted.elapsed()
+    );
+    assert_eq!(
+        b.json("/v1/services").await["services"][0]["watch_up"],
+        true
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_data_is_skipped_and_counted() {
+    let zk = ZooKeeper::start().await;
+    let backend = Backend::start("good").await;
+    let client = zk.client().await;
+    put(&client, "/garbage/shop/bad-1", "not json at all").await;
+    put(&client, "/garbage/shop/bad-2", r#"{"name":"shop"}"#).await;
+    let good = format!(
+        r#"{{"name":"shop","id":"shop-1","host":"127.0.0.1","port":{},"status":"healthy"}}"#,
+        backend.addr.port()
+    );
+    put(&client, "/garbage/shop/shop-1", &good).await;
+
+    let b = TestAgent::start(
+        &AgentToml::zookeeper(&zk, "/garbage").upstream(Section::fast_upstream("shop")),
+    )
+    .await;
+    eventually("the good instance", DEADLINE, || async {
+        b.routable().await == ["shop-1"]
+    })
+    .await;
+    let skipped = "squire_registry_entries_skipped_total{service=\"shop\"}";
+    assert_eq!(b.metric(skipped).await, Some(2.0));
+
+    put(&client, "/garbage/shop/bad-3", "[1,2").await;
+    eventually("the third to be counted", DEADLINE, || async {
+        b.metric(skipped).await == Some(3.0)
+    })
+    .await;
+    // A good node turned bad is dropped and counted too.
+    client
+        .set_data("/garbage/shop/shop-1", b"{", None)
+        .await
+        .expect("set");
+    eventually("the spoiled one dropped and counted", DEADLINE, || async {
+        b.routable().await.is_empty() && b.metric(skipped).await == Some(4.0)
+    })
+    .await;
+    client
+        .set_data("/garbage/shop/shop-1", good.as_bytes(), None)
+        .await
+        .expect("set");
+    eventually("the good one back", DEADLINE, || async {
+        b.routable().await == ["shop-1"]
+    })
+    .await;
+    let (greeting, _, _) = session(b.listen(), b"x").await.expect("still routing");
+    assert_eq!(greeting, "good");
+    let children = client.list_children("/garbage/shop").await.expect("list");
+    assert_eq!(children.len(), 4, "squire never touches other nodes");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn digest_credentials_put_an_acl_on_our_nodes() {
+    let zk = ZooKeeper::start().await;
+    let addr = "127.0.0.1:7004".parse().expect("addr");
+    let registry = Section::zookeeper(&zk, "/secure")
+        .set("username", "squire")
+        .set("password", "s3cret-pw");
+    let agent =
+        TestAgent::start(&AgentToml::new(registry).service(Section::game_service("logic", addr)))
+            .await;
+    let anonymous = zk.client().await;
+    let path = "/secure/logic/logic-1";
+    eventually("the node in ZooKeeper", DEADLINE, || async {
+        node(&anonymous, path).await.is_some()
+    })
+    .await;
+    let (acl, _) = anonymous.get_acl(path).await.expect("acl");
+    let shown: Vec<String> = acl
+        .iter()
+        .map(|a| format!("{}:{}:{}", a.scheme(), a.id(), a.permission()))
+        .collect();
+    assert_eq!(shown.len(), 2, "{shown:?}");
+    assert!(
+        shown[0].starts_with("digest:squire:") && shown[0].ends_with(":ALL"),
+        "{shown:?}"
+    );
+    assert_eq!(shown[1], "world:anyone:READ", "{shown:?}");
+    let (parent_acl, _) = anonymous.get_acl("/secure/logic").await.expect("acl");
+    assert_eq!(parent_acl, acl, "the parents we made get the same ACL");
+
+    // Anyone reads (and so discovers); only the same identity may change it.
+    assert_eq!(
+        anonymous.delete(path, None).await,
+        Err(zookeeper_client::Error::NoAuth)
+    );
+    assert_eq!(
+        anonymous.set_data(path, b"x", None).await.map(|_| ()),
+        Err(zookeeper_client::Error::NoAuth)
+    );
+    let options = CreateMode::Persistent.with_acls(Acls::anyone_all());
+    assert_eq!(
+        anonymous
+            .create("/secure/logic/intruder", b"x", &options)
+            .await
+            .map(|_| ()),
+        Err(zookeeper_client::Error::NoAuth)
+    );
+    let same = zk.client_as("squire", "s3cret-pw").await;
+    same.set_data(path, b"{}", None)
+        .await
+        .expect("the same identity writes");
+
+    let (_, body) = agent.get("/v1/self").await;
+    assert!(!body.contains("s3cret-pw"), "{body}");
+    agent.stop().await;
+    assert!(
+        node(&anonymous, path).await.is_none(),
+        "deleted with our identity"
+    );
 }

@@ -42,6 +42,7 @@ mod error;
 mod lease;
 mod watch;
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -67,7 +68,13 @@ pub struct ZooKeeperRegistry {
     timeout: Duration,
     /// The session discovery's watches share; `None` until first used.
     shared: Mutex<Option<Client>>,
+    /// The sessions of our last registrations, to tell our own stale node
+    /// from another's.
+    sessions: std::sync::Mutex<VecDeque<i64>>,
 }
+
+/// How many of our registrations' sessions are remembered.
+const REMEMBERED_SESSIONS: usize = 8;
 
 impl ZooKeeperRegistry {
     pub fn new(config: ZooKeeperConfig, ttl: Duration, timeout: Duration) -> Self {
@@ -77,6 +84,7 @@ impl ZooKeeperRegistry {
             ttl,
             timeout,
             shared: Mutex::new(None),
+            sessions: std::sync::Mutex::new(VecDeque::new()),
         }
     }
 
@@ -122,9 +130,16 @@ impl ZooKeeperRegistry {
         Ok(client)
     }
 
-    /// Creates our node in `client`'s session, its parents first. A node
-    /// already there with our id is an earlier session's (a restart within
-    /// the ttl): it is replaced, as etcd's put replaces a key.
+    /// Creates our node in `client`'s session, its parents first.
+    ///
+    /// A node already there with our id is another session's. If it is a
+    /// session this registry opened and gave up (its lease lost while the
+    /// server was out of reach, the server kept it alive a while longer)
+    /// the node is deleted and created anew. Any other session's is left
+    /// alone and reported: an earlier run's (a crash) until the server
+    /// expires it, or another squire's with the same id — replacing that
+    /// would have two squires delete each other's node for ever. The
+    /// registration loop tries again within half a second.
     async fn create(&self, client: &Client, path: &str, data: &[u8]) -> Result<(), RegistryError> {
         let acls = self.acls();
         let parent = &path[..path.rfind('/').unwrap_or(0)];
@@ -133,19 +148,36 @@ impl ZooKeeperRegistry {
         let ephemeral: CreateOptions<'_> = CreateMode::Ephemeral.with_acls(acls);
         let mut replaced = false;
         loop {
-            match tokio::time::timeout(self.timeout, client.create(path, data, &ephemeral)).await {
-                Ok(Ok(_)) => return Ok(()),
-                Ok(Err(zookeeper_client::Error::NodeExists)) if !replaced => {
-                    replaced = true;
-                    tracing::info!(
-                        path,
-                        "a node with our id is there already (an earlier session's); replacing it"
-                    );
-                    match bounded(self.timeout, client.delete(path, None)).await {
-                        Ok(()) | Err(RegistryError::Unavailable(_)) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
+            let created = tokio::time::timeout(self.timeout, client.create(path, data, &ephemeral))
+                .await
+                .map_err(|_| {
+                    RegistryError::Unavailable(format!(
+                        "no answer from ZooKeeper within {:?}",
+                        self.timeout
+                    ))
+                })?;
+            match created {
+                Ok(_) => return Ok(()),
+                Err(zookeeper_client::Error::NodeExists) => {}
+                Err(e) => return Err(error::map_error(e)),
+            }
+            let Some(stat) = bounded(self.timeout, client.check_stat(path)).await? else {
+                continue; // gone meanwhile
+            };
+            let owner = stat.ephemeral_owner;
+            if replaced || !self.given_up(owner) {
+                return Err(RegistryError::Unavailable(format!(
+                    "{path} exists in session {owner:x}: an earlier run's until ZooKeeper expires it, or another squire's with our id"
+                )));
+            }
+            replaced = true;
+            tracing::info!(path, session = %format!("{owner:x}"), "our node is still held by a session we gave up; replacing it");
+            match tokio::time::timeout(self.timeout, client.delete(path, Some(stat.version))).await
+            {
+                Ok(
+                    Ok(())
+                    | Err(zookeeper_client::Error::NoNode | zookeeper_client::Error::BadVersion),
+                ) => {}
                 Ok(Err(e)) => return Err(error::map_error(e)),
                 Err(_) => {
                     return Err(RegistryError::Unavailable(format!(
@@ -155,6 +187,25 @@ impl ZooKeeperRegistry {
                 }
             }
         }
+    }
+
+    /// Whether `session` is one this registry opened for a registration.
+    /// Only abandoned ones can hold our node: a lease is dropped before
+    /// the next registration.
+    fn given_up(&self, session: i64) -> bool {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&session)
+    }
+
+    /// Remembers `session` as one of our registrations' (the last few).
+    fn remember(&self, session: i64) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if sessions.len() == REMEMBERED_SESSIONS {
+            sessions.pop_front();
+        }
+        sessions.push_back(session);
     }
 }
 
@@ -170,6 +221,7 @@ impl Registry for ZooKeeperRegistry {
 
     async fn register(&self, instance: &Instance) -> Result<Box<dyn Lease>, RegistryError> {
         let client = self.session().await?;
+        self.remember(client.session_id().0);
         let path = format!("{}/{}", self.service_path(&instance.name), instance.id);
         let created = self
             .create(&client, &path, instance.to_json().as_bytes())
