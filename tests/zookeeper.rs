@@ -434,6 +434,28 @@ async fn digest_credentials_put_an_acl_on_our_nodes() {
         .await
         .expect("the same identity writes");
 
+    // Another squire with a wrong password is another identity: refused
+    // under the parents we made, reported, never fatal, never shown.
+    let wrong = Section::zookeeper(&zk, "/secure")
+        .set("username", "squire")
+        .set("password", "not-the-pw");
+    let other_addr = "127.0.0.1:7005".parse().expect("addr");
+    let other = TestAgent::start(
+        &AgentToml::new(wrong)
+            .service(Section::game_service("logic", other_addr).set("id", "logic-2")),
+    )
+    .await;
+    eventually("the refusal reported", DEADLINE, || async {
+        other.json("/v1/self").await["registrations"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("refused") && e.contains("not authorized"))
+    })
+    .await;
+    let (_, body) = other.get("/v1/self").await;
+    assert!(!body.contains("not-the-pw"), "{body}");
+    assert!(node(&anonymous, "/secure/logic/logic-2").await.is_none());
+    other.stop().await;
+
     let (_, body) = agent.get("/v1/self").await;
     assert!(!body.contains("s3cret-pw"), "{body}");
     agent.stop().await;
@@ -441,4 +463,56 @@ async fn digest_credentials_put_an_acl_on_our_nodes() {
         node(&anonymous, path).await.is_none(),
         "deleted with our identity"
     );
+}
+
+#[tokio::test]
+async fn zookeeper_in_a_registry_list_registers_and_fails_over() {
+    let mut zk = ZooKeeper::start().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let backend = Backend::start("A").await;
+    let registries = |toml: AgentToml| {
+        toml.registry(Section::local(dir.path()).set("name", "lan"))
+            .discovery("failback", "200ms")
+    };
+    let zk_section = Section::zookeeper(&zk, "/multi").set("name", "zk");
+    let a = TestAgent::start(
+        &registries(AgentToml::new(zk_section.clone()))
+            .service(Section::game_service("room", backend.addr)),
+    )
+    .await;
+    let b = TestAgent::start(
+        &registries(AgentToml::new(zk_section)).upstream(Section::fast_upstream("room")),
+    )
+    .await;
+    let client = zk.client().await;
+    eventually("A in both registries", DEADLINE, || async {
+        let this = a.json("/v1/self").await;
+        node(&client, "/multi/room/room-1").await.is_some()
+            && this["registrations"][0]["registered"] == true
+            && this["registrations"][1]["registered"] == true
+    })
+    .await;
+    let served_from = |services: serde_json::Value| services["services"][0]["served_from"].clone();
+    eventually("B routing from ZooKeeper", DEADLINE, || async {
+        b.routable().await == ["room-1"]
+            && served_from(b.json("/v1/services").await) == serde_json::json!(["zk"])
+    })
+    .await;
+
+    zk.kill();
+    eventually("B on the local registry", DEADLINE, || async {
+        served_from(b.json("/v1/services").await) == serde_json::json!(["lan"])
+    })
+    .await;
+    let (greeting, _, _) = session(b.listen(), b"x").await.expect("session");
+    assert_eq!(greeting, "A");
+
+    zk.restart().await;
+    eventually("B back on ZooKeeper", DEADLINE, || async {
+        served_from(b.json("/v1/services").await) == serde_json::json!(["zk"])
+            && b.routable().await == ["room-1"]
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
 }
