@@ -44,6 +44,10 @@ impl ZooKeeperLease {
     }
 
     /// The session's state as an error, if it is not connected.
+    ///
+    /// Checked before each call: while the client reconnects a call waits
+    /// in its queue (the bound only stops our waiting), and every retry
+    /// would add one more to send on reconnect.
     fn session_problem(&self) -> Option<RegistryError> {
         let id = session_id(&self.client);
         match self.client.state() {
@@ -98,6 +102,12 @@ impl Lease for ZooKeeperLease {
                 return;
             }
             let Some(node) = self.node.as_mut() else {
+                if !connected(self.client.state()) {
+                    // A call now would only queue until the client is
+                    // connected again; wait for that instead.
+                    self.state.changed().await;
+                    continue;
+                }
                 if let Some(at) = self.rewatch_at {
                     tokio::select! {
                         _ = tokio::time::sleep_until(at) => {}
@@ -140,7 +150,9 @@ impl Lease for ZooKeeperLease {
     }
 
     async fn update(&mut self, instance: &Instance) -> Result<(), RegistryError> {
-        if let Some(problem @ RegistryError::LeaseLost(_)) = self.session_problem() {
+        // Not sent while disconnected: it would wait in the client's queue
+        // and arrive late; the registration loop writes again later.
+        if let Some(problem) = self.session_problem() {
             return Err(problem);
         }
         let data = instance.to_json();
@@ -196,4 +208,11 @@ impl Lease for ZooKeeperLease {
         }
         result
     }
+}
+
+pub(super) fn connected(state: SessionState) -> bool {
+    matches!(
+        state,
+        SessionState::SyncConnected | SessionState::ConnectedReadOnly
+    )
 }

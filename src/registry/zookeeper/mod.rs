@@ -222,6 +222,9 @@ impl Registry for ZooKeeperRegistry {
     async fn register(&self, instance: &Instance) -> Result<Box<dyn Lease>, RegistryError> {
         let client = self.session().await?;
         self.remember(client.session_id().0);
+        if client.session_timeout() != self.ttl {
+            tracing::warn!(asked = ?self.ttl, negotiated = ?client.session_timeout(), "ZooKeeper gave our session another timeout than the ttl (its min/maxSessionTimeout)");
+        }
         let path = format!("{}/{}", self.service_path(&instance.name), instance.id);
         let created = self
             .create(&client, &path, instance.to_json().as_bytes())
@@ -244,6 +247,14 @@ impl Registry for ZooKeeperRegistry {
 
     async fn watch(&self, service: &str) -> Result<Box<dyn Watch>, RegistryError> {
         let client = self.shared().await?;
+        if !lease::connected(client.state()) {
+            // Fail at once rather than queue a listing in the client for
+            // every retry; the caller tries again within half a second.
+            return Err(RegistryError::Unavailable(format!(
+                "the ZooKeeper session of discovery is {}; the client is reconnecting",
+                client.state()
+            )));
+        }
         let opened =
             watch::ZooKeeperWatch::open(client, self.service_path(service), self.timeout).await;
         if let Err(RegistryError::LeaseLost(reason)) = opened {
