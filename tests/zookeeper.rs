@@ -516,3 +516,78 @@ async fn zookeeper_in_a_registry_list_registers_and_fails_over() {
     a.stop().await;
     b.stop().await;
 }
+
+/// The backend alone, under the registration loop's calls: the session's
+/// state is what `keep_alive` reports.
+#[tokio::test]
+async fn the_lease_is_unavailable_while_disconnected_and_lost_once_the_session_expired() {
+    use squire::config::ZooKeeperConfig;
+    use squire::registry::zookeeper::ZooKeeperRegistry;
+    use squire::registry::{Instance, Registry, RegistryError, Status, WatchEvent};
+
+    let mut zk = ZooKeeper::start().await;
+    let config = ZooKeeperConfig {
+        servers: vec![zk.server()],
+        root: "/lease".into(),
+        credentials: None,
+    };
+    let registry = ZooKeeperRegistry::new(config, Duration::from_secs(3), Duration::from_secs(1));
+    let instance = Instance {
+        name: "svc".into(),
+        id: "svc-1".into(),
+        host: "127.0.0.1".into(),
+        port: 7006,
+        tags: Vec::new(),
+        metadata: Default::default(),
+        version: String::new(),
+        weight: 100,
+        status: Status::Healthy,
+    };
+    let mut lease = registry.register(&instance).await.expect("register");
+    lease.keep_alive().await.expect("a fresh session is alive");
+    let mut watch = registry.watch("svc").await.expect("watch");
+    let Ok(WatchEvent::Reset(entries)) = watch.next().await else {
+        panic!("a watch starts with the full set");
+    };
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].key, "/lease/svc/svc-1");
+    assert_eq!(entries[0].value, Ok(instance.clone()));
+
+    // Killed and back within the session timeout: the same session goes on
+    // (the server restores it), disconnected meanwhile.
+    zk.kill();
+    let deadline = Instant::now() + DEADLINE;
+    while !matches!(lease.keep_alive().await, Err(RegistryError::Unavailable(_))) {
+        assert!(Instant::now() < deadline, "keep_alive never unavailable");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        watch.next().await.is_err(),
+        "the watch ends on a disconnect"
+    );
+    zk.restart().await;
+    let deadline = Instant::now() + DEADLINE;
+    while let Err(e) = lease.keep_alive().await {
+        assert!(
+            Instant::now() < deadline,
+            "the session never came back: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Frozen until the client gives the session up: lost, and `gone` says so.
+    zk.freeze();
+    let deadline = Instant::now() + DEADLINE;
+    while !matches!(lease.keep_alive().await, Err(RegistryError::LeaseLost(_))) {
+        assert!(Instant::now() < deadline, "keep_alive never lost");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(1), lease.gone())
+        .await
+        .expect("gone resolves once the session expired");
+    zk.thaw();
+    let lease = registry.register(&instance).await.expect("register again");
+    lease.revoke().await.expect("revoke");
+    let client = zk.client().await;
+    assert!(node(&client, "/lease/svc/svc-1").await.is_none());
+}
