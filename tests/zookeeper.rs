@@ -591,3 +591,99 @@ async fn the_lease_is_unavailable_while_disconnected_and_lost_once_the_session_e
     let client = zk.client().await;
     assert!(node(&client, "/lease/svc/svc-1").await.is_none());
 }
+
+/// Discovery races `next` against timers and probes: cancelled anywhere,
+/// the watch still ends up with what ZooKeeper holds.
+#[tokio::test]
+async fn a_watch_cancelled_at_every_turn_still_sees_every_change() {
+    use std::collections::BTreeMap;
+
+    use squire::config::ZooKeeperConfig;
+    use squire::registry::zookeeper::ZooKeeperRegistry;
+    use squire::registry::{Change, Registry, WatchEvent};
+
+    let zk = ZooKeeper::start().await;
+    let client = zk.client().await;
+    let config = ZooKeeperConfig {
+        servers: vec![zk.server()],
+        root: "/cancel".into(),
+        credentials: None,
+    };
+    let registry = ZooKeeperRegistry::new(config, Duration::from_secs(3), Duration::from_secs(2));
+    let mut watch = registry.watch("svc").await.expect("watch");
+    let mut view: BTreeMap<String, bool> = BTreeMap::new();
+    let apply = |view: &mut BTreeMap<String, bool>, event: WatchEvent| match event {
+        WatchEvent::Reset(entries) => {
+            *view = entries
+                .into_iter()
+                .map(|e| (e.key, e.value.is_ok()))
+                .collect();
+        }
+        WatchEvent::Changes(changes) => {
+            for change in changes {
+                match change {
+                    Change::Put(e) => {
+                        view.insert(e.key, e.value.is_ok());
+                    }
+                    Change::Delete { key } => {
+                        view.remove(&key);
+                    }
+                }
+            }
+        }
+    };
+    let event = watch.next().await.expect("reset");
+    apply(&mut view, event);
+    assert!(view.is_empty(), "no service node yet: {view:?}");
+
+    let instance = |i: u16| {
+        format!(
+            r#"{{"name":"svc","id":"svc-{i}","host":"127.0.0.1","port":{}}}"#,
+            7100 + i
+        )
+    };
+    let (mut cancelled, mut completed) = (0, 0);
+    for i in 0..20u16 {
+        put(&client, &format!("/cancel/svc/svc-{i}"), &instance(i)).await;
+        if i % 3 == 0 {
+            client
+                .set_data(&format!("/cancel/svc/svc-{i}"), b"garbage", None)
+                .await
+                .expect("set");
+        }
+        if i % 4 == 1 {
+            client
+                .delete(&format!("/cancel/svc/svc-{}", i - 1), None)
+                .await
+                .expect("delete");
+        }
+        // A few polls of next(), cut short at different points.
+        for cut in [300, 2_000, 10_000] {
+            match tokio::time::timeout(Duration::from_micros(cut), watch.next()).await {
+                Ok(event) => {
+                    completed += 1;
+                    apply(&mut view, event.expect("no error"));
+                }
+                Err(_) => cancelled += 1,
+            }
+        }
+    }
+    let mut want = BTreeMap::new();
+    for name in client.list_children("/cancel/svc").await.expect("list") {
+        let path = format!("/cancel/svc/{name}");
+        let (data, _) = client.get_data(&path).await.expect("data");
+        want.insert(path, data != b"garbage");
+    }
+    let deadline = Instant::now() + DEADLINE;
+    while view != want {
+        assert!(Instant::now() < deadline, "view {view:?}\nwant {want:?}");
+        if let Ok(event) = tokio::time::timeout(Duration::from_millis(200), watch.next()).await {
+            apply(&mut view, event.expect("no error"));
+        }
+    }
+    println!("measured: {cancelled} calls of next() cancelled, {completed} completed; the view equals ZooKeeper's");
+    assert!(
+        cancelled > 0,
+        "nothing was cancelled: the test proves nothing"
+    );
+}

@@ -36,6 +36,10 @@ pub(super) struct ZooKeeperWatch {
     children: Fired,
     /// One data watch per known child.
     data: FuturesUnordered<ChildFired>,
+    /// The children watch fired (and is spent): list again.
+    relist_due: bool,
+    /// Children whose data watch fired: read them again.
+    reread_due: BTreeSet<String>,
 }
 
 impl ZooKeeperWatch {
@@ -56,6 +60,8 @@ impl ZooKeeperWatch {
             known: BTreeSet::new(),
             children,
             data: FuturesUnordered::new(),
+            relist_due: false,
+            reread_due: BTreeSet::new(),
         };
         let entries = watch.read_new(names).await?;
         watch.initial = Some(entries);
@@ -108,6 +114,9 @@ impl ZooKeeperWatch {
         let now: BTreeSet<String> = names.into_iter().collect();
         let gone: Vec<String> = self.known.difference(&now).cloned().collect();
         let new: Vec<String> = now.difference(&self.known).cloned().collect();
+        // Read before forgetting the gone, so a call cancelled here leaves
+        // `known` as it was and the next listing finds the same deletes.
+        let puts = self.read_new(new).await?;
         let mut changes: Vec<Change> = gone
             .into_iter()
             .map(|name| {
@@ -117,7 +126,7 @@ impl ZooKeeperWatch {
                 }
             })
             .collect();
-        changes.extend(self.read_new(new).await?.into_iter().map(Change::Put));
+        changes.extend(puts.into_iter().map(Change::Put));
         Ok(changes)
     }
 
@@ -140,25 +149,39 @@ impl ZooKeeperWatch {
 
 #[async_trait]
 impl Watch for ZooKeeperWatch {
+    /// Cancel-safe (discovery races it against probes and timers): a
+    /// fired watch is first noted as due work, which a cancelled call
+    /// leaves for the next one.
     async fn next(&mut self) -> Result<WatchEvent, RegistryError> {
         if let Some(entries) = self.initial.take() {
             return Ok(WatchEvent::Reset(entries));
         }
         loop {
-            let changes = tokio::select! {
-                state = self.state.changed() => {
-                    return Err(RegistryError::Unavailable(format!(
-                        "ZooKeeper session {state}; listing again"
-                    )));
+            let changes = if self.relist_due {
+                let changes = self.relist().await?;
+                self.relist_due = false;
+                changes
+            } else if let Some(name) = self.reread_due.first().cloned() {
+                let changes = self.reread(name.clone()).await?;
+                self.reread_due.remove(&name);
+                changes
+            } else {
+                tokio::select! {
+                    state = self.state.changed() => {
+                        return Err(RegistryError::Unavailable(format!(
+                            "ZooKeeper session {state}; listing again"
+                        )));
+                    }
+                    event = &mut self.children => {
+                        session_ended(&event)?;
+                        self.relist_due = true;
+                    }
+                    Some((name, event)) = self.data.next() => {
+                        session_ended(&event)?;
+                        self.reread_due.insert(name);
+                    }
                 }
-                event = &mut self.children => {
-                    session_ended(&event)?;
-                    self.relist().await?
-                }
-                Some((name, event)) = self.data.next() => {
-                    session_ended(&event)?;
-                    self.reread(name).await?
-                }
+                continue;
             };
             if !changes.is_empty() {
                 return Ok(WatchEvent::Changes(changes));
