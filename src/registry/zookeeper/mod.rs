@@ -17,13 +17,21 @@
 //! disconnected, `LeaseLost` once the session expired or the node is gone.
 //! [`Lease::gone`] resolves as soon as the client says the session expired
 //! or the node was deleted, so the registration loop writes it again at
-//! once in a new session (counted as a lease re-grant). Deregistration
-//! deletes the node, then closes the session.
+//! once in a new session (counted as a lease re-grant). The client gives a
+//! session up by itself after 7/5 of its timeout without reaching a
+//! server. Deregistration deletes the node, then closes the session.
+//!
+//! A node with our id held by another session is replaced only when that
+//! session is one of ours we gave up (a server that was out of reach may
+//! keep it a while); anyone else's is left to expire (see
+//! `ZooKeeperRegistry::create`). No call is sent while the client is
+//! reconnecting: it would only wait in the client's queue, and each retry
+//! would add one more to send on reconnect.
 //!
 //! # Discovery
 //!
 //! Watches of all services share one session, opened on first use and
-//! replaced once it has expired. See [`watch`]: a children watch on the
+//! replaced once it has expired. See `watch`: a children watch on the
 //! service's node and a data watch on each child, re-armed by the read
 //! that follows every event; any change of the session's state ends the
 //! watch, so the caller re-lists on reconnect rather than trusting a gap.
