@@ -224,7 +224,8 @@ async fn a_peer_proxies_through_zookeeper_discovery_and_follows_status_and_leavi
     eventually("the node to say draining", DEADLINE, || async {
         node(&client, "/proxy/echo/echo-1")
             .await
-            .is_some_and(|(json, _)| json.contains(r#""status":"draining""#))
+            .and_then(|(json, _)| squire::registry::Instance::from_json(json.as_bytes()).ok())
+            .is_some_and(|instance| instance.status == squire::registry::Status::Draining)
     })
     .await;
     eventually("B to stop routing to A", DEADLINE, || async {
