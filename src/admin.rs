@@ -191,6 +191,7 @@ async fn route(
                 text.push('\n');
             }
             text.push_str(&crate::metrics::render_live(balance::now_ms()));
+            text.push_str(&crate::metrics::render_process());
             let mut response = Response::new(Body::from(text));
             response.headers_mut().insert(
                 CONTENT_TYPE,

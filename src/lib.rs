@@ -9,7 +9,7 @@
 //!
 //! - [`config`]: `agent.toml`, validated in one pass that reports every problem.
 //! - [`agent`]: wires the tasks together; owns startup, reload and shutdown order.
-//! - [`registry`]: the backend seam (`etcd`, `consul`, `zookeeper`, `local`) and the instance format.
+//! - [`registry`]: the backend seam (`etcd`, `consul`, `eureka`, `zookeeper`, `local`) and the instance format.
 //! - [`registration`]: keeps our instance registered through outages and lease loss.
 //! - [`health`]: probes of the local service and the rise/fall verdict.
 //! - [`discovery`]: registry watches turned into [`balance::Upstream`] snapshots.
@@ -44,12 +44,18 @@ pub mod health;
 pub mod liveness;
 pub mod memory;
 pub mod metrics;
+pub mod process;
 pub mod proxy;
 pub mod registration;
 pub mod registry;
 pub mod reload;
 pub mod time;
 pub mod tls;
+
+/// The commit squire was built from (`git rev-parse --short=12`, `-dirty`
+/// with uncommitted changes; `SQUIRE_COMMIT` at build time overrides it;
+/// `unknown` without either).
+pub const COMMIT: &str = env!("SQUIRE_COMMIT");
 
 pub use agent::{run, Agent, AgentError};
 pub use config::{Config, ConfigError};

@@ -18,7 +18,7 @@ const EXIT_INTERRUPTED: i32 = 130;
 #[derive(Parser)]
 #[command(
     name = "squire",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SQUIRE_COMMIT"), ")"),
     about = "Per-host sidecar for game-server fleets"
 )]
 struct Cli {

@@ -279,6 +279,78 @@ pub fn render_live(now: u64) -> String {
     samples.render()
 }
 
+/// `squire_build_info` and the process families every Prometheus exporter
+/// has (`process_cpu_seconds_total`, memory, descriptors, start time), read
+/// from `/proc/self` at each scrape. A family whose source cannot be read
+/// is left out.
+pub fn render_process() -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, value: String| {
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{value}\n");
+    };
+    let mut build = String::new();
+    escape_label(env!("CARGO_PKG_VERSION"), &mut build);
+    build.push_str("\",commit=\"");
+    escape_label(crate::COMMIT, &mut build);
+    family(
+        "squire_build_info",
+        "gauge",
+        "1, labelled with the version and commit squire was built from",
+        format!("squire_build_info{{version=\"{build}\"}} 1"),
+    );
+    let process = crate::process::Process::read();
+    if let Some(cpu) = process.cpu_seconds {
+        family(
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds",
+            format!("process_cpu_seconds_total {cpu}"),
+        );
+    }
+    if let Some(rss) = process.resident_bytes {
+        family(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes",
+            format!("process_resident_memory_bytes {rss}"),
+        );
+    }
+    if let Some(vsz) = process.virtual_bytes {
+        family(
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes",
+            format!("process_virtual_memory_bytes {vsz}"),
+        );
+    }
+    if let Some(fds) = process.open_fds {
+        family(
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors",
+            format!("process_open_fds {fds}"),
+        );
+    }
+    if let Some(max) = process.max_fds {
+        family(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors",
+            format!("process_max_fds {max}"),
+        );
+    }
+    if let Some(start) = process.start_time_seconds {
+        family(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds",
+            format!("process_start_time_seconds {start}"),
+        );
+    }
+    out
+}
+
 static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 
 /// Installs the Prometheus recorder (once per process) and returns the
@@ -304,6 +376,37 @@ pub fn install() -> Result<PrometheusHandle, String> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        ENTRIES_REFUSED,
+        "Registry entries the endpoint policy refused, once per instance and reason"
+    );
+    describe_counter!(
+        ADMIN_REJECTED,
+        "Admin API connections refused at its connection limit"
+    );
+    describe_histogram!(CHECK_SECONDS, Unit::Seconds, "Time one health probe took");
+    describe_counter!(CHECK_RESULTS, "Health probe results by outcome");
+    describe_counter!(
+        CHECK_TRANSITIONS,
+        "Status changes of a health check after its rise/fall thresholds"
+    );
+    describe_gauge!(
+        CHECK_STATUS,
+        "1 for the current status of a health check, 0 for the others"
+    );
+    describe_gauge!(
+        ANNOUNCED_STATUS,
+        "1 for the status last written to a registry, 0 for the others"
+    );
+    describe_counter!(STATUS_WRITES, "Status writes to a registry");
+    describe_counter!(
+        STATUS_WRITES_DEFERRED,
+        "Status changes held back by the write rate limit (a later write carries the latest)"
+    );
+    describe_counter!(
+        CRITICAL_DEREGISTRATIONS,
+        "Times our instance was removed for staying unhealthy past deregister_critical_after"
+    );
     describe_counter!(
         REGISTRATIONS,
         "Successful registrations, first ones and re-registrations"

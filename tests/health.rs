@@ -44,8 +44,10 @@ async fn registered_status(etcd: &Etcd, key: &str) -> Option<String> {
     let mut client = etcd.client().await;
     let response = client.get(key, None).await.ok()?;
     let kv = response.kvs().first()?;
-    let value: serde_json::Value = serde_json::from_slice(kv.value()).ok()?;
-    value["status"].as_str().map(str::to_owned)
+    // As squire reads it: squire_status first (Knight sees "unhealthy"
+    // for draining).
+    let instance = squire::registry::Instance::from_json(kv.value()).ok()?;
+    Some(instance.status.as_str().to_owned())
 }
 
 /// True if a new connection through `listen` reaches the backend.

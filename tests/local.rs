@@ -152,7 +152,11 @@ async fn the_maintenance_command_drains_and_restores_the_instance() {
         let text = std::fs::read_to_string(&record).unwrap_or_default();
         serde_json::from_str::<serde_json::Value>(&text)
             .ok()
-            .and_then(|v| v["instance"]["status"].as_str().map(str::to_owned))
+            // As squire reads it: squire_status first.
+            .and_then(|v| {
+                serde_json::from_value::<squire::registry::Instance>(v["instance"].clone()).ok()
+            })
+            .map(|i| i.status.as_str().to_owned())
     };
     eventually("registered healthy", DEADLINE, || async {
         status().as_deref() == Some("healthy")

@@ -440,6 +440,14 @@ async fn a_changed_name_is_picked_up_at_the_refresh_and_never_per_connect() {
     drop(squire);
 }
 
+/// `POST /v1/reload` with the token the agent generated in its state_dir
+/// (`{dir}/.state` on the local registry), as `squire` would send it.
+async fn reload(dir: &std::path::Path, admin: SocketAddr) -> (u16, String) {
+    let file = squire::admin::generated_path(&dir.join(".state"), admin.port());
+    let token = std::fs::read_to_string(&file).expect("generated admin token");
+    support::http_with_token(admin, "POST", "/v1/reload", token.trim()).await
+}
+
 #[tokio::test]
 async fn a_listener_bound_by_a_reload_is_refused_as_an_endpoint_at_once() {
     let dir = tempfile::tempdir().expect("dir");
@@ -476,7 +484,7 @@ async fn a_listener_bound_by_a_reload_is_refused_as_an_endpoint_at_once() {
     // The reload binds a listener at the instance's address and leaves
     // the relay upstream (and its discovery) as they are.
     std::fs::write(&path, config(true, &[])).expect("config");
-    let (status, body) = support::http_request(admin, "POST", "/v1/reload").await;
+    let (status, body) = reload(dir.path(), admin).await;
     assert_eq!(status, 200, "{body}");
     let services = wait_refused(admin, "relay", &[("relay-1", "self")]).await;
     assert!(dials(&services, 0).is_empty(), "{services}");
@@ -492,7 +500,7 @@ async fn a_listener_bound_by_a_reload_is_refused_as_an_endpoint_at_once() {
     })
     .await;
     std::fs::write(&path, config(true, &["127.0.0.0/8"])).expect("config");
-    let (status, body) = support::http_request(admin, "POST", "/v1/reload").await;
+    let (status, body) = reload(dir.path(), admin).await;
     assert_eq!(status, 200, "{body}");
     wait_refused(
         admin,

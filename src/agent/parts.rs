@@ -325,6 +325,11 @@ pub fn connect_registry(config: &RegistryConfig) -> Result<Arc<dyn Registry>, Ag
             config.ttl,
             config.timeout,
         )),
+        RegistryBackend::Eureka(eureka) => Arc::new(registry::eureka::EurekaRegistry::new(
+            eureka,
+            config.ttl,
+            config.timeout,
+        )),
         RegistryBackend::ZooKeeper(zookeeper) => {
             Arc::new(registry::zookeeper::ZooKeeperRegistry::new(
                 zookeeper.clone(),

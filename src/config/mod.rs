@@ -29,6 +29,7 @@ mod agent;
 mod check;
 mod consul;
 mod etcd;
+mod eureka;
 mod http;
 mod problems;
 mod raw;
@@ -49,6 +50,7 @@ pub use agent::{AgentConfig, LogFormat, DEFAULT_ADMIN};
 pub use check::{CheckConfig, HttpProbeConfig, ProbeConfig, ProbeTls};
 pub use consul::ConsulConfig;
 pub use etcd::{EtcdConfig, DEFAULT_PREFIX};
+pub use eureka::EurekaConfig;
 pub use http::{HttpUpstreamConfig, RouteConfig};
 pub use problems::{ConfigError, Problem};
 pub use registry::{

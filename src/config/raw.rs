@@ -91,6 +91,9 @@ pub struct RawRegistry {
     pub deregister_critical_after: Option<String>,
     pub ca: Option<String>,
     pub tls_skip_verify: Option<bool>,
+    // eureka
+    pub url: Option<String>,
+    pub poll_interval: Option<String>,
     // zookeeper (with username, password and timeout above)
     pub servers: Option<Vec<String>>,
     pub root: Option<String>,

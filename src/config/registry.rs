@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::consul::{self, ConsulConfig};
 use super::etcd::{validate_etcd, EtcdConfig};
+use super::eureka::{self, EurekaConfig};
 use super::problems::{duration, required, Problems};
 use super::raw::{RawDiscovery, RawRegistries, RawRegistry};
 use super::section;
@@ -64,6 +65,7 @@ pub enum RegistryBackend {
     },
     Etcd(EtcdConfig),
     Consul(ConsulConfig),
+    Eureka(EurekaConfig),
     ZooKeeper(ZooKeeperConfig),
 }
 
@@ -73,6 +75,7 @@ impl RegistryBackend {
             RegistryBackend::Local { .. } => "local",
             RegistryBackend::Etcd(_) => "etcd",
             RegistryBackend::Consul(_) => "consul",
+            RegistryBackend::Eureka(_) => "eureka",
             RegistryBackend::ZooKeeper(_) => "zookeeper",
         }
     }
@@ -266,6 +269,11 @@ fn validate_registry(
             .map(|key| (key, true, &["consul"][..])),
     );
     foreign.extend(
+        eureka::keys_set(&raw)
+            .into_iter()
+            .map(|key| (key, true, &["eureka"][..])),
+    );
+    foreign.extend(
         zookeeper::keys_set(&raw)
             .into_iter()
             .map(|key| (key, true, &["zookeeper"][..])),
@@ -311,6 +319,10 @@ fn validate_registry(
             report_foreign(problems);
             RegistryBackend::Consul(consul::validate(base, raw, problems))
         }
+        "eureka" => {
+            report_foreign(problems);
+            RegistryBackend::Eureka(eureka::validate(base, &mut raw, problems))
+        }
         "zookeeper" => {
             report_foreign(problems);
             RegistryBackend::ZooKeeper(zookeeper::validate(base, raw, problems))
@@ -319,7 +331,7 @@ fn validate_registry(
             problems.push(
                 at("kind"),
                 format!(
-                    "unknown kind {other:?}; expected \"local\", \"etcd\", \"consul\" or \"zookeeper\""
+                    "unknown kind {other:?}; expected \"local\", \"etcd\", \"consul\", \"eureka\" or \"zookeeper\""
                 ),
             );
             RegistryBackend::Local {

@@ -114,7 +114,8 @@ impl LastKnown {
         if let Some(bad) = file
             .instances
             .iter()
-            .find(|i| i.name != self.service || i.host.is_empty() || i.port == 0)
+            // Host and port are checked as an instance is read.
+            .find(|i| i.name != self.service)
         {
             return Err(malformed(format!("unusable instance {:?}", bad.id)));
         }
@@ -289,6 +290,13 @@ mod tests {
             ),
             (
                 good.replace(r#""port":8001"#, r#""port":0"#),
+                "host and port must be set",
+            ),
+            (
+                good.replace(
+                    r#""name":"svc","id":"svc-1""#,
+                    r#""name":"gate","id":"svc-1""#,
+                ),
                 "unusable instance",
             ),
             (good.replace("2025-12-02T", "yesterday "), "listed_at"),

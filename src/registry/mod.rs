@@ -1,9 +1,10 @@
 //! The registry seam: where instances are announced and discovered.
 //!
-//! Four backends implement [`Registry`]: [`etcd`] (leases and watches),
+//! Five backends implement [`Registry`]: [`etcd`] (leases and watches),
 //! [`local`] (files in a directory shared by the squires on one host),
-//! [`consul`] (the agent API: a TTL check, blocking queries), and
-//! [`zookeeper`] (ephemeral nodes in a session, one-shot watches). A backend only
+//! [`consul`] (the agent API: a TTL check, blocking queries), [`eureka`]
+//! (its REST operations, polled), and [`zookeeper`] (ephemeral nodes in a
+//! session, one-shot watches). A backend only
 //! moves data; the loops that survive outages live in
 //! [`crate::registration`] and [`crate::discovery`] and treat every backend
 //! the same way:
@@ -17,7 +18,10 @@
 
 pub mod consul;
 pub mod etcd;
+pub mod eureka;
+mod http;
 pub mod local;
+mod wire;
 pub mod zookeeper;
 
 use std::collections::BTreeMap;
@@ -26,46 +30,30 @@ use std::fmt;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-/// One announced instance of a service: the JSON value stored in the
-/// registry, the same shape as Knight Server's `ServiceInfo`. Fields are in
-/// that order; unknown fields are ignored on read.
+/// One announced instance of a service. Its JSON (serde, and so the
+/// registry value, the local registry's files and the admin API) is Knight
+/// Server's `ServiceInfo`; see [`wire`] for how squire's finer states and
+/// Knight's loose typing travel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "wire::Wire", try_from = "wire::Wire")]
 pub struct Instance {
     pub name: String,
     pub id: String,
     pub host: String,
     pub port: u16,
-    #[serde(default)]
     pub tags: Vec<String>,
-    #[serde(default)]
+    /// Values as text: a non-string JSON value is kept as its JSON text.
     pub metadata: BTreeMap<String, String>,
-    #[serde(default)]
     pub version: String,
-    #[serde(default = "default_weight")]
     pub weight: u32,
-    /// Absent in entries written by registrants without health checks, which
-    /// are taken as healthy (as Consul treats a service with no checks).
-    #[serde(default = "default_status")]
     pub status: Status,
-}
-
-fn default_weight() -> u32 {
-    100
-}
-
-fn default_status() -> Status {
-    Status::Healthy
 }
 
 impl Instance {
     /// Parses a registry value. The error text says what was wrong, for the
     /// log line and the skipped-entry counter.
     pub fn from_json(bytes: &[u8]) -> Result<Instance, String> {
-        let instance: Instance = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        if instance.host.is_empty() || instance.port == 0 {
-            return Err("host and port must be set".to_owned());
-        }
-        Ok(instance)
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())
     }
 
     pub fn to_json(&self) -> String {

@@ -8,6 +8,7 @@
 pub mod cluster;
 pub mod config;
 pub mod consul;
+pub mod eureka;
 pub mod process;
 pub mod zookeeper;
 

@@ -7,15 +7,11 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, StatusCode};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 use crate::config::ConsulConfig;
+pub(super) use crate::registry::http::percent_encode as encode;
+use crate::registry::http::{error_chain, HttpClient};
 use crate::registry::RegistryError;
-
-type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// One Consul agent: the HTTP client and what goes on every request.
 pub(super) struct Api {
@@ -167,46 +163,10 @@ impl Api {
     }
 }
 
-/// Percent-encodes a query value (everything but RFC 3986 unreserved).
-pub(super) fn encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
-}
-
 /// The HTTP client: plain HTTP, or rustls with the configured CA, the
 /// system's roots, or (explicitly) no verification.
 fn http_client(config: &ConsulConfig, timeout: Duration) -> Result<HttpClient, String> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(timeout));
-    http.set_nodelay(true);
-    let tls = tls_config(config)?;
-    let connector = HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(connector))
+    Ok(crate::registry::http::client(tls_config(config)?, timeout))
 }
 
 /// The rustls settings of an `https` address (crate::tls: public roots

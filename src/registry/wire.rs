@@ -1,0 +1,236 @@
+//! The registry value: Knight Server's `ServiceInfo` JSON, readable both
+//! ways.
+//!
+//! Knight processes and squires share one registry, so the value is
+//! Knight's shape, field for field, and its `status` carries only the four
+//! values Knight's `ServiceStatus` enum accepts (`unknown`, `healthy`,
+//! `unhealthy`, `critical`; anything else makes Knight skip the instance).
+//! squire's finer state travels in `squire_status`, a field Knight ignores
+//! and squire reads first, written only when it differs from `status`:
+//!
+//! | squire state | `status` (what Knight sees) | `squire_status` |
+//! |---|---|---|
+//! | unknown, healthy, unhealthy, critical | the same | absent |
+//! | warning (degraded, still serving) | `healthy` | `warning` |
+//! | draining (maintenance, shutting down) | `unhealthy` | `draining` |
+//!
+//! Read leniently, as Knight writes: `tags` and `metadata` may be `null`
+//! (empty), metadata values may be any JSON type (a string stays itself,
+//! anything else becomes its JSON text, which is what filters compare),
+//! `version` may be `null`, unknown fields are ignored. An unknown status
+//! is an error (the entry is skipped and counted); an unknown
+//! `squire_status` is ignored in favour of `status`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::{Instance, Status};
+
+/// The JSON object, in Knight's field order.
+#[derive(Serialize, Deserialize)]
+pub(super) struct Wire {
+    name: String,
+    id: String,
+    host: String,
+    port: u16,
+    #[serde(default, deserialize_with = "null_as_default")]
+    tags: Vec<String>,
+    #[serde(default, deserialize_with = "any_metadata")]
+    metadata: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    version: String,
+    #[serde(default = "default_weight", deserialize_with = "null_as_weight")]
+    weight: u32,
+    /// Absent in entries written by registrants without health checks,
+    /// which are taken as healthy (as Consul treats a service with no
+    /// checks).
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    squire_status: Option<String>,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+fn null_as_weight<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    Ok(Option::<u32>::deserialize(deserializer)?.unwrap_or_else(default_weight))
+}
+
+fn any_metadata<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    let map = Option::<BTreeMap<String, serde_json::Value>>::deserialize(deserializer)?;
+    Ok(map
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(key, value)| {
+            let text = match value {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            (key, text)
+        })
+        .collect())
+}
+
+/// What Knight's `ServiceStatus` can hold for `status`.
+fn knight(status: Status) -> Status {
+    match status {
+        Status::Warning => Status::Healthy,
+        Status::Draining => Status::Unhealthy,
+        other => other,
+    }
+}
+
+impl From<Instance> for Wire {
+    fn from(instance: Instance) -> Wire {
+        let announced = knight(instance.status);
+        Wire {
+            name: instance.name,
+            id: instance.id,
+            host: instance.host,
+            port: instance.port,
+            tags: instance.tags,
+            metadata: instance.metadata,
+            version: instance.version,
+            weight: instance.weight,
+            status: Some(announced.as_str().to_owned()),
+            squire_status: (announced != instance.status)
+                .then(|| instance.status.as_str().to_owned()),
+        }
+    }
+}
+
+impl TryFrom<Wire> for Instance {
+    type Error = String;
+
+    fn try_from(wire: Wire) -> Result<Instance, String> {
+        if wire.host.is_empty() || wire.port == 0 {
+            return Err("host and port must be set".to_owned());
+        }
+        let finer = wire.squire_status.as_deref().and_then(Status::from_name);
+        let status = match (finer, wire.status.as_deref()) {
+            (Some(status), _) => status,
+            (None, None) => Status::Healthy,
+            // Every status squire knows: entries of older squires carried
+            // warning and draining here.
+            (None, Some(name)) => {
+                Status::from_name(name).ok_or_else(|| format!("unknown status {name:?}"))?
+            }
+        };
+        Ok(Instance {
+            name: wire.name,
+            id: wire.id,
+            host: wire.host,
+            port: wire.port,
+            tags: wire.tags,
+            metadata: wire.metadata,
+            version: wire.version,
+            weight: wire.weight,
+            status,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KNIGHT_STATUSES: [&str; 4] = ["unknown", "healthy", "unhealthy", "critical"];
+
+    fn field(json: &str, name: &str) -> serde_json::Value {
+        let value: serde_json::Value = serde_json::from_str(json).expect("json");
+        value[name].clone()
+    }
+
+    #[test]
+    fn every_state_announces_a_knight_status_and_reads_back_the_same() {
+        for status in Status::ALL {
+            let instance = Instance {
+                status,
+                ..Instance::for_tests("a")
+            };
+            let json = instance.to_json();
+            let announced = field(&json, "status");
+            assert!(
+                KNIGHT_STATUSES.contains(&announced.as_str().unwrap_or_default()),
+                "{status}: {json}"
+            );
+            assert_eq!(Instance::from_json(json.as_bytes()), Ok(instance), "{json}");
+        }
+        let draining = Instance {
+            status: Status::Draining,
+            ..Instance::for_tests("a")
+        };
+        let json = draining.to_json();
+        assert_eq!(field(&json, "status"), "unhealthy");
+        assert_eq!(field(&json, "squire_status"), "draining");
+        let warning = Instance {
+            status: Status::Warning,
+            ..Instance::for_tests("a")
+        };
+        assert_eq!(field(&warning.to_json(), "status"), "healthy");
+        // The common case is byte for byte what Knight writes.
+        assert!(!Instance::for_tests("a").to_json().contains("squire_status"));
+    }
+
+    #[test]
+    fn knight_to_dict_with_typed_metadata_is_read() {
+        // Knight's docstring example: metadata {"weight": 100}.
+        let json = br#"{"name":"logic","id":"logic-1","host":"10.0.0.5","port":8001,"tags":["game"],"metadata":{"weight":100,"zone":"a","pvp":true,"limits":{"max":5}},"version":"1.0.0","weight":100,"status":"healthy"}"#;
+        let instance = Instance::from_json(json).expect("parses");
+        assert_eq!(instance.metadata["weight"], "100");
+        assert_eq!(instance.metadata["zone"], "a");
+        assert_eq!(instance.metadata["pvp"], "true");
+        assert_eq!(instance.metadata["limits"], r#"{"max":5}"#);
+        assert_eq!(instance.status, Status::Healthy);
+    }
+
+    #[test]
+    fn dataclasses_asdict_nulls_are_empty() {
+        let json = br#"{"name":"logic","id":"logic-1","host":"10.0.0.5","port":8001,"tags":null,"metadata":null,"version":null,"weight":null,"status":"critical","extra":{"ignored":1}}"#;
+        let instance = Instance::from_json(json).expect("parses");
+        assert!(instance.tags.is_empty());
+        assert!(instance.metadata.is_empty());
+        assert_eq!(instance.version, "");
+        assert_eq!(instance.weight, 100);
+        assert_eq!(instance.status, Status::Critical);
+    }
+
+    #[test]
+    fn squire_status_is_read_first_and_an_unknown_one_falls_back() {
+        let read = |json: &str| Instance::from_json(json.as_bytes()).map(|i| i.status);
+        let base = r#""name":"a","id":"a","host":"h","port":1"#;
+        assert_eq!(
+            read(&format!(
+                r#"{{{base},"status":"unhealthy","squire_status":"draining"}}"#
+            )),
+            Ok(Status::Draining)
+        );
+        assert_eq!(
+            read(&format!(
+                r#"{{{base},"status":"unhealthy","squire_status":"sleepy"}}"#
+            )),
+            Ok(Status::Unhealthy)
+        );
+        // Entries of older squires.
+        assert_eq!(
+            read(&format!(r#"{{{base},"status":"draining"}}"#)),
+            Ok(Status::Draining)
+        );
+        assert_eq!(read(&format!(r#"{{{base}}}"#)), Ok(Status::Healthy));
+        assert!(read(&format!(r#"{{{base},"status":"sleepy"}}"#))
+            .is_err_and(|e| e.contains("unknown status")));
+    }
+}
