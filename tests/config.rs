@@ -252,7 +252,7 @@ fn squire_check_accepts_every_shipped_config() {
         let (status, stderr) = squire_once(&["check", "-c", &path.display().to_string()]);
         assert_eq!(status.code(), Some(0), "squire check {name}:\n{stderr}");
     }
-    // agent.toml, 3 examples, container + 2 compose, the Kubernetes one.
+    // agent.toml, 4 examples, container + 2 compose, the Kubernetes one.
     assert!(
         configs.len() >= 8,
         "shipped configs not all found: {:?}",

@@ -1,6 +1,7 @@
 //! Secrets never leave squire: one run of the real binary with every secret
 //! it takes (an etcd password against a real etcd with auth, a Consul ACL
-//! token against the fake Consul, the admin token from a file, a health
+//! token against the fake Consul, a ZooKeeper digest password against a
+//! real ZooKeeper, the admin token from a file, a health
 //! check's `Authorization` header), logging at debug level in JSON, goes
 //! through a wrong password, a reload, a maintenance toggle, denied admin
 //! requests and `squire check` of broken files holding the secrets. Then
@@ -21,6 +22,7 @@ use etcd_client::{ConnectOptions, Permission};
 use support::config::{AgentToml, Section};
 use support::consul::{Acl, AclToken, FakeConsul, FakeOptions, Level};
 use support::process::Squire;
+use support::zookeeper::ZooKeeper;
 use support::{eventually, free_port, http_call, http_get, Etcd, HttpBackend, DEADLINE};
 
 const PASSWORD: &str = "etcd-pw-Zq81vX";
@@ -29,6 +31,7 @@ const CONSUL_TOKEN: &str = "consul-acl-7f3e9b2c";
 const ADMIN_TOKEN: &str = "admin-token-4d1a8c6e0b";
 const WRONG_TOKEN: &str = "admin-token-4d1a8c6e0c";
 const HEADER_SECRET: &str = "probe-bearer-55e0aa";
+const ZK_PASSWORD: &str = "zk-digest-pw-3c9d71";
 
 /// An etcd with auth on: root, and user `squire` (password [`PASSWORD`])
 /// who may write under `/secrets/`.
@@ -104,6 +107,7 @@ async fn no_secret_reaches_a_log_line_an_answer_or_an_error() {
         ..FakeOptions::default()
     })
     .await;
+    let zk = ZooKeeper::start().await;
     let backend = HttpBackend::start("vault").await;
     let dir = tempfile::tempdir().expect("dir");
     let token_file = private_file(
@@ -128,6 +132,12 @@ async fn no_secret_reaches_a_log_line_an_answer_or_an_error() {
             Section::consul(&fake)
                 .set("name", "consul")
                 .set("token", CONSUL_TOKEN),
+        )
+        .registry(
+            Section::zookeeper(&zk, "/secrets")
+                .set("name", "zookeeper")
+                .set("username", "squire")
+                .set("password", ZK_PASSWORD),
         )
         .agent("admin", admin.to_string())
         .agent("admin_token_file", token_file.clone())
@@ -181,6 +191,12 @@ async fn no_secret_reaches_a_log_line_an_answer_or_an_error() {
         "the Consul registration with the token",
         DEADLINE,
         || async { registration(admin, "consul").await["registered"] == true },
+    )
+    .await;
+    eventually(
+        "the ZooKeeper registration with the password",
+        DEADLINE,
+        || async { registration(admin, "zookeeper").await["registered"] == true },
     )
     .await;
 
@@ -314,6 +330,10 @@ async fn no_secret_reaches_a_log_line_an_answer_or_an_error() {
         .replace(
             &format!("password = \"{PASSWORD}\""),
             &format!("password = [\"{PASSWORD}\"]"),
+        )
+        .replace(
+            &format!("password = \"{ZK_PASSWORD}\""),
+            &format!("password = [\"{ZK_PASSWORD}\"]"),
         );
     let invalid_path = dir.path().join("invalid.toml");
     std::fs::write(&invalid_path, invalid).expect("write");
@@ -323,6 +343,7 @@ async fn no_secret_reaches_a_log_line_an_answer_or_an_error() {
         "agent.admin_token_file",
         "registry.consul.token",
         "registry.etcd.password",
+        "registry.zookeeper.password",
         "service.check.http.headers",
     ] {
         assert!(out.contains(field), "{field} is reported: {out}");
@@ -375,8 +396,25 @@ async fn no_secret_reaches_a_log_line_an_answer_or_an_error() {
         "registered with the password, deregistered at stop"
     );
 
+    let zk_client = zk.client_as("squire", ZK_PASSWORD).await;
+    assert_eq!(
+        zk_client.check_stat("/secrets/vault/vault-1").await,
+        Ok(None),
+        "registered with the digest password, deregistered at stop"
+    );
+    assert!(
+        zk_client
+            .check_stat("/secrets/vault")
+            .await
+            .ok()
+            .flatten()
+            .is_some(),
+        "the parent was made with the ACL of our identity"
+    );
+
     let secrets = [
         ("the etcd password", PASSWORD),
+        ("the ZooKeeper password", ZK_PASSWORD),
         ("the wrong etcd password", WRONG_PASSWORD),
         ("the Consul token", CONSUL_TOKEN),
         ("the admin token", ADMIN_TOKEN),

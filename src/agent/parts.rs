@@ -330,5 +330,12 @@ pub fn connect_registry(config: &RegistryConfig) -> Result<Arc<dyn Registry>, Ag
             config.ttl,
             config.timeout,
         )),
+        RegistryBackend::ZooKeeper(zookeeper) => {
+            Arc::new(registry::zookeeper::ZooKeeperRegistry::new(
+                zookeeper.clone(),
+                config.ttl,
+                config.timeout,
+            ))
+        }
     })
 }

@@ -16,8 +16,8 @@
 //! - `problems`: [`Problem`], [`ConfigError`] and the field readers every
 //!   section shares (`required`, `check_name`, `duration`, `socket_addr`).
 //! - a file per section: `agent` (`[agent]`), `registry` (`[registry]` or
-//!   `[[registry]]`, and `[discovery]`), `etcd` and `consul` (each backend's
-//!   own keys), `service` (`[service]`), `check` (`[[service.check]]`),
+//!   `[[registry]]`, and `[discovery]`), `etcd`, `consul` and `zookeeper`
+//!   (each backend's own keys), `service` (`[service]`), `check` (`[[service.check]]`),
 //!   `upstream` (`[[upstream]]` with its balancing and ejection keys), `http`
 //!   (the keys of `protocol = "http"` upstreams).
 //! - `secret`: [`Secret`], for passwords and tokens, and
@@ -39,6 +39,7 @@ mod service;
 #[cfg(test)]
 mod tests;
 mod upstream;
+mod zookeeper;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -58,6 +59,7 @@ pub use registry::{
 pub use secret::{check_private, read_secret_file, Secret, MAX_SECRET_FILE_BYTES};
 pub use service::ServiceConfig;
 pub use upstream::{Protocol, UpstreamConfig};
+pub use zookeeper::ZooKeeperConfig;
 
 use agent::validate_agent;
 use check::read_checks;

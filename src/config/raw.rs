@@ -94,6 +94,9 @@ pub struct RawRegistry {
     // eureka
     pub url: Option<String>,
     pub poll_interval: Option<String>,
+    // zookeeper (with username, password and timeout above)
+    pub servers: Option<Vec<String>>,
+    pub root: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

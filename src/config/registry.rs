@@ -1,6 +1,7 @@
 //! `[registry]` / `[[registry]]`: where we register and discover, and
-//! `[discovery]`: how several registries are read. The etcd and Consul
-//! backends' own keys are validated in [`super::etcd`] and [`super::consul`].
+//! `[discovery]`: how several registries are read. The etcd, Consul and
+//! ZooKeeper backends' own keys are validated in [`super::etcd`],
+//! [`super::consul`] and [`super::zookeeper`].
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use super::eureka::{self, EurekaConfig};
 use super::problems::{duration, required, Problems};
 use super::raw::{RawDiscovery, RawRegistries, RawRegistry};
 use super::section;
+use super::zookeeper::{self, ZooKeeperConfig};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RegistryConfig {
@@ -64,6 +66,7 @@ pub enum RegistryBackend {
     Etcd(EtcdConfig),
     Consul(ConsulConfig),
     Eureka(EurekaConfig),
+    ZooKeeper(ZooKeeperConfig),
 }
 
 impl RegistryBackend {
@@ -73,6 +76,7 @@ impl RegistryBackend {
             RegistryBackend::Etcd(_) => "etcd",
             RegistryBackend::Consul(_) => "consul",
             RegistryBackend::Eureka(_) => "eureka",
+            RegistryBackend::ZooKeeper(_) => "zookeeper",
         }
     }
 }
@@ -241,25 +245,49 @@ fn validate_registry(
         problems.push(at("timeout"), "must be greater than zero");
     }
     let kind = raw.kind.as_deref().unwrap_or("local");
-    let misplaced = |problems: &mut Problems, key: &str, set: bool, belongs: &str| {
+    let misplaced = |problems: &mut Problems, key: &str, set: bool, belongs: &[&str]| {
         if set {
-            problems.push(at(key), format!("only applies to kind = {belongs:?}"));
+            let kinds: Vec<String> = belongs.iter().map(|kind| format!("{kind:?}")).collect();
+            problems.push(
+                at(key),
+                format!("only applies to kind = {}", kinds.join(" or ")),
+            );
         }
     };
-    if kind != "eureka" {
-        for key in eureka::keys_set(&raw) {
-            misplaced(problems, key, true, "eureka");
+    // Each key that only some kinds take, and those kinds.
+    let mut foreign: Vec<(&'static str, bool, &[&str])> = vec![
+        ("dir", raw.dir.is_some(), &["local"]),
+        ("group", raw.group.is_some(), &["local"]),
+        ("endpoints", raw.endpoints.is_some(), &["etcd"]),
+        ("prefix", raw.prefix.is_some(), &["etcd"]),
+        ("username", raw.username.is_some(), &["etcd", "zookeeper"]),
+        ("password", raw.password.is_some(), &["etcd", "zookeeper"]),
+    ];
+    foreign.extend(
+        consul::keys_set(&raw)
+            .into_iter()
+            .map(|key| (key, true, &["consul"][..])),
+    );
+    foreign.extend(
+        eureka::keys_set(&raw)
+            .into_iter()
+            .map(|key| (key, true, &["eureka"][..])),
+    );
+    foreign.extend(
+        zookeeper::keys_set(&raw)
+            .into_iter()
+            .map(|key| (key, true, &["zookeeper"][..])),
+    );
+    let report_foreign = |problems: &mut Problems| {
+        for (key, set, belongs) in &foreign {
+            if !belongs.contains(&kind) {
+                misplaced(problems, key, *set, belongs);
+            }
         }
-    }
+    };
     let backend = match kind {
         "local" => {
-            misplaced(problems, "endpoints", raw.endpoints.is_some(), "etcd");
-            misplaced(problems, "prefix", raw.prefix.is_some(), "etcd");
-            misplaced(problems, "username", raw.username.is_some(), "etcd");
-            misplaced(problems, "password", raw.password.is_some(), "etcd");
-            for key in consul::keys_set(&raw) {
-                misplaced(problems, key, true, "consul");
-            }
+            report_foreign(problems);
             let dir = match raw.dir {
                 Some(dir) if dir.is_empty() => {
                     problems.push(at("dir"), "must not be empty");
@@ -284,38 +312,27 @@ fn validate_registry(
             RegistryBackend::Local { dir, group }
         }
         "etcd" => {
-            misplaced(problems, "dir", raw.dir.is_some(), "local");
-            misplaced(problems, "group", raw.group.is_some(), "local");
-            for key in consul::keys_set(&raw) {
-                misplaced(problems, key, true, "consul");
-            }
+            report_foreign(problems);
             RegistryBackend::Etcd(validate_etcd(base, raw, problems))
         }
         "consul" => {
-            misplaced(problems, "dir", raw.dir.is_some(), "local");
-            misplaced(problems, "group", raw.group.is_some(), "local");
-            misplaced(problems, "endpoints", raw.endpoints.is_some(), "etcd");
-            misplaced(problems, "prefix", raw.prefix.is_some(), "etcd");
-            misplaced(problems, "username", raw.username.is_some(), "etcd");
-            misplaced(problems, "password", raw.password.is_some(), "etcd");
+            report_foreign(problems);
             RegistryBackend::Consul(consul::validate(base, raw, problems))
         }
         "eureka" => {
-            misplaced(problems, "dir", raw.dir.is_some(), "local");
-            misplaced(problems, "group", raw.group.is_some(), "local");
-            misplaced(problems, "endpoints", raw.endpoints.is_some(), "etcd");
-            misplaced(problems, "prefix", raw.prefix.is_some(), "etcd");
-            misplaced(problems, "username", raw.username.is_some(), "etcd");
-            misplaced(problems, "password", raw.password.is_some(), "etcd");
-            for key in consul::keys_set(&raw) {
-                misplaced(problems, key, true, "consul");
-            }
+            report_foreign(problems);
             RegistryBackend::Eureka(eureka::validate(base, &mut raw, problems))
+        }
+        "zookeeper" => {
+            report_foreign(problems);
+            RegistryBackend::ZooKeeper(zookeeper::validate(base, raw, problems))
         }
         other => {
             problems.push(
                 at("kind"),
-                format!("unknown kind {other:?}; expected \"local\", \"etcd\", \"consul\" or \"eureka\""),
+                format!(
+                    "unknown kind {other:?}; expected \"local\", \"etcd\", \"consul\", \"eureka\" or \"zookeeper\""
+                ),
             );
             RegistryBackend::Local {
                 dir: default_local_dir(),

@@ -290,6 +290,61 @@ fn prefix_is_normalized() {
 }
 
 #[test]
+fn a_zookeeper_registry_gets_its_keys_and_defaults() {
+    let config = Config::from_toml(
+        "[registry]\nkind = \"zookeeper\"\nservers = [\"zk1:2181\", \"10.0.0.2:2181\"]\nroot = \"/game/\"\nusername = \"squire\"\npassword = \"pw\"\nttl = \"6s\"\n",
+    )
+    .expect("valid");
+    let registry = &config.registries[0];
+    assert_eq!(registry.name, "zookeeper");
+    assert_eq!(registry.ttl, Duration::from_secs(6));
+    let RegistryBackend::ZooKeeper(zk) = &registry.backend else {
+        panic!("zookeeper backend expected");
+    };
+    assert_eq!(zk.servers, ["zk1:2181", "10.0.0.2:2181"]);
+    assert_eq!(zk.root, "/game");
+    let (user, password) = zk.credentials.as_ref().expect("credentials");
+    assert_eq!((user.as_str(), password.expose()), ("squire", "pw"));
+
+    let defaults = Config::from_toml("[registry]\nkind = \"zookeeper\"\n").expect("valid");
+    let RegistryBackend::ZooKeeper(zk) = &defaults.registries[0].backend else {
+        panic!("zookeeper backend expected");
+    };
+    assert_eq!(zk.servers, ["127.0.0.1:2181"]);
+    assert_eq!(zk.root, "/services");
+    assert_eq!(zk.credentials, None);
+}
+
+#[test]
+fn zookeeper_keys_elsewhere_and_other_keys_on_zookeeper_are_named() {
+    assert_problems(
+        &problems("[registry]\nkind = \"etcd\"\nservers = [\"a:1\"]\nroot = \"/x\"\n"),
+        &[
+            "registry.servers: only applies to kind = \"zookeeper\"",
+            "registry.root: only applies to kind = \"zookeeper\"",
+        ],
+    );
+    assert_problems(
+        &problems(
+            "[registry]\nkind = \"zookeeper\"\nendpoints = [\"a:1\"]\ntoken = \"t\"\ndir = \"/tmp\"\nservers = []\nroot = \"/\"\n",
+        ),
+        &[
+            "registry.dir: only applies to kind = \"local\"",
+            "registry.endpoints: only applies to kind = \"etcd\"",
+            "registry.token: only applies to kind = \"consul\"",
+            "registry.servers: must list at least one server",
+            "registry.root: must name a node below '/'",
+        ],
+    );
+    assert_problems(
+        &problems(
+            "[[registry]]\nname = \"zk\"\nkind = \"zookeeper\"\nservers = [\"zk1\"]\n[[registry]]\nname = \"e\"\nkind = \"etcd\"\n",
+        ),
+        &["registry.zk.servers[0]: \"zk1\" is not host:port"],
+    );
+}
+
+#[test]
 fn drain_spread_defaults_to_a_tenth_of_drain_timeout_and_at_least_a_second() {
     let spread = |agent: &str| {
         Config::from_toml(&format!("[agent]\n{agent}"))
@@ -443,7 +498,9 @@ fn validation_errors_never_show_a_secret() {
         ("[registry]\nkind = \"etcd\"\nendpoints = [\"http://u:hunter2@127.0.0.1:2379\"]\n", "hunter2", "registry.endpoints[0]: must not hold credentials"),
         ("[registry]\nkind = \"etcd\"\nendpoints = [\"u:hunter2@127.0.0.1:2379\"]\n", "hunter2", "registry.endpoints[0]: must not hold credentials"),
         ("[registry]\nkind = \"etcd\"\npassword = \"hunter2\"\n", "hunter2", "registry.username: required when password is set"),
-        ("[registry]\nkind = \"local\"\npassword = \"hunter2\"\n", "hunter2", "registry.password: only applies to kind = \"etcd\""),
+        ("[registry]\nkind = \"local\"\npassword = \"hunter2\"\n", "hunter2", "registry.password: only applies to kind = \"etcd\" or \"zookeeper\""),
+        ("[registry]\nkind = \"zookeeper\"\nservers = [\"u:hunter2@127.0.0.1:2181\"]\n", "hunter2", "registry.servers[0]: must not hold credentials"),
+        ("[registry]\nkind = \"zookeeper\"\nusername = \"a:b\"\npassword = \"hunter2\"\n", "hunter2", "registry.username: must be non-empty and without ':'"),
         ("[service]\nname = \"a\"\nhost = \"127.0.0.1\"\nport = 1\n[[service.check]]\nkind = \"http\"\naddress = \"127.0.0.1:1\"\nheaders = { Authorization = \"Bearer hunter2\\n\" }\n", "hunter2", "service.check"),
         ("[service]\nname = \"a\"\nhost = \"127.0.0.1\"\nport = 1\n[[service.check]]\nkind = \"http\"\naddress = \"127.0.0.1:1\"\nheaders = { Authorization = 4242424242 }\n", "4242424242", "service.check"),
     ];

@@ -1,8 +1,10 @@
 //! The registry seam: where instances are announced and discovered.
 //!
-//! Three backends implement [`Registry`]: [`etcd`] (leases and watches),
-//! [`local`] (files in a directory shared by the squires on one host), and
-//! [`consul`] (the agent API: a TTL check, blocking queries). A backend only
+//! Five backends implement [`Registry`]: [`etcd`] (leases and watches),
+//! [`local`] (files in a directory shared by the squires on one host),
+//! [`consul`] (the agent API: a TTL check, blocking queries), [`eureka`]
+//! (its REST operations, polled), and [`zookeeper`] (ephemeral nodes in a
+//! session, one-shot watches). A backend only
 //! moves data; the loops that survive outages live in
 //! [`crate::registration`] and [`crate::discovery`] and treat every backend
 //! the same way:
@@ -20,6 +22,7 @@ pub mod eureka;
 mod http;
 pub mod local;
 mod wire;
+pub mod zookeeper;
 
 use std::collections::BTreeMap;
 use std::fmt;

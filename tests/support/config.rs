@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use super::consul::FakeConsul;
+use super::zookeeper::ZooKeeper;
 use super::Etcd;
 
 /// One TOML table: keys in the order first set, then `raw` text as written
@@ -65,6 +66,17 @@ impl Section {
             .set("kind", "etcd")
             .set("endpoints", vec![etcd.endpoint()])
             .set("prefix", prefix)
+            .set("ttl", "3s")
+            .set("timeout", "2s")
+    }
+
+    /// `kind = "zookeeper"` on the harness, nodes under `root`, ttl 3s
+    /// (the session timeout), timeout 2s.
+    pub fn zookeeper(zk: &ZooKeeper, root: &str) -> Section {
+        Section::new()
+            .set("kind", "zookeeper")
+            .set("servers", vec![zk.server()])
+            .set("root", root)
             .set("ttl", "3s")
             .set("timeout", "2s")
     }
@@ -172,6 +184,10 @@ impl AgentToml {
 
     pub fn etcd(etcd: &Etcd, prefix: &str) -> AgentToml {
         AgentToml::new(Section::etcd(etcd, prefix))
+    }
+
+    pub fn zookeeper(zk: &ZooKeeper, root: &str) -> AgentToml {
+        AgentToml::new(Section::zookeeper(zk, root))
     }
 
     pub fn consul(fake: &FakeConsul) -> AgentToml {

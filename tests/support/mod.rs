@@ -1,6 +1,7 @@
-//! Shared helpers for the integration tests: a real etcd on free loopback
-//! ports, tiny real backends, an in-process agent, and waiting on conditions
-//! with a deadline instead of sleeping.
+//! Shared helpers for the integration tests: a real etcd (and, in
+//! `zookeeper`, a real ZooKeeper) on free loopback ports, tiny real
+//! backends, an in-process agent, and waiting on conditions with a deadline
+//! instead of sleeping.
 
 #![allow(dead_code)] // each test binary uses a different subset
 
@@ -9,6 +10,7 @@ pub mod config;
 pub mod consul;
 pub mod eureka;
 pub mod process;
+pub mod zookeeper;
 
 use std::future::Future;
 use std::net::SocketAddr;
