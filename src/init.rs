@@ -26,6 +26,13 @@ const REGISTRIES: &[(&str, &str)] = &[
          # datacenter = \"dc1\"\n",
     ),
     (
+        "zookeeper",
+        "servers = [\"127.0.0.1:2181\"]      # every server of the ensemble; ttl is the session timeout\n\
+         root = \"/services\"                # our node is {root}/{service}/{id}, ephemeral\n\
+         # username = \"squire\"             # digest auth: both or neither\n\
+         # password = \"...\"\n",
+    ),
+    (
         "eureka",
         "url = \"http://127.0.0.1:8761/eureka\"  # the service URL (Spring's defaultZone)\n\
          poll_interval = \"5s\"               # Eureka has no watch: changes are polled\n",
@@ -226,6 +233,6 @@ mod tests {
             upstreams: &[],
         }
         .render();
-        assert!(unknown.is_err_and(|e| e.contains("local, etcd, consul, eureka")));
+        assert!(unknown.is_err_and(|e| e.contains("local, etcd, consul, zookeeper, eureka")));
     }
 }
