@@ -1,4 +1,6 @@
 #![no_main]
 //! See `squire::fuzzing::config`.
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| squire::fuzzing::config(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    squire::fuzzing::config(data);
+});
