@@ -176,7 +176,8 @@ mod tests {
     /// up in `cargo test` too.
     #[test]
     fn every_seed_passes() {
-        let targets: [(&str, fn(&[u8]) -> bool); 6] = [
+        type Target = fn(&[u8]) -> bool;
+        let targets: [(&str, Target); 6] = [
             ("config", config),
             ("instance", instance),
             ("consul_health", consul_health),
