@@ -11,12 +11,24 @@
 # its own; libFuzzer's coverage guidance still works) if a toolchain's
 # sanitizer runtime is missing.
 #
+# The build is a dev one (no optimizations) unless FUZZ_PROFILE=release:
+# a cold instrumented release build of squire and its dependencies takes
+# many minutes, a dev one a fraction of that, and a smoke of seconds needs
+# correctness more than speed. FUZZ_TARGET_DIR sets cargo's target dir.
+#
 # Usage: fuzz/smoke.sh [target...]   (default: every target)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 seconds="${FUZZ_SECONDS:-5}"
 sanitizer="${FUZZ_SANITIZER:-address}"
+flags=(--sanitizer "$sanitizer")
+if [ "${FUZZ_PROFILE:-dev}" = dev ]; then
+    flags+=(--dev)
+fi
+if [ -n "${FUZZ_TARGET_DIR:-}" ]; then
+    flags+=(--target-dir "$FUZZ_TARGET_DIR")
+fi
 export RUSTC_BOOTSTRAP=1
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
@@ -33,7 +45,7 @@ fi
 start=$SECONDS
 # One build of every target: the instrumented build of squire and its
 # dependencies is nearly all the time this script takes.
-cargo fuzz build --sanitizer "$sanitizer"
+cargo fuzz build "${flags[@]}"
 built=$((SECONDS - start))
 
 log="$(mktemp)"
@@ -41,7 +53,7 @@ trap 'rm -f "$log"' EXIT
 for target in "${targets[@]}"; do
     mkdir -p "corpus/$target"
     status=0
-    cargo fuzz run --sanitizer "$sanitizer" "$target" "corpus/$target" "seeds/$target" -- \
+    cargo fuzz run "${flags[@]}" "$target" "corpus/$target" "seeds/$target" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         >"$log" 2>&1 || status=$?
     runs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")"
