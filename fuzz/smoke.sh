@@ -7,7 +7,7 @@
 #
 # Only the stable toolchain is assumed: cargo-fuzz needs nightly's -Z
 # flags (the sanitizer), which RUSTC_BOOTSTRAP=1 lets stable rustc accept.
-# FUZZ_SANITIZER=none drops AddressSanitizer (squire has no unsafe code of
+# FUZZ_SANITIZER=none drops AddressSanitizer (squire has little unsafe code of
 # its own; libFuzzer's coverage guidance still works) if a toolchain's
 # sanitizer runtime is missing.
 #
