@@ -29,7 +29,10 @@ impl Backoff {
             return self.max;
         }
         let step = self.current;
-        self.current = (self.current * 2).min(self.max);
+        // Saturating: a step near `Duration::MAX` (no config reaches one,
+        // but `Backoff` takes any durations) stays at `max` instead of
+        // panicking on the doubling.
+        self.current = self.current.saturating_mul(2).min(self.max);
         let half = step / 2;
         half + rand::rng().random_range(Duration::ZERO..=half)
     }
@@ -59,5 +62,19 @@ mod tests {
         assert_eq!(backoff.next(false), Duration::from_secs(2));
         backoff.reset();
         assert!(backoff.next(true) <= Duration::from_millis(100));
+    }
+
+    /// Found by `backoff_stays_within_the_current_step_and_the_maximum` in
+    /// tests/properties.rs: doubling a step above `Duration::MAX / 2`
+    /// overflowed and panicked.
+    #[test]
+    fn a_huge_step_saturates_instead_of_overflowing() {
+        let base = Duration::from_nanos(1_073_741_824_000_000_000);
+        let mut backoff = Backoff::new(base, Duration::MAX);
+        // 34 doublings take it past `u64::MAX` seconds.
+        for _ in 0..40 {
+            assert!(backoff.next(true) <= Duration::MAX);
+        }
+        assert_eq!(backoff.current, Duration::MAX);
     }
 }

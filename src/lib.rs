@@ -26,6 +26,7 @@
 //! - [`time`]: sleeps that end at shutdown, the one token bucket, RFC 3339.
 //! - [`backoff`]: jittered exponential backoff for the retry loops.
 //! - [`tls`]: rustls client setup shared by probes and registries.
+//! - [`fuzzing`]: the entry points of the fuzz targets in `fuzz/`.
 //!
 //! [`run`] takes the shutdown trigger as a parameter, so a test (or another
 //! program) can start and stop a whole agent in-process.
@@ -40,6 +41,7 @@ pub mod backoff;
 pub mod balance;
 pub mod config;
 pub mod discovery;
+pub mod fuzzing;
 pub mod health;
 pub mod init;
 pub mod liveness;

@@ -88,13 +88,21 @@ impl LastKnown {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(SnapshotError::Read { path, source }),
         };
+        self.decode(&bytes).map(Some)
+    }
+
+    /// Decodes the bytes of this service's file. The file may be anything a
+    /// crash, a full disk or another program left, so this is a fuzz target
+    /// ([`crate::fuzzing`]).
+    pub fn decode(&self, bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
+        let path = self.path();
         let malformed = |reason: String| SnapshotError::Malformed {
             path: path.clone(),
             reason,
         };
         // The version first: a later format may not parse as this one.
         let value: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| malformed(e.to_string()))?;
+            serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
         match value.get("version") {
             Some(v) if v.as_u64() == Some(FORMAT_VERSION) => {}
             Some(v) => {
@@ -119,27 +127,21 @@ impl LastKnown {
         {
             return Err(malformed(format!("unusable instance {:?}", bad.id)));
         }
-        Ok(Some(Snapshot {
+        Ok(Snapshot {
             instances: file.instances,
             listed_at,
-        }))
+        })
     }
 
     /// Replaces the file with `snapshot`, atomically; creates the directory
     /// if needed.
     pub fn save(&self, snapshot: &Snapshot) -> Result<(), SnapshotError> {
         let path = self.path();
-        let file = OnDisk {
-            version: FORMAT_VERSION,
-            service: self.service.clone(),
-            listed_at: humantime::format_rfc3339_millis(snapshot.listed_at).to_string(),
-            instances: snapshot.instances.clone(),
-        };
         let write = |source| SnapshotError::Write {
             path: path.clone(),
             source,
         };
-        let json = serde_json::to_vec(&file).map_err(|e| write(e.into()))?;
+        let json = self.encode(snapshot).map_err(write)?;
         fs::create_dir_all(&self.dir).map_err(write)?;
         // Unique per process and write: two squires sharing the directory
         // never write the same temp file; the last rename wins.
@@ -165,6 +167,18 @@ impl LastKnown {
             let _ = fs::remove_file(&temp);
         }
         written.map_err(write)
+    }
+
+    /// The bytes [`save`](Self::save) writes: what [`decode`](Self::decode)
+    /// reads back (with `listed_at` to the millisecond).
+    pub fn encode(&self, snapshot: &Snapshot) -> io::Result<Vec<u8>> {
+        let file = OnDisk {
+            version: FORMAT_VERSION,
+            service: self.service.clone(),
+            listed_at: humantime::format_rfc3339_millis(snapshot.listed_at).to_string(),
+            instances: snapshot.instances.clone(),
+        };
+        Ok(serde_json::to_vec(&file)?)
     }
 }
 

@@ -44,7 +44,7 @@
 //! `endpoints` and `resolve`: instances to snapshots, as above.
 
 mod endpoints;
-mod last_known;
+pub(crate) mod last_known;
 mod resolve;
 mod state;
 mod view;

@@ -44,7 +44,7 @@
 mod api;
 mod lease;
 mod watch;
-mod wire;
+pub(crate) mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -92,7 +92,7 @@ struct CheckEntry {
 /// Parses a health answer. Each entry is read on its own, so a malformed one
 /// becomes an `Err` entry (skipped and counted by discovery) and the rest
 /// still count.
-pub(super) fn health_entries(body: &[u8]) -> Result<Vec<Entry>, RegistryError> {
+pub(crate) fn health_entries(body: &[u8]) -> Result<Vec<Entry>, RegistryError> {
     let raw: Vec<serde_json::Value> = serde_json::from_slice(body).map_err(|e| {
         RegistryError::Unavailable(format!("health answer is not a JSON array: {e}"))
     })?;

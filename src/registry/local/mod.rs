@@ -236,13 +236,8 @@ struct LocalLease {
 
 impl LocalLease {
     async fn write(&self) -> Result<(), RegistryError> {
-        let record = Record {
-            expires_at_ms: now_ms() + self.ttl.as_millis() as u64,
-            instance: serde_json::to_value(&self.instance)
-                .map_err(|e| RegistryError::Rejected(e.to_string()))?,
-        };
-        let bytes =
-            serde_json::to_vec(&record).map_err(|e| RegistryError::Rejected(e.to_string()))?;
+        let bytes = encode_entry(now_ms() + self.ttl.as_millis() as u64, &self.instance)
+            .map_err(RegistryError::Rejected)?;
         let tmp = self.path.with_extension("json.tmp");
         let mut options = tokio::fs::OpenOptions::new();
         options
@@ -365,18 +360,18 @@ async fn scan(
                 continue;
             }
         };
-        let record: Record = match serde_json::from_slice(&bytes) {
-            Ok(record) => record,
-            Err(e) => {
+        let (expires_at_ms, value) = match decode_entry(&bytes) {
+            Ok(decoded) => decoded,
+            Err(reason) => {
                 entries.push(Entry {
                     key,
-                    value: Err(e.to_string()),
+                    value: Err(reason),
                 });
                 continue;
             }
         };
-        if record.expires_at_ms <= now {
-            if now - record.expires_at_ms > grace.as_millis() as u64 {
+        if expires_at_ms <= now {
+            if now - expires_at_ms > grace.as_millis() as u64 {
                 // Racing readers may both try; either removal is fine.
                 if let Err(e) = tokio::fs::remove_file(&path).await {
                     tracing::debug!(path = %path.display(), error = %e, "reaping a stale entry failed");
@@ -384,16 +379,35 @@ async fn scan(
             }
             continue;
         }
-        next_expiry =
-            Some(next_expiry.map_or(record.expires_at_ms, |t| t.min(record.expires_at_ms)));
-        let value = serde_json::to_vec(&record.instance)
-            .map_err(|e| e.to_string())
-            .and_then(|json| Instance::from_json(&json));
+        next_expiry = Some(next_expiry.map_or(expires_at_ms, |t| t.min(expires_at_ms)));
         entries.push(Entry { key, value });
     }
     entries.sort_by(|a, b| a.key.cmp(&b.key));
     let until = next_expiry.map(|at| Duration::from_millis(at.saturating_sub(now) + 1));
     Ok((entries, until))
+}
+
+/// The bytes of one entry file: `instance`, live until `expires_at_ms`.
+pub(crate) fn encode_entry(expires_at_ms: u64, instance: &Instance) -> Result<Vec<u8>, String> {
+    let record = Record {
+        expires_at_ms,
+        instance: serde_json::to_value(instance).map_err(|e| e.to_string())?,
+    };
+    serde_json::to_vec(&record).map_err(|e| e.to_string())
+}
+
+/// Decodes the bytes of one entry file: when its lease ends (ms since the
+/// epoch) and the instance it holds. `Err` when it is not a record at all;
+/// an instance that does not parse is the inner `Err`, kept for discovery
+/// to skip and count. The bytes come from a file anyone with write access
+/// to the directory may have written, so this is a fuzz target
+/// ([`crate::fuzzing`]).
+pub(crate) fn decode_entry(bytes: &[u8]) -> Result<(u64, Result<Instance, String>), String> {
+    let record: Record = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let value = serde_json::to_vec(&record.instance)
+        .map_err(|e| e.to_string())
+        .and_then(|json| Instance::from_json(&json));
+    Ok((record.expires_at_ms, value))
 }
 
 /// Reads one entry file safely: no symlink followed, no FIFO waited on,
