@@ -252,6 +252,15 @@ fn validate_registry(
             for key in consul::keys_set(&raw) {
                 misplaced(problems, key, true, "consul");
             }
+            for (key, set) in [
+                ("ca", raw.ca.is_some()),
+                ("client_cert", raw.client_cert.is_some()),
+                ("client_key", raw.client_key.is_some()),
+            ] {
+                if set {
+                    problems.push(at(key), "only applies to kind = \"etcd\" or \"consul\"");
+                }
+            }
             let dir = match raw.dir {
                 Some(dir) if dir.is_empty() => {
                     problems.push(at("dir"), "must not be empty");

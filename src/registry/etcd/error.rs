@@ -55,6 +55,22 @@ pub(super) fn map_error(error: etcd_client::Error) -> RegistryError {
         },
         Error::InvalidArgs(message) => RegistryError::Rejected(message),
         Error::InvalidUri(e) => RegistryError::Rejected(e.to_string()),
-        other => RegistryError::Unavailable(other.to_string()),
+        // With its causes: tonic's "transport error" alone does not say
+        // that a TLS handshake failed, or why.
+        other => RegistryError::Unavailable(error_chain(&other)),
     }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let cause = e.to_string();
+        if !text.ends_with(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        source = e.source();
+    }
+    text
 }
