@@ -48,10 +48,9 @@ pub(super) fn validate_etcd(base: &str, raw: RawRegistry, problems: &mut Problem
         problems,
     );
     // One scheme for all: the members share one set of connect options.
-    let tls = (ca.is_some()
-        || identity.is_some()
-        || endpoints.iter().any(|e| e.starts_with("https://")))
-    .then_some(EtcdTls { ca, identity });
+    let tls =
+        (ca.is_some() || identity.is_some() || endpoints.iter().any(|e| e.starts_with("https://")))
+            .then_some(EtcdTls { ca, identity });
     for (i, endpoint) in endpoints.iter().enumerate() {
         let path = format!("{base}.endpoints[{i}]");
         if endpoint.contains('@') {

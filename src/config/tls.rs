@@ -15,7 +15,7 @@ use rustls_pki_types::ServerName;
 
 use super::problems::{duration, Problems};
 use super::raw::{RawDialTls, RawListenTls};
-use crate::tls::{Identity, PemFile};
+use crate::tls::{dial_config, server_config, Identity, PemFile, Prepared};
 
 /// `[upstream.tls]`: the instances are dialed over TLS.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +32,8 @@ pub struct DialTls {
     /// An instance metadata key whose value, where an instance has it, is
     /// that instance's server name.
     pub server_name_metadata: Option<String>,
+    /// Built from the files above.
+    pub client: Prepared<rustls::ClientConfig>,
 }
 
 /// `[upstream.listen_tls]`: the listener terminates TLS.
@@ -42,6 +44,8 @@ pub struct ListenTls {
     pub client_ca: Option<PemFile>,
     /// Bound on a client's TLS handshake.
     pub handshake_timeout: Duration,
+    /// Built from the files above.
+    pub server: Prepared<rustls::ServerConfig>,
 }
 
 /// Reads the certificates at `value`, reporting problems at `path`.
@@ -103,10 +107,15 @@ pub(super) fn identity(
     }
 }
 
-pub(super) fn validate_dial(base: &str, raw: RawDialTls, problems: &mut Problems) -> DialTls {
+pub(super) fn validate_dial(
+    base: &str,
+    raw: RawDialTls,
+    problems: &mut Problems,
+) -> Option<DialTls> {
     let base = format!("{base}.tls");
     let at = |key: &str| format!("{base}.{key}");
     let ca = certificates(&at("ca"), raw.ca, problems);
+    let raw_identity_set = raw.client_cert.is_some() || raw.client_key.is_some();
     let identity = identity(
         &base,
         ("client_cert", raw.client_cert),
@@ -129,12 +138,20 @@ pub(super) fn validate_dial(base: &str, raw: RawDialTls, problems: &mut Problems
         }
         !key.is_empty()
     });
-    DialTls {
+    let set = (raw_identity_set, identity.is_some());
+    if set.0 && !set.1 {
+        return None; // reported above
+    }
+    let client = dial_config(ca.as_ref(), identity.as_ref())
+        .map_err(|e| problems.push(&base, e.to_string()))
+        .ok()?;
+    Some(DialTls {
         ca,
         identity,
         server_name,
         server_name_metadata,
-    }
+        client: Prepared(client),
+    })
 }
 
 pub(super) fn validate_listen(
@@ -158,9 +175,14 @@ pub(super) fn validate_listen(
     if handshake_timeout.is_zero() {
         problems.push(at("handshake_timeout"), "must be greater than zero");
     }
+    let identity = identity?;
+    let server = server_config(&identity, client_ca.as_ref())
+        .map_err(|e| problems.push(&base, e.to_string()))
+        .ok()?;
     Some(ListenTls {
-        identity: identity?,
+        identity,
         client_ca,
         handshake_timeout,
+        server: Prepared(server),
     })
 }

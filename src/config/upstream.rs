@@ -122,7 +122,10 @@ pub(super) fn validate_upstream(
         ("tls", raw.tls.is_some()),
         ("listen_tls", raw.listen_tls.is_some()),
     ];
-    let tls = raw.tls.take().map(|t| validate_dial(&base, t, problems));
+    let tls = raw
+        .tls
+        .take()
+        .and_then(|t| validate_dial(&base, t, problems));
     let listen_tls = raw
         .listen_tls
         .take()

@@ -218,7 +218,7 @@ fn tls_config(config: &ConsulConfig) -> Result<rustls::ClientConfig, String> {
         config.tls_skip_verify,
         config.identity.as_ref(),
     )
-        .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())?;
     Ok((*tls).clone())
 }
 
