@@ -51,7 +51,19 @@ pub(super) fn map_error(error: etcd_client::Error) -> RegistryError {
             Code::OutOfRange if status.message().contains("compacted") => {
                 RegistryError::WatchCanceled(status.message().to_owned())
             }
-            _ => RegistryError::Unavailable(format!("{:?}: {}", status.code(), status.message())),
+            // With its causes: a failed TLS handshake is a status
+            // "transport error" whose source says what went wrong.
+            _ => {
+                let mut text = format!("{:?}: {}", status.code(), status.message());
+                if let Some(source) = std::error::Error::source(&status) {
+                    let cause = error_chain(source);
+                    if !text.ends_with(&cause) {
+                        text.push_str(": ");
+                        text.push_str(&cause);
+                    }
+                }
+                RegistryError::Unavailable(text)
+            }
         },
         Error::InvalidArgs(message) => RegistryError::Rejected(message),
         Error::InvalidUri(e) => RegistryError::Rejected(e.to_string()),
