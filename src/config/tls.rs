@@ -186,3 +186,189 @@ pub(super) fn validate_listen(
         server: Prepared(server),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+
+    use crate::config::tests::{assert_problems, problems};
+    use crate::config::{Config, RegistryBackend};
+
+    struct Files {
+        _dir: tempfile::TempDir,
+        ca: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+        other_key: PathBuf,
+        open_key: PathBuf,
+    }
+
+    /// A CA, a certificate it signed with its key (0600), another key
+    /// (0600), and the key again readable by all (0644).
+    fn files() -> Files {
+        let dir = tempfile::tempdir().expect("dir");
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).expect("CA");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["squire.test".to_owned()])
+            .expect("params")
+            .signed_by(&key, &ca)
+            .expect("cert");
+        let other = rcgen::KeyPair::generate().expect("key");
+        let write = |name: &str, text: &str, mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            path
+        };
+        Files {
+            ca: write("ca.pem", &ca.pem(), 0o644),
+            cert: write("cert.pem", &cert.pem(), 0o644),
+            key: write("key.pem", &key.serialize_pem(), 0o600),
+            other_key: write("other.key", &other.serialize_pem(), 0o600),
+            open_key: write("open.key", &key.serialize_pem(), 0o644),
+            _dir: dir,
+        }
+    }
+
+    fn upstream(extra: &str) -> String {
+        format!("[[upstream]]\nservice = \"gate\"\nlisten = \"127.0.0.1:0\"\n{extra}")
+    }
+
+    #[test]
+    fn listener_and_dial_tls_are_read_and_keys_never_print() {
+        let f = files();
+        let text = upstream(&format!(
+            "[upstream.listen_tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n\
+             [upstream.tls]\nca = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\nserver_name_metadata = \"tls_name\"\n",
+            f.cert.display(),
+            f.key.display(),
+            f.ca.display(),
+            f.ca.display(),
+            f.cert.display(),
+            f.key.display(),
+        ));
+        let config = Config::from_toml(&text).expect("valid");
+        let upstream = &config.upstreams[0];
+        let listen = upstream.listen_tls.as_ref().expect("listen_tls");
+        assert_eq!(listen.handshake_timeout, std::time::Duration::from_secs(10));
+        assert!(listen.client_ca.is_some());
+        let dial = upstream.tls.as_ref().expect("tls");
+        assert_eq!(dial.server_name_metadata.as_deref(), Some("tls_name"));
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("PRIVATE KEY") && shown.contains("key.pem"),
+            "{shown}"
+        );
+        // The same files read again: the same configuration.
+        assert_eq!(
+            Config::from_toml(&text).expect("valid").upstreams,
+            config.upstreams
+        );
+    }
+
+    #[test]
+    fn bad_files_are_problems_at_their_keys() {
+        let f = files();
+        let found = problems(&upstream(&format!(
+            "[upstream.listen_tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"/nonexistent/ca.pem\"\n\
+             [upstream.tls]\nclient_cert = \"{}\"\nserver_name = \"not a name\"\n",
+            f.cert.display(),
+            f.other_key.display(),
+            f.cert.display(),
+        )));
+        assert_problems(
+            &found,
+            &[
+                "upstream.gate.listen_tls.key: cannot use private key file",
+                "upstream.gate.listen_tls.client_ca: cannot read certificate file /nonexistent/ca.pem",
+                "upstream.gate.tls.client_key: required when client_cert is set",
+                "upstream.gate.tls.server_name: \"not a name\" is not a DNS name",
+            ],
+        );
+        let found = problems(&upstream(&format!(
+            "[upstream.listen_tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            f.ca.display(),
+            f.open_key.display(),
+        )));
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].starts_with("upstream.gate.listen_tls.key: ")
+                && found[0].contains("chmod 600"),
+            "{found:#?}"
+        );
+        let found = problems(&upstream("[upstream.listen_tls]\nclient_ca = \"x\"\n"));
+        assert!(found
+            .iter()
+            .any(|p| p.starts_with("upstream.gate.listen_tls.cert: required")));
+    }
+
+    #[test]
+    fn tls_is_for_tcp_listeners() {
+        let f = files();
+        let found = problems(&upstream(&format!(
+            "protocol = \"http\"\n[upstream.tls]\nca = \"{}\"\n",
+            f.ca.display()
+        )));
+        assert_eq!(
+            found,
+            ["upstream.gate.tls: only applies to protocol = \"tcp\" (TLS is not supported on http listeners yet)"]
+        );
+    }
+
+    #[test]
+    fn etcd_takes_https_with_a_ca_and_a_client_certificate() {
+        let f = files();
+        let text = format!(
+            "[registry]\nkind = \"etcd\"\nendpoints = [\"https://127.0.0.1:2379\", \"127.0.0.1:2380\"]\n\
+             ca = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
+            f.ca.display(),
+            f.cert.display(),
+            f.key.display()
+        );
+        let config = Config::from_toml(&text).expect("valid");
+        let RegistryBackend::Etcd(etcd) = &config.registries[0].backend else {
+            panic!("etcd expected");
+        };
+        let tls = etcd.tls.as_ref().expect("tls");
+        assert!(tls.ca.is_some() && tls.identity.is_some());
+
+        let found = problems(&format!(
+            "[registry]\nkind = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\nca = \"{}\"\n",
+            f.ca.display()
+        ));
+        assert_problems(
+            &found,
+            &["registry.endpoints[0]: is http:// while TLS is configured"],
+        );
+        let found = problems(&format!(
+            "[registry]\nca = \"{}\"\nclient_key = \"{}\"\n",
+            f.ca.display(),
+            f.key.display()
+        ));
+        assert_problems(
+            &found,
+            &[
+                "registry.ca: only applies to kind = \"etcd\" or \"consul\"",
+                "registry.client_key: only applies to kind = \"etcd\" or \"consul\"",
+            ],
+        );
+    }
+
+    #[test]
+    fn consul_client_certificate_needs_https() {
+        let f = files();
+        let found = problems(&format!(
+            "[registry]\nkind = \"consul\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
+            f.cert.display(),
+            f.key.display()
+        ));
+        assert_eq!(
+            found,
+            ["registry.client_cert: only applies to an https:// address"]
+        );
+    }
+}
