@@ -99,7 +99,10 @@ async fn etcd_over_tls_with_a_client_certificate() {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
         let log = refused.log();
-        if log.contains("registration failed") && log.to_ascii_lowercase().contains("certificate") {
+        if let Some(line) = log.lines().find(|l| {
+            l.contains("registration failed") && l.to_ascii_lowercase().contains("certificate")
+        }) {
+            eprintln!("refused as: {line}");
             break;
         }
         assert!(

@@ -54,15 +54,13 @@ pub(super) fn map_error(error: etcd_client::Error) -> RegistryError {
             // With its causes: a failed TLS handshake is a status
             // "transport error" whose source says what went wrong.
             _ => {
-                let mut text = format!("{:?}: {}", status.code(), status.message());
-                if let Some(source) = std::error::Error::source(&status) {
-                    let cause = error_chain(source);
-                    if !text.ends_with(&cause) {
-                        text.push_str(": ");
-                        text.push_str(&cause);
-                    }
-                }
-                RegistryError::Unavailable(text)
+                let message = status.message();
+                let detail = match std::error::Error::source(&status).map(error_chain) {
+                    Some(cause) if cause.starts_with(message) => cause,
+                    Some(cause) => format!("{message}: {cause}"),
+                    None => message.to_owned(),
+                };
+                RegistryError::Unavailable(format!("{:?}: {detail}", status.code()))
             }
         },
         Error::InvalidArgs(message) => RegistryError::Rejected(message),
