@@ -25,7 +25,8 @@
 //! - [`metrics`]: every metric name in one place.
 //! - [`time`]: sleeps that end at shutdown, the one token bucket, RFC 3339.
 //! - [`backoff`]: jittered exponential backoff for the retry loops.
-//! - [`tls`]: rustls client setup shared by probes and registries.
+//! - [`tls`]: rustls setup shared by probes, registries and TLS listeners
+//!   and upstreams; certificate and key files read at configuration load.
 //! - [`fuzzing`]: the entry points of the fuzz targets in `fuzz/`.
 //!
 //! [`run`] takes the shutdown trigger as a parameter, so a test (or another

@@ -68,6 +68,10 @@ pub const TCP_FAILED: &str = "squire_tcp_connections_failed_total";
 pub const TCP_REJECTED: &str = "squire_tcp_connections_rejected_total";
 /// Connections closed after idle_timeout without a byte either way. Labels: upstream, listen.
 pub const TCP_IDLE_CLOSED: &str = "squire_tcp_connections_idle_closed_total";
+/// TLS handshakes that failed or timed out: a client's on a listener with
+/// listen_tls (side "accept"), or one with an instance dialed with
+/// [upstream.tls] (side "dial"). Labels: upstream, listen, side.
+pub const TLS_HANDSHAKE_FAILURES: &str = "squire_tls_handshake_failures_total";
 /// Connections still open at drain_timeout (shutdown, or a listener a
 /// reload removed), closed in staggered batches. No labels.
 pub const DRAIN_CUT: &str = "squire_drain_connections_cut_total";
@@ -473,6 +477,10 @@ fn describe() {
     describe_counter!(
         TCP_IDLE_CLOSED,
         "Connections closed after idle_timeout without a byte either way"
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS handshakes that failed or timed out, with clients (accept) or instances (dial)"
     );
     describe_counter!(
         DRAIN_CUT,

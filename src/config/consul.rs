@@ -8,8 +8,9 @@ use super::problems::{duration, Problems};
 use super::raw::RawRegistry;
 use super::secret::Secret;
 use super::service::ServiceConfig;
+use super::tls::identity;
 use crate::registry::consul::{meta_problem, MAX_META_PAIRS, MAX_WAIT};
-use crate::tls::load_ca;
+use crate::tls::{load_ca, Identity};
 
 pub const DEFAULT_ADDRESS: &str = "http://127.0.0.1:8500";
 
@@ -29,6 +30,9 @@ pub struct ConsulConfig {
     pub ca: Option<PathBuf>,
     /// Accept any certificate (https only; explicit opt-in).
     pub tls_skip_verify: bool,
+    /// A client certificate, for an agent that verifies incoming
+    /// certificates (https only).
+    pub identity: Option<Identity>,
 }
 
 impl ConsulConfig {
@@ -37,7 +41,8 @@ impl ConsulConfig {
     }
 }
 
-/// The keys that only `kind = "consul"` takes, those set in `raw`.
+/// The keys that only `kind = "consul"` takes, those set in `raw` (the
+/// TLS keys `ca`, `client_cert` and `client_key` are etcd's too).
 pub(super) fn keys_set(raw: &RawRegistry) -> Vec<&'static str> {
     [
         ("address", raw.address.is_some()),
@@ -48,7 +53,6 @@ pub(super) fn keys_set(raw: &RawRegistry) -> Vec<&'static str> {
             "deregister_critical_after",
             raw.deregister_critical_after.is_some(),
         ),
-        ("ca", raw.ca.is_some()),
         ("tls_skip_verify", raw.tls_skip_verify.is_some()),
     ]
     .into_iter()
@@ -156,6 +160,17 @@ pub(super) fn validate(base: &str, raw: RawRegistry, problems: &mut Problems) ->
         );
     }
 
+    let client_cert_set = raw.client_cert.is_some() || raw.client_key.is_some();
+    let identity = identity(
+        base,
+        ("client_cert", raw.client_cert),
+        ("client_key", raw.client_key),
+        problems,
+    );
+    if client_cert_set && !https {
+        problems.push(at("client_cert"), "only applies to an https:// address");
+    }
+
     ConsulConfig {
         address,
         token,
@@ -164,6 +179,7 @@ pub(super) fn validate(base: &str, raw: RawRegistry, problems: &mut Problems) ->
         deregister_critical_after,
         ca,
         tls_skip_verify,
+        identity,
     }
 }
 

@@ -3,14 +3,31 @@
 use super::problems::Problems;
 use super::raw::RawRegistry;
 use super::secret::Secret;
+use super::tls::{certificates, identity};
+use crate::tls::{Identity, PemFile};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct EtcdConfig {
-    /// `host:port` or `http://host:port`.
+    /// `host:port`, `http://host:port` or, with [`EtcdConfig::tls`],
+    /// `https://host:port` (a bare `host:port` is then https too).
     pub endpoints: Vec<String>,
     /// Key prefix without a trailing slash, e.g. `/services`.
     pub prefix: String,
     pub credentials: Option<(String, Secret)>,
+    /// TLS to every member: set when an endpoint is `https://` or a CA or
+    /// client certificate is configured.
+    pub tls: Option<EtcdTls>,
+}
+
+/// How squire talks TLS to etcd.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdTls {
+    /// The CA that signs the members' certificates; `None`: the public
+    /// roots.
+    pub ca: Option<PemFile>,
+    /// The client certificate, for members started with
+    /// `--client-cert-auth`.
+    pub identity: Option<Identity>,
 }
 
 pub const DEFAULT_PREFIX: &str = "/services";
@@ -23,6 +40,17 @@ pub(super) fn validate_etcd(base: &str, raw: RawRegistry, problems: &mut Problem
     if endpoints.is_empty() {
         problems.push(at("endpoints"), "must list at least one endpoint");
     }
+    let ca = certificates(&at("ca"), raw.ca, problems);
+    let identity = identity(
+        base,
+        ("client_cert", raw.client_cert),
+        ("client_key", raw.client_key),
+        problems,
+    );
+    // One scheme for all: the members share one set of connect options.
+    let tls =
+        (ca.is_some() || identity.is_some() || endpoints.iter().any(|e| e.starts_with("https://")))
+            .then_some(EtcdTls { ca, identity });
     for (i, endpoint) in endpoints.iter().enumerate() {
         let path = format!("{base}.endpoints[{i}]");
         if endpoint.contains('@') {
@@ -33,18 +61,24 @@ pub(super) fn validate_etcd(base: &str, raw: RawRegistry, problems: &mut Problem
             );
             continue;
         }
-        if endpoint.starts_with("https://") {
-            problems.push(path, "TLS to etcd is not supported yet; use http://");
+        if tls.is_some() && endpoint.starts_with("http://") {
+            problems.push(
+                path,
+                "is http:// while TLS is configured (an https:// endpoint, ca or client_cert); use https:// for every endpoint",
+            );
             continue;
         }
-        let authority = endpoint.strip_prefix("http://").unwrap_or(endpoint);
+        let authority = endpoint
+            .strip_prefix("http://")
+            .or_else(|| endpoint.strip_prefix("https://"))
+            .unwrap_or(endpoint);
         let valid = authority.rsplit_once(':').is_some_and(|(host, port)| {
             !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
         });
         if !valid {
             problems.push(
                 path,
-                format!("{endpoint:?} is not host:port or http://host:port"),
+                format!("{endpoint:?} is not host:port, http://host:port or https://host:port"),
             );
         }
     }
@@ -69,5 +103,6 @@ pub(super) fn validate_etcd(base: &str, raw: RawRegistry, problems: &mut Problem
         endpoints,
         prefix,
         credentials,
+        tls,
     }
 }

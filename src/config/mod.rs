@@ -20,6 +20,8 @@
 //!   (each backend's own keys), `service` (`[service]`), `check` (`[[service.check]]`),
 //!   `upstream` (`[[upstream]]` with its balancing and ejection keys), `http`
 //!   (the keys of `protocol = "http"` upstreams).
+//! - `tls`: the TLS keys (CA, client certificate, a listener's
+//!   certificate), whose files are read and checked at load.
 //! - `secret`: [`Secret`], for passwords and tokens, and
 //!   [`read_secret_file`], which refuses a file others can read.
 //! - `tests`: whole-file validation tests, and the helpers the sections'
@@ -38,6 +40,7 @@ mod secret;
 mod service;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod upstream;
 mod zookeeper;
 
@@ -49,7 +52,7 @@ use serde::de::DeserializeOwned;
 pub use agent::{AgentConfig, LogFormat, DEFAULT_ADMIN};
 pub use check::{CheckConfig, HttpProbeConfig, ProbeConfig, ProbeTls};
 pub use consul::ConsulConfig;
-pub use etcd::{EtcdConfig, DEFAULT_PREFIX};
+pub use etcd::{EtcdConfig, EtcdTls, DEFAULT_PREFIX};
 pub use eureka::EurekaConfig;
 pub use http::{HttpUpstreamConfig, RouteConfig};
 pub use problems::{ConfigError, Problem};
@@ -58,6 +61,7 @@ pub use registry::{
 };
 pub use secret::{check_private, read_secret_file, Secret, MAX_SECRET_FILE_BYTES};
 pub use service::ServiceConfig;
+pub use tls::{DialTls, ListenTls};
 pub use upstream::{Protocol, UpstreamConfig};
 pub use zookeeper::ZooKeeperConfig;
 

@@ -89,8 +89,11 @@ pub struct RawRegistry {
     pub datacenter: Option<String>,
     pub wait: Option<String>,
     pub deregister_critical_after: Option<String>,
-    pub ca: Option<String>,
     pub tls_skip_verify: Option<bool>,
+    // TLS, etcd and consul
+    pub ca: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
     // eureka
     pub url: Option<String>,
     pub poll_interval: Option<String>,
@@ -152,6 +155,28 @@ pub struct RawUpstream {
     pub rewrite_host: Option<bool>,
     pub retry_budget: Option<f64>,
     pub route: Option<Vec<RawRoute>>,
+    // TLS, tcp only
+    pub tls: Option<RawDialTls>,
+    pub listen_tls: Option<RawListenTls>,
+}
+
+/// `[upstream.tls]`: dial the instances over TLS.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawDialTls {
+    pub ca: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+    pub server_name: Option<String>,
+    pub server_name_metadata: Option<String>,
+}
+
+/// `[upstream.listen_tls]`: terminate TLS on the listener.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawListenTls {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub client_ca: Option<String>,
+    pub handshake_timeout: Option<String>,
 }
 
 /// `[upstream.ejection]`: passive failure handling.

@@ -262,6 +262,13 @@ fn validate_registry(
         ("prefix", raw.prefix.is_some(), &["etcd"]),
         ("username", raw.username.is_some(), &["etcd", "zookeeper"]),
         ("password", raw.password.is_some(), &["etcd", "zookeeper"]),
+        ("ca", raw.ca.is_some(), &["etcd", "consul"]),
+        (
+            "client_cert",
+            raw.client_cert.is_some(),
+            &["etcd", "consul"],
+        ),
+        ("client_key", raw.client_key.is_some(), &["etcd", "consul"]),
     ];
     foreign.extend(
         consul::keys_set(&raw)

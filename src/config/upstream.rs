@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::http::{self, HttpUpstreamConfig};
 use super::problems::{check_name, duration, required, socket_addr, unspecified, Problems};
 use super::raw::{RawEjection, RawUpstream};
+use super::tls::{validate_dial, validate_listen, DialTls, ListenTls};
 use crate::balance::{EjectionPolicy, Filter, HashKey, Ranges, Strategy};
 use crate::registry::Status;
 
@@ -51,6 +52,10 @@ pub struct UpstreamConfig {
     pub tcp_keepalive: Option<Duration>,
     /// Listen backlog (default: `agent.backlog`).
     pub backlog: u32,
+    /// `[upstream.tls]`: the instances are dialed over TLS (tcp only).
+    pub tls: Option<DialTls>,
+    /// `[upstream.listen_tls]`: the listener terminates TLS (tcp only).
+    pub listen_tls: Option<ListenTls>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -116,6 +121,28 @@ pub(super) fn validate_upstream(
         None => Protocol::Tcp,
     };
     let limits = validate_limits(&base, is_http, &mut raw, problems);
+    let tls_keys = [
+        ("tls", raw.tls.is_some()),
+        ("listen_tls", raw.listen_tls.is_some()),
+    ];
+    let tls = raw
+        .tls
+        .take()
+        .and_then(|t| validate_dial(&base, t, problems));
+    let listen_tls = raw
+        .listen_tls
+        .take()
+        .and_then(|t| validate_listen(&base, t, problems));
+    if is_http {
+        for (key, set) in tls_keys {
+            if set {
+                problems.push(
+                    at(key),
+                    "only applies to protocol = \"tcp\" (TLS is not supported on http listeners yet)",
+                );
+            }
+        }
+    }
     let strategy = match raw.strategy.as_deref() {
         None => Strategy::RoundRobin,
         Some(name) => Strategy::from_name(name).unwrap_or_else(|reason| {
@@ -187,6 +214,8 @@ pub(super) fn validate_upstream(
         tcp_keepalive: limits.tcp_keepalive,
         // 0 until `Config::validate` applies `agent.backlog`.
         backlog: super::agent::backlog(&at("backlog"), raw.backlog, problems).unwrap_or(0),
+        tls,
+        listen_tls,
     }
 }
 

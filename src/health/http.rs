@@ -35,7 +35,8 @@ impl HttpProbe {
         let tls = match &config.tls {
             None => None,
             Some(settings) => {
-                let client = tls::client_config(settings.ca.as_deref(), settings.skip_verify)?;
+                let client =
+                    tls::client_config(settings.ca.as_deref(), settings.skip_verify, None)?;
                 let host = settings
                     .server_name
                     .clone()

@@ -1,4 +1,12 @@
-//! Moving bytes between a client and an instance, both plain TCP sockets.
+//! Moving bytes between a client and an instance.
+//!
+//! Between two plain TCP sockets, the pumps below. When either side is TLS
+//! (see [`Stream`]), the bytes have to pass through squire to be encrypted
+//! or decrypted, and rustls keeps buffers of its own anyway: the copy is
+//! tokio's `copy_bidirectional` over streams that count what they read
+//! ([`Metered`]), with the same half-close forwarding and meters.
+//!
+//! # Plain sockets
 //!
 //! Each direction is a [`Pump`]: it waits until its source is readable and
 //! only then borrows a buffer from a per-thread pool, reads, writes all it
@@ -32,6 +40,7 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
+use super::stream::Stream;
 use crate::balance::now_ms;
 
 /// Size of a pooled buffer: a read that fills it marks the direction bulk.
@@ -58,6 +67,76 @@ pub struct Meters<'a> {
 
 /// Copies both ways until both directions have ended, or one fails.
 pub async fn bidirectional(
+    client: &mut Stream,
+    server: &mut Stream,
+    meters: &Meters<'_>,
+) -> io::Result<()> {
+    match (client, server) {
+        (Stream::Plain(client), Stream::Plain(server)) => sockets(client, server, meters).await,
+        (client, server) => {
+            let mut client = Metered {
+                inner: client,
+                read: meters.from_client,
+                moved: &meters.moved,
+            };
+            let mut server = Metered {
+                inner: server,
+                read: meters.from_server,
+                moved: &meters.moved,
+            };
+            tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, BUFFER, BUFFER)
+                .await
+                .map(|_| ())
+        }
+    }
+}
+
+/// A stream that counts the bytes read from it and notes when they moved.
+struct Metered<'a> {
+    inner: &'a mut Stream,
+    read: &'a Counter,
+    moved: &'a Option<AtomicU64>,
+}
+
+impl AsyncRead for Metered<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut *self.inner).poll_read(cx, buf))?;
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.read.increment(n as u64);
+            if let Some(moved) = self.moved {
+                moved.store(now_ms(), Ordering::Relaxed);
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Metered<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Copies between two plain sockets with the pumps.
+async fn sockets(
     client: &mut TcpStream,
     server: &mut TcpStream,
     meters: &Meters<'_>,
@@ -387,7 +466,7 @@ mod tests {
                 from_server: &b,
                 moved: Some(AtomicU64::new(0)),
             };
-            bidirectional(&mut proxy_client, &mut proxy_server, &meters).await
+            sockets(&mut proxy_client, &mut proxy_server, &meters).await
         });
         Proxied {
             client,

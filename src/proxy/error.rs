@@ -22,6 +22,8 @@ pub enum ProxyError {
         endpoint: String,
         source: std::io::Error,
     },
+    #[error("TLS handshake with {endpoint} failed: {reason}")]
+    Tls { endpoint: String, reason: String },
     #[error("no route for the request's host and path")]
     NoRoute,
     #[error("{endpoint} did not answer in time")]
@@ -49,6 +51,7 @@ impl ProxyError {
             ProxyError::NoHealthyEndpoint { .. } => "no_healthy_endpoint",
             ProxyError::ConnectTimeout { .. } => "connect_timeout",
             ProxyError::Connect { .. } => "connect_error",
+            ProxyError::Tls { .. } => "tls_error",
             ProxyError::NoRoute => "no_route",
             ProxyError::RequestTimeout { .. } => "request_timeout",
             ProxyError::Upstream { .. } => "upstream_error",
@@ -76,7 +79,7 @@ impl ProxyError {
             ProxyError::PreambleTimeout { .. } | ProxyError::Preamble(_) => {
                 (StatusCode::BAD_REQUEST, "bad request\n")
             }
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => {
+            ProxyError::Connect { .. } | ProxyError::Tls { .. } | ProxyError::Upstream { .. } => {
                 (StatusCode::BAD_GATEWAY, "upstream connection failed\n")
             }
             ProxyError::Local { .. } => (StatusCode::SERVICE_UNAVAILABLE, "proxy overloaded\n"),
@@ -88,7 +91,7 @@ impl ProxyError {
     pub fn is_connect(&self) -> bool {
         matches!(
             self,
-            ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. }
+            ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. } | ProxyError::Tls { .. }
         )
     }
 
@@ -111,6 +114,7 @@ impl ProxyError {
         match self {
             ProxyError::ConnectTimeout { endpoint, .. }
             | ProxyError::Connect { endpoint, .. }
+            | ProxyError::Tls { endpoint, .. }
             | ProxyError::RequestTimeout { endpoint }
             | ProxyError::Upstream { endpoint, .. }
             | ProxyError::Local { endpoint, .. } => Some(endpoint),

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! listener.rs   the one accept loop: backlog, limits, error pause, drain
-//!   -> handler  tcp.rs | http/: the protocol only
+//!   -> handler  tcp.rs | http/: the protocol only (tcp: TLS, tls.rs, as
+//!               a wrapper around the sockets, stream.rs)
 //!   -> Upstream balance::Upstream: filter + balancer + current snapshot
 //!   -> attempts attempts.rs: pick -> try -> report -> back off -> retry
 //!   -> copy / forward
@@ -23,7 +24,9 @@ mod error;
 pub mod http;
 pub mod listener;
 pub mod preamble;
+mod stream;
 pub mod tcp;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

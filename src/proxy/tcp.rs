@@ -1,11 +1,12 @@
-//! The TCP handler: read the affinity key if the upstream hashes one, run
-//! the attempts (each a connect with `connect_timeout`), then copy bytes
-//! both ways until either side is done, or until no byte has moved either
-//! way for `idle_timeout`.
+//! The TCP handler: terminate the client's TLS if the listener has
+//! `listen_tls`, read the affinity key if the upstream hashes one, run the
+//! attempts (each a connect, and a TLS handshake with `[upstream.tls]`,
+//! within `connect_timeout`), then copy bytes both ways until either side
+//! is done, or until no byte has moved either way for `idle_timeout`.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,8 @@ use tokio::net::TcpStream;
 
 use super::attempts::{AttemptMetrics, Attempts, Outcome, RetryPolicy};
 use super::listener::set_keepalive;
+use super::stream::Stream;
+use super::tls::ProxyTls;
 use super::{copy, preamble, GaugeGuard, ProxyError};
 use crate::balance::{self, now_ms, ActiveGuard, HashKey, Strategy, Upstream};
 use crate::config::UpstreamConfig;
@@ -33,6 +36,7 @@ pub struct TcpProxy {
     /// One "closing client connection" line per interval, with the count
     /// of those not logged: a dead upstream refuses every client.
     reject_log: LogThrottle,
+    tls: ProxyTls,
 }
 
 /// How often a listener logs the clients it closes unrouted.
@@ -54,6 +58,7 @@ impl TcpProxy {
             ("listen", listen.to_string()),
         ];
         TcpProxy {
+            tls: ProxyTls::new(&config, &labels),
             policy: RetryPolicy::of(&config),
             attempts: AttemptMetrics {
                 retries: metrics::counter!(m::RETRIES, &labels),
@@ -91,8 +96,11 @@ impl TcpProxy {
         self.config.tcp_keepalive
     }
 
-    pub async fn serve(&self, mut client: TcpStream, peer: SocketAddr) {
+    pub async fn serve(&self, client: TcpStream, peer: SocketAddr) {
         let service = &self.config.service;
+        let Some(mut client) = self.tls.accept(client, peer, service).await else {
+            return;
+        };
         let routed = match self.affinity(&mut client, peer).await {
             Ok(routed) => routed,
             Err(e) => return self.reject(peer, e),
@@ -148,11 +156,7 @@ impl TcpProxy {
 
     /// The affinity key of this connection: the client address, the key
     /// of its `ROUTE` line, or none for strategies that do not hash.
-    async fn affinity(
-        &self,
-        client: &mut TcpStream,
-        peer: SocketAddr,
-    ) -> Result<Routed, ProxyError> {
+    async fn affinity(&self, client: &mut Stream, peer: SocketAddr) -> Result<Routed, ProxyError> {
         let key = match (self.config.strategy, &self.config.hash_key) {
             (Strategy::IpHash, _) | (Strategy::ConsistentHash, HashKey::ClientIp) => {
                 Some(balance::client_key(peer))
@@ -180,32 +184,42 @@ impl TcpProxy {
 
     /// Connects to an endpoint the attempts pick, trying another one on
     /// each failure as the upstream allows.
-    async fn connect(&self, key: Option<u64>) -> Result<(TcpStream, ActiveGuard), ProxyError> {
+    async fn connect(&self, key: Option<u64>) -> Result<(Stream, ActiveGuard), ProxyError> {
         let timeout = self.config.connect_timeout;
         let mut attempts = Attempts::new(&self.upstream, self.policy, key, &self.attempts);
         while let Some(attempt) = attempts.next().await {
             let endpoint = attempts.endpoint(&attempt);
             let authority = &endpoint.authority;
-            // The addresses resolved when the snapshot was built: a
-            // connect never looks a name up.
-            let connect = TcpStream::connect(&endpoint.addrs[..]);
-            let outcome = match tokio::time::timeout(timeout, connect).await {
-                Ok(Ok(stream)) => {
-                    if let Err(e) = stream.set_nodelay(true) {
-                        tracing::debug!(endpoint = %authority, error = %e, "cannot set TCP_NODELAY on the upstream side");
-                    }
-                    if let Some(idle) = self.config.tcp_keepalive {
-                        if let Err(e) = set_keepalive(&stream, idle) {
-                            tracing::debug!(endpoint = %authority, error = %e, "cannot set TCP keep-alive on the upstream side");
-                        }
-                    }
-                    Outcome::Served((stream, endpoint.stats.open()))
+            let connected = AtomicBool::new(false);
+            let connect = async {
+                // The addresses resolved when the snapshot was built: a
+                // connect never looks a name up.
+                let stream = TcpStream::connect(&endpoint.addrs[..])
+                    .await
+                    .map_err(|source| ProxyError::connect(authority, source))?;
+                connected.store(true, Ordering::Relaxed);
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(endpoint = %authority, error = %e, "cannot set TCP_NODELAY on the upstream side");
                 }
-                Ok(Err(source)) => Outcome::Retry(ProxyError::connect(authority, source)),
-                Err(_) => Outcome::Retry(ProxyError::ConnectTimeout {
-                    endpoint: authority.clone(),
-                    after: timeout,
-                }),
+                if let Some(idle) = self.config.tcp_keepalive {
+                    if let Err(e) = set_keepalive(&stream, idle) {
+                        tracing::debug!(endpoint = %authority, error = %e, "cannot set TCP keep-alive on the upstream side");
+                    }
+                }
+                self.tls.dial(stream, endpoint).await
+            };
+            let outcome = match tokio::time::timeout(timeout, connect).await {
+                Ok(Ok(stream)) => Outcome::Served((stream, endpoint.stats.open())),
+                Ok(Err(error)) => Outcome::Retry(error),
+                Err(_) => {
+                    if connected.load(Ordering::Relaxed) {
+                        self.tls.dial_timed_out();
+                    }
+                    Outcome::Retry(ProxyError::ConnectTimeout {
+                        endpoint: authority.clone(),
+                        after: timeout,
+                    })
+                }
             };
             if let Some(result) = attempts.report(attempt, outcome) {
                 return result;

@@ -120,6 +120,8 @@ pub struct FakeOptions {
     pub lists_consul: bool,
     /// PEM certificate chain and key to serve HTTPS instead of HTTP.
     pub tls: Option<(String, String)>,
+    /// With `tls`: a PEM CA whose client certificates are required.
+    pub tls_client_ca: Option<String>,
 }
 
 impl Default for FakeOptions {
@@ -134,6 +136,7 @@ impl Default for FakeOptions {
             acl: None,
             lists_consul: true,
             tls: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -279,7 +282,7 @@ impl FakeConsul {
         let tls = options
             .tls
             .as_ref()
-            .map(|(cert, key)| tls_acceptor(cert, key));
+            .map(|(cert, key)| tls_acceptor(cert, key, options.tls_client_ca.as_deref()));
         let node_check = node_check(&options);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -780,21 +783,36 @@ async fn serve(
     }
 }
 
-fn tls_acceptor(cert: &str, key: &str) -> tokio_rustls::TlsAcceptor {
+fn tls_acceptor(cert: &str, key: &str, client_ca: Option<&str>) -> tokio_rustls::TlsAcceptor {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_slice_iter(cert.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .expect("certificate PEM");
     let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key PEM");
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("TLS versions")
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .expect("server certificate");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions");
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+                roots.add(cert.expect("CA PEM")).expect("CA");
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .expect("client verifier");
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder
+        .with_single_cert(certs, key)
+        .expect("server certificate");
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod certs;
 pub mod cluster;
 pub mod config;
 pub mod consul;
@@ -61,7 +62,19 @@ pub fn free_port() -> u16 {
 /// on loopback `client_port` and `peer_port`, logging warnings to stderr
 /// (the caller sets where), stdout discarded. The caller adds the cluster.
 pub fn etcd_command(name: &str, data: &Path, client_port: u16, peer_port: u16) -> Command {
-    let client = format!("http://127.0.0.1:{client_port}");
+    etcd_command_scheme(name, data, client_port, peer_port, "http")
+}
+
+/// [`etcd_command`] with the client URL's `scheme` (`https`: the caller
+/// adds the certificate flags).
+pub fn etcd_command_scheme(
+    name: &str,
+    data: &Path,
+    client_port: u16,
+    peer_port: u16,
+    scheme: &str,
+) -> Command {
+    let client = format!("{scheme}://127.0.0.1:{client_port}");
     let peer = format!("http://127.0.0.1:{peer_port}");
     let mut command = Command::new("etcd");
     command
@@ -91,6 +104,18 @@ pub struct Etcd {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    tls: Option<EtcdTls>,
+}
+
+/// An etcd serving clients over TLS only and requiring a client
+/// certificate signed by `ca` (`--client-cert-auth`).
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    /// etcd's own certificate, for 127.0.0.1.
+    pub server: certs::Pair,
+    /// A client certificate `ca` signed, for the test's own client.
+    pub client: certs::Pair,
 }
 
 impl Etcd {
@@ -104,23 +129,56 @@ impl Etcd {
     /// before it serves is an error at once, with its status and the end of
     /// its log.
     pub async fn try_start_on(client_port: u16) -> Result<Etcd, String> {
+        Etcd::try_start_with(client_port, None).await
+    }
+
+    /// An etcd that serves clients over TLS with `tls`'s certificates.
+    pub async fn start_tls(tls: EtcdTls) -> Etcd {
+        Etcd::try_start_with(free_port(), Some(tls))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    async fn try_start_with(client_port: u16, tls: Option<EtcdTls>) -> Result<Etcd, String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut etcd = Etcd {
             child: None,
             dir,
             client_port,
             peer_port: free_port(),
+            tls,
         };
         etcd.spawn().await?;
         Ok(etcd)
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Connect options with `timeout`, and the TLS client settings of a
+    /// TLS etcd.
+    fn options(&self, timeout: Duration) -> etcd_client::ConnectOptions {
+        let options = etcd_client::ConnectOptions::new().with_timeout(timeout);
+        match &self.tls {
+            None => options,
+            Some(tls) => {
+                let read = |p: &Path| std::fs::read(p).expect("read a test certificate");
+                options.with_tls(
+                    etcd_client::TlsOptions::new()
+                        .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)))
+                        .identity(etcd_client::Identity::from_pem(
+                            read(&tls.client.cert),
+                            read(&tls.client.key),
+                        )),
+                )
+            }
+        }
     }
 
     pub async fn client(&self) -> etcd_client::Client {
-        let options = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(5));
+        let options = self.options(Duration::from_secs(5));
         etcd_client::Client::connect([self.endpoint()], Some(options))
             .await
             .expect("etcd client")
@@ -144,7 +202,20 @@ impl Etcd {
         let data = self.dir.path().join("data");
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log file");
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = etcd_command("test", &data, self.client_port, self.peer_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut command =
+            etcd_command_scheme("test", &data, self.client_port, self.peer_port, scheme);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.server.cert)
+                .arg("--key-file")
+                .arg(&tls.server.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--initial-cluster", &format!("test={peer}")])
             .stderr(log)
             .spawn()
@@ -174,7 +245,7 @@ impl Etcd {
 
     /// One `get` answered within half a second.
     async fn serves(&self) -> bool {
-        let options = etcd_client::ConnectOptions::new().with_timeout(Duration::from_millis(500));
+        let options = self.options(Duration::from_millis(500));
         match etcd_client::Client::connect([self.endpoint()], Some(options)).await {
             Ok(mut c) => c.get("probe", None).await.is_ok(),
             Err(_) => false,

@@ -106,6 +106,13 @@ impl Squire {
         self.child.try_wait().expect("try_wait")
     }
 
+    /// SIGHUP: reload the configuration file.
+    pub fn hangup(&self) {
+        // SAFETY: kill has no memory preconditions; the pid is our child's.
+        let sent = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGHUP) };
+        assert_eq!(sent, 0, "SIGHUP sent");
+    }
+
     /// SIGTERM, then waits up to `limit` for the exit.
     pub async fn stop(&mut self, limit: Duration) -> ExitStatus {
         // SAFETY: kill has no memory preconditions; the pid is our child's.

@@ -170,10 +170,15 @@ fn http_client(config: &ConsulConfig, timeout: Duration) -> Result<HttpClient, S
 }
 
 /// The rustls settings of an `https` address (crate::tls: public roots
-/// plus `ca`, or no verification when explicitly asked).
+/// plus `ca`, or no verification when explicitly asked), with the client
+/// certificate if one is configured.
 fn tls_config(config: &ConsulConfig) -> Result<rustls::ClientConfig, String> {
-    let tls = crate::tls::client_config(config.ca.as_deref(), config.tls_skip_verify)
-        .map_err(|e| e.to_string())?;
+    let tls = crate::tls::client_config(
+        config.ca.as_deref(),
+        config.tls_skip_verify,
+        config.identity.as_ref(),
+    )
+    .map_err(|e| e.to_string())?;
     Ok((*tls).clone())
 }
 

@@ -51,10 +51,36 @@ pub(super) fn map_error(error: etcd_client::Error) -> RegistryError {
             Code::OutOfRange if status.message().contains("compacted") => {
                 RegistryError::WatchCanceled(status.message().to_owned())
             }
-            _ => RegistryError::Unavailable(format!("{:?}: {}", status.code(), status.message())),
+            // With its causes: a failed TLS handshake is a status
+            // "transport error" whose source says what went wrong.
+            _ => {
+                let message = status.message();
+                let detail = match std::error::Error::source(&status).map(error_chain) {
+                    Some(cause) if cause.starts_with(message) => cause,
+                    Some(cause) => format!("{message}: {cause}"),
+                    None => message.to_owned(),
+                };
+                RegistryError::Unavailable(format!("{:?}: {detail}", status.code()))
+            }
         },
         Error::InvalidArgs(message) => RegistryError::Rejected(message),
         Error::InvalidUri(e) => RegistryError::Rejected(e.to_string()),
-        other => RegistryError::Unavailable(other.to_string()),
+        // With its causes: tonic's "transport error" alone does not say
+        // that a TLS handshake failed, or why.
+        other => RegistryError::Unavailable(error_chain(&other)),
     }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let cause = e.to_string();
+        if !text.ends_with(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        source = e.source();
+    }
+    text
 }

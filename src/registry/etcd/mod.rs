@@ -45,10 +45,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use etcd_client::{ConnectOptions, PutOptions};
+use etcd_client::{Certificate, ConnectOptions, PutOptions, TlsOptions};
 
 use super::{Instance, Lease, Registry, RegistryError, Watch};
-use crate::config::EtcdConfig;
+use crate::config::{EtcdConfig, EtcdTls};
 use members::Members;
 
 /// HTTP/2 ping interval: above etcd's 5 s `grpc-keepalive-min-time`.
@@ -72,6 +72,9 @@ impl EtcdRegistry {
             .with_timeout(timeout)
             .with_keep_alive(PING_INTERVAL, timeout.min(Duration::from_secs(5)))
             .with_require_leader(true);
+        if let Some(tls) = &config.tls {
+            options = options.with_tls(tls_options(tls));
+        }
         if let Some((user, password)) = &config.credentials {
             options = options
                 .with_user(user.clone(), password.expose().to_owned())
@@ -95,6 +98,23 @@ impl EtcdRegistry {
 
     fn service_prefix(&self, service: &str) -> String {
         format!("{}/{}/", self.config.prefix, service)
+    }
+}
+
+/// tonic's TLS settings (rustls with ring): the configured CA, else the
+/// public roots, and the client certificate if there is one. The files were
+/// read and checked when the configuration was loaded.
+fn tls_options(tls: &EtcdTls) -> TlsOptions {
+    let options = match &tls.ca {
+        Some(ca) => TlsOptions::new().ca_certificate(Certificate::from_pem(ca.pem())),
+        None => TlsOptions::new().with_webpki_roots(),
+    };
+    match &tls.identity {
+        Some(identity) => options.identity(etcd_client::Identity::from_pem(
+            identity.cert.pem(),
+            identity.key.pem(),
+        )),
+        None => options,
     }
 }
 

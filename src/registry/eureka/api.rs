@@ -42,7 +42,7 @@ impl Answer {
 
 impl Api {
     pub fn new(url: &str, timeout: Duration) -> Api {
-        let http = crate::tls::client_config(None, false)
+        let http = crate::tls::client_config(None, false, None)
             .map(|tls| crate::registry::http::client((*tls).clone(), timeout))
             .map_err(|e| e.to_string());
         Api {
