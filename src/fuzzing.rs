@@ -13,6 +13,8 @@
 //! - [`instance`]: a registry value, as etcd and the local registry hold it
 //!   ([`Instance::from_json`]); a decoded instance must round-trip.
 //! - [`consul_health`]: a `/v1/health/service` answer from Consul.
+//! - [`eureka_applications`]: a `GET /apps` or `/apps/delta` answer from
+//!   Eureka, applied to a copy as the poller does.
 //! - [`local_entry`]: one file of the local registry's directory.
 //! - [`last_known`]: a last-known-good snapshot file.
 //! - [`preamble`]: the `ROUTE <key>\n` line, read in arbitrary chunks.
@@ -29,7 +31,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use crate::config::Config;
 use crate::discovery::last_known::LastKnown;
 use crate::proxy::preamble::{self, PreambleError};
-use crate::registry::{consul, local, Instance};
+use crate::registry::{consul, eureka, local, Instance};
 
 /// Parses and validates `bytes` as `agent.toml`; every problem's text is
 /// rendered too (it must name the field without panicking).
@@ -72,6 +74,28 @@ pub fn consul_health(bytes: &[u8]) -> bool {
             assert!(instance.weight > 0);
         }
     }
+    true
+}
+
+/// Decodes a Eureka applications answer, then applies it as a full fetch
+/// and as a delta to that copy, as the poller does: every usable instance
+/// has a host and a port, and the copy's hash code is computed.
+pub fn eureka_applications(bytes: &[u8]) -> bool {
+    let Ok((fetched, _hash)) = eureka::wire::applications(bytes) else {
+        return false;
+    };
+    for f in &fetched {
+        if let Ok(instance) = &f.instance {
+            assert!(!instance.host.is_empty() && instance.port != 0);
+            assert_eq!(instance.name, f.app.to_ascii_lowercase());
+        }
+    }
+    let Ok((again, _)) = eureka::wire::applications(bytes) else {
+        unreachable!("the same bytes decoded once")
+    };
+    let mut copy = eureka::wire::Apps::from_fetch(fetched);
+    copy.apply(again);
+    let _ = copy.hash_code();
     true
 }
 
@@ -177,10 +201,11 @@ mod tests {
     #[test]
     fn every_seed_passes() {
         type Target = fn(&[u8]) -> bool;
-        let targets: [(&str, Target); 6] = [
+        let targets: [(&str, Target); 7] = [
             ("config", config),
             ("instance", instance),
             ("consul_health", consul_health),
+            ("eureka_applications", eureka_applications),
             ("local_entry", local_entry),
             ("last_known", last_known),
             ("preamble", preamble),

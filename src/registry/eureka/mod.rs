@@ -26,7 +26,7 @@
 mod api;
 mod lease;
 mod poll;
-mod wire;
+pub(crate) mod wire;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -87,7 +87,7 @@ pub(super) fn instance_document(instance: &Instance, ttl_secs: u64) -> Value {
 
 /// One instance of a fetch, by instance id: what it holds, or why it
 /// cannot be used; and the action of a delta.
-pub(super) struct Fetched {
+pub(crate) struct Fetched {
     pub id: String,
     pub app: String,
     pub eureka_status: String,
@@ -98,7 +98,7 @@ pub(super) struct Fetched {
 /// The applications of `GET /apps` or `GET /apps/delta`, and the server's
 /// apps hash code. Jackson writes a one-element list as a bare object in
 /// some Eureka versions: both are read.
-pub(super) fn applications(body: &[u8]) -> Result<(Vec<Fetched>, Option<String>), String> {
+pub(crate) fn applications(body: &[u8]) -> Result<(Vec<Fetched>, Option<String>), String> {
     let value: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
     let apps = value
         .get("applications")
@@ -233,13 +233,13 @@ pub(super) fn hash_code<'a>(statuses: impl Iterator<Item = &'a str>) -> String {
 /// The whole registry as a client keeps it between fetches: per app, per
 /// instance id.
 #[derive(Default, Clone)]
-pub(super) struct Apps {
+pub(crate) struct Apps {
     pub apps: HashMap<String, BTreeMap<String, Kept>>,
 }
 
 /// One instance as kept: Eureka's status (for the hash code) and ours.
 #[derive(Clone)]
-pub(super) struct Kept {
+pub(crate) struct Kept {
     pub eureka_status: String,
     pub instance: Result<Instance, String>,
 }
