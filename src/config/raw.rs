@@ -91,6 +91,9 @@ pub struct RawRegistry {
     pub deregister_critical_after: Option<String>,
     pub ca: Option<String>,
     pub tls_skip_verify: Option<bool>,
+    // nacos (also address, group, username, password)
+    pub namespace: Option<String>,
+    pub poll_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

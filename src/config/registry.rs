@@ -1,6 +1,7 @@
 //! `[registry]` / `[[registry]]`: where we register and discover, and
 //! `[discovery]`: how several registries are read. The etcd and Consul
-//! backends' own keys are validated in [`super::etcd`] and [`super::consul`].
+//! backends' own keys are validated in [`super::etcd`], [`super::consul`]
+//! and [`super::nacos`].
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use super::consul::{self, ConsulConfig};
 use super::etcd::{validate_etcd, EtcdConfig};
+use super::nacos::{self, NacosConfig};
 use super::problems::{duration, required, Problems};
 use super::raw::{RawDiscovery, RawRegistries, RawRegistry};
 use super::section;
@@ -62,6 +64,7 @@ pub enum RegistryBackend {
     },
     Etcd(EtcdConfig),
     Consul(ConsulConfig),
+    Nacos(NacosConfig),
 }
 
 impl RegistryBackend {
@@ -70,6 +73,7 @@ impl RegistryBackend {
             RegistryBackend::Local { .. } => "local",
             RegistryBackend::Etcd(_) => "etcd",
             RegistryBackend::Consul(_) => "consul",
+            RegistryBackend::Nacos(_) => "nacos",
         }
     }
 }
@@ -243,6 +247,11 @@ fn validate_registry(
             problems.push(at(key), format!("only applies to kind = {belongs:?}"));
         }
     };
+    if kind != "nacos" {
+        for key in nacos::keys_set(&raw) {
+            misplaced(problems, key, true, "nacos");
+        }
+    }
     let backend = match kind {
         "local" => {
             misplaced(problems, "endpoints", raw.endpoints.is_some(), "etcd");
@@ -292,10 +301,13 @@ fn validate_registry(
             misplaced(problems, "password", raw.password.is_some(), "etcd");
             RegistryBackend::Consul(consul::validate(base, raw, problems))
         }
+        "nacos" => RegistryBackend::Nacos(nacos::validate(base, raw, problems)),
         other => {
             problems.push(
                 at("kind"),
-                format!("unknown kind {other:?}; expected \"local\", \"etcd\" or \"consul\""),
+                format!(
+                    "unknown kind {other:?}; expected \"local\", \"etcd\", \"consul\" or \"nacos\""
+                ),
             );
             RegistryBackend::Local {
                 dir: default_local_dir(),

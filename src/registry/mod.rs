@@ -1,8 +1,9 @@
 //! The registry seam: where instances are announced and discovered.
 //!
-//! Three backends implement [`Registry`]: [`etcd`] (leases and watches),
-//! [`local`] (files in a directory shared by the squires on one host), and
-//! [`consul`] (the agent API: a TTL check, blocking queries). A backend only
+//! Four backends implement [`Registry`]: [`etcd`] (leases and watches),
+//! [`local`] (files in a directory shared by the squires on one host),
+//! [`consul`] (the agent API: a TTL check, blocking queries) and [`nacos`]
+//! (the Open API: an ephemeral instance kept by heartbeats, polled lists). A backend only
 //! moves data; the loops that survive outages live in
 //! [`crate::registration`] and [`crate::discovery`] and treat every backend
 //! the same way:
@@ -17,6 +18,7 @@
 pub mod consul;
 pub mod etcd;
 pub mod local;
+pub mod nacos;
 mod wire;
 
 use std::collections::BTreeMap;

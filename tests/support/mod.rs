@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod config;
 pub mod consul;
+pub mod nacos;
 pub mod process;
 
 use std::future::Future;
