@@ -206,8 +206,8 @@ async fn heartbeats_keep_it_alive_and_a_crash_lets_it_expire() {
         nacos.instance("logic", "127.0.0.1", 7101).await.is_some()
     })
     .await;
-    // Past the time r-nacos removes an instance without beats (its
-    // timeouts plus 3 s each), it is still there and healthy.
+    // Well past the time r-nacos removes an instance without beats (its
+    // instance timeout plus 3 s), it is still there and healthy.
     let expiry = HEALTH_TIMEOUT + INSTANCE_TIMEOUT + Duration::from_secs(6);
     let until = Instant::now() + expiry + Duration::from_secs(1);
     while Instant::now() < until {

@@ -5,8 +5,8 @@
 //! would.
 //!
 //! The server runs with short naming timeouts (an instance without a beat
-//! is unhealthy after [`HEALTH_TIMEOUT`] and removed after
-//! [`INSTANCE_TIMEOUT`]; r-nacos adds 3 s to each), its console off, its
+//! is unhealthy [`HEALTH_TIMEOUT`] and removed [`INSTANCE_TIMEOUT`] after
+//! its last beat; r-nacos adds 3 s to each), its console off, its
 //! HTTP and gRPC ports on 127.0.0.1, and its working directory in the
 //! temporary directory (so no `.env` of the checkout is read).
 
@@ -27,7 +27,7 @@ use super::{free_port, DEADLINE};
 /// unhealthy this long (plus 3 s) after its last beat.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 /// `RNACOS_NAMING_INSTANCE_TIMEOUT_SECOND`: and removes it this long (plus
-/// 3 s) after.
+/// 3 s) after its last beat.
 pub const INSTANCE_TIMEOUT: Duration = Duration::from_secs(4);
 
 pub struct Nacos {
