@@ -58,7 +58,7 @@ const WRITE_REFILL: Duration = Duration::from_secs(1);
 pub struct RegistrationState {
     /// The registry's configured name (`primary`, ...).
     pub name: String,
-    /// Its kind: `etcd`, `consul`, `local`.
+    /// Its kind: `etcd`, `consul`, `nacos`, `local`.
     pub registry: &'static str,
     pub target: String,
     pub registered: bool,
