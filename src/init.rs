@@ -33,6 +33,14 @@ const REGISTRIES: &[(&str, &str)] = &[
          # password = \"...\"\n",
     ),
     (
+        "nacos",
+        "address = \"http://127.0.0.1:8848\" # the Nacos server (Open API)\n\
+         # namespace = \"dev\"              # default: the public namespace\n\
+         group = \"DEFAULT_GROUP\"\n\
+         # username = \"nacos\"             # Nacos auth: both or neither\n\
+         # password = \"...\"\n",
+    ),
+    (
         "eureka",
         "url = \"http://127.0.0.1:8761/eureka\"  # the service URL (Spring's defaultZone)\n\
          poll_interval = \"5s\"               # Eureka has no watch: changes are polled\n",
@@ -233,6 +241,6 @@ mod tests {
             upstreams: &[],
         }
         .render();
-        assert!(unknown.is_err_and(|e| e.contains("local, etcd, consul, zookeeper, eureka")));
+        assert!(unknown.is_err_and(|e| e.contains("local, etcd, consul, zookeeper, nacos, eureka")));
     }
 }

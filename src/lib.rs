@@ -9,7 +9,7 @@
 //!
 //! - [`config`]: `agent.toml`, validated in one pass that reports every problem.
 //! - [`agent`]: wires the tasks together; owns startup, reload and shutdown order.
-//! - [`registry`]: the backend seam (`etcd`, `consul`, `eureka`, `zookeeper`, `local`) and the instance format.
+//! - [`registry`]: the backend seam (`etcd`, `consul`, `eureka`, `zookeeper`, `nacos`, `local`) and the instance format.
 //! - [`registration`]: keeps our instance registered through outages and lease loss.
 //! - [`health`]: probes of the local service and the rise/fall verdict.
 //! - [`discovery`]: registry watches turned into [`balance::Upstream`] snapshots.

@@ -50,7 +50,7 @@ enum Command {
     /// Write an annotated agent.toml for a service, a registry kind and
     /// upstreams, to stdout or a file; `squire check` accepts it as it is.
     Init {
-        /// The registry kind: local, etcd, consul, zookeeper, eureka.
+        /// The registry kind: local, etcd, consul, zookeeper, nacos, eureka.
         #[arg(long, default_value = "local")]
         registry: String,
         /// The admin API's address (default 127.0.0.1:9901); each squire on

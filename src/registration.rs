@@ -58,7 +58,7 @@ const WRITE_REFILL: Duration = Duration::from_secs(1);
 pub struct RegistrationState {
     /// The registry's configured name (`primary`, ...).
     pub name: String,
-    /// Its kind: `etcd`, `consul`, `eureka`, `zookeeper`, `local`.
+    /// Its kind: `etcd`, `consul`, `eureka`, `zookeeper`, `nacos`, `local`.
     pub registry: &'static str,
     pub target: String,
     pub registered: bool,

@@ -337,5 +337,10 @@ pub fn connect_registry(config: &RegistryConfig) -> Result<Arc<dyn Registry>, Ag
                 config.timeout,
             ))
         }
+        RegistryBackend::Nacos(nacos) => Arc::new(registry::nacos::NacosRegistry::new(
+            nacos,
+            config.ttl,
+            config.timeout,
+        )),
     })
 }

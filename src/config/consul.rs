@@ -337,7 +337,7 @@ mod tests {
         let found = problems("[registry]\naddress = \"http://127.0.0.1:8500\"\n");
         assert_eq!(
             found,
-            ["registry.address: only applies to kind = \"consul\""]
+            ["registry.address: only applies to kind = \"consul\" or \"nacos\""]
         );
     }
 

@@ -33,6 +33,7 @@ mod consul;
 mod etcd;
 mod eureka;
 mod http;
+mod nacos;
 mod problems;
 mod raw;
 mod registry;
@@ -55,6 +56,7 @@ pub use consul::ConsulConfig;
 pub use etcd::{EtcdConfig, EtcdTls, DEFAULT_PREFIX};
 pub use eureka::EurekaConfig;
 pub use http::{HttpUpstreamConfig, RouteConfig};
+pub use nacos::NacosConfig;
 pub use problems::{ConfigError, Problem};
 pub use registry::{
     default_local_dir, DiscoveryConfig, DiscoveryMode, RegistryBackend, RegistryConfig,
@@ -188,6 +190,12 @@ fn validate(raw: RawConfig, problems: &mut Problems) -> Config {
         .any(|r| matches!(r.backend, RegistryBackend::Consul(_)));
     if let (true, Some(service)) = (consul, &service) {
         consul::check_service(service, problems);
+    }
+    let nacos = registries
+        .iter()
+        .any(|r| matches!(r.backend, RegistryBackend::Nacos(_)));
+    if let (true, Some(service)) = (nacos, &service) {
+        nacos::check_service(service, problems);
     }
     let mut listens = HashSet::new();
     let upstreams = raw

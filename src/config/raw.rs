@@ -96,7 +96,10 @@ pub struct RawRegistry {
     pub client_key: Option<String>,
     // eureka
     pub url: Option<String>,
+    /// eureka and nacos
     pub poll_interval: Option<String>,
+    // nacos (also address, group, username, password, poll_interval)
+    pub namespace: Option<String>,
     // zookeeper (with username, password and timeout above)
     pub servers: Option<Vec<String>>,
     pub root: Option<String>,

@@ -1,7 +1,7 @@
 //! `[registry]` / `[[registry]]`: where we register and discover, and
-//! `[discovery]`: how several registries are read. The etcd, Consul and
-//! ZooKeeper backends' own keys are validated in [`super::etcd`],
-//! [`super::consul`] and [`super::zookeeper`].
+//! `[discovery]`: how several registries are read. Each backend's own keys
+//! are validated in its module ([`super::etcd`], [`super::consul`],
+//! [`super::eureka`], [`super::zookeeper`], [`super::nacos`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::consul::{self, ConsulConfig};
 use super::etcd::{validate_etcd, EtcdConfig};
 use super::eureka::{self, EurekaConfig};
+use super::nacos::{self, NacosConfig};
 use super::problems::{duration, required, Problems};
 use super::raw::{RawDiscovery, RawRegistries, RawRegistry};
 use super::section;
@@ -67,6 +68,7 @@ pub enum RegistryBackend {
     Consul(ConsulConfig),
     Eureka(EurekaConfig),
     ZooKeeper(ZooKeeperConfig),
+    Nacos(NacosConfig),
 }
 
 impl RegistryBackend {
@@ -77,6 +79,7 @@ impl RegistryBackend {
             RegistryBackend::Consul(_) => "consul",
             RegistryBackend::Eureka(_) => "eureka",
             RegistryBackend::ZooKeeper(_) => "zookeeper",
+            RegistryBackend::Nacos(_) => "nacos",
         }
     }
 }
@@ -257,11 +260,19 @@ fn validate_registry(
     // Each key that only some kinds take, and those kinds.
     let mut foreign: Vec<(&'static str, bool, &[&str])> = vec![
         ("dir", raw.dir.is_some(), &["local"]),
-        ("group", raw.group.is_some(), &["local"]),
+        ("group", raw.group.is_some(), &["local", "nacos"]),
         ("endpoints", raw.endpoints.is_some(), &["etcd"]),
         ("prefix", raw.prefix.is_some(), &["etcd"]),
-        ("username", raw.username.is_some(), &["etcd", "zookeeper"]),
-        ("password", raw.password.is_some(), &["etcd", "zookeeper"]),
+        (
+            "username",
+            raw.username.is_some(),
+            &["etcd", "zookeeper", "nacos"],
+        ),
+        (
+            "password",
+            raw.password.is_some(),
+            &["etcd", "zookeeper", "nacos"],
+        ),
         ("ca", raw.ca.is_some(), &["etcd", "consul"]),
         (
             "client_cert",
@@ -269,22 +280,27 @@ fn validate_registry(
             &["etcd", "consul"],
         ),
         ("client_key", raw.client_key.is_some(), &["etcd", "consul"]),
+        ("address", raw.address.is_some(), &["consul", "nacos"]),
+        (
+            "poll_interval",
+            raw.poll_interval.is_some(),
+            &["eureka", "nacos"],
+        ),
     ];
-    foreign.extend(
-        consul::keys_set(&raw)
-            .into_iter()
-            .map(|key| (key, true, &["consul"][..])),
-    );
-    foreign.extend(
-        eureka::keys_set(&raw)
-            .into_iter()
-            .map(|key| (key, true, &["eureka"][..])),
-    );
-    foreign.extend(
-        zookeeper::keys_set(&raw)
-            .into_iter()
-            .map(|key| (key, true, &["zookeeper"][..])),
-    );
+    // The keys only one kind takes.
+    let own: [(&str, Vec<&'static str>); 4] = [
+        ("consul", consul::keys_set(&raw)),
+        ("eureka", eureka::keys_set(&raw)),
+        ("zookeeper", zookeeper::keys_set(&raw)),
+        ("nacos", nacos::keys_set(&raw)),
+    ];
+    for (kind, keys) in own {
+        for key in keys {
+            if !foreign.iter().any(|(k, _, _)| *k == key) {
+                foreign.push((key, true, kind_slice(kind)));
+            }
+        }
+    }
     let report_foreign = |problems: &mut Problems| {
         for (key, set, belongs) in &foreign {
             if !belongs.contains(&kind) {
@@ -334,11 +350,15 @@ fn validate_registry(
             report_foreign(problems);
             RegistryBackend::ZooKeeper(zookeeper::validate(base, raw, problems))
         }
+        "nacos" => {
+            report_foreign(problems);
+            RegistryBackend::Nacos(nacos::validate(base, raw, problems))
+        }
         other => {
             problems.push(
                 at("kind"),
                 format!(
-                    "unknown kind {other:?}; expected \"local\", \"etcd\", \"consul\", \"eureka\" or \"zookeeper\""
+                    "unknown kind {other:?}; expected \"local\", \"etcd\", \"consul\", \"eureka\", \"zookeeper\" or \"nacos\""
                 ),
             );
             RegistryBackend::Local {
@@ -352,6 +372,16 @@ fn validate_registry(
         ttl,
         timeout,
         backend,
+    }
+}
+
+/// `[kind]` as a `'static` slice.
+fn kind_slice(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "consul" => &["consul"],
+        "eureka" => &["eureka"],
+        "zookeeper" => &["zookeeper"],
+        _ => &["nacos"],
     }
 }
 

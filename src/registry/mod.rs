@@ -1,10 +1,11 @@
 //! The registry seam: where instances are announced and discovered.
 //!
-//! Five backends implement [`Registry`]: [`etcd`] (leases and watches),
+//! Six backends implement [`Registry`]: [`etcd`] (leases and watches),
 //! [`local`] (files in a directory shared by the squires on one host),
 //! [`consul`] (the agent API: a TTL check, blocking queries), [`eureka`]
-//! (its REST operations, polled), and [`zookeeper`] (ephemeral nodes in a
-//! session, one-shot watches). A backend only
+//! (its REST operations, polled), [`zookeeper`] (ephemeral nodes in a
+//! session, one-shot watches) and [`nacos`] (the Open API: an ephemeral
+//! instance kept by heartbeats, polled lists). A backend only
 //! moves data; the loops that survive outages live in
 //! [`crate::registration`] and [`crate::discovery`] and treat every backend
 //! the same way:
@@ -21,6 +22,7 @@ pub mod etcd;
 pub mod eureka;
 mod http;
 pub mod local;
+pub mod nacos;
 mod wire;
 pub mod zookeeper;
 

@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use super::consul::FakeConsul;
+use super::nacos::Nacos;
 use super::zookeeper::ZooKeeper;
 use super::Etcd;
 
@@ -88,6 +89,17 @@ impl Section {
             .set("address", fake.address())
             .set("ttl", "2s")
             .set("timeout", "2s")
+    }
+
+    /// `kind = "nacos"` on the server, ttl 3s, timeout 2s, polled every
+    /// 200ms.
+    pub fn nacos(nacos: &Nacos) -> Section {
+        Section::new()
+            .set("kind", "nacos")
+            .set("address", nacos.address())
+            .set("ttl", "3s")
+            .set("timeout", "2s")
+            .set("poll_interval", "200ms")
     }
 
     /// `[service]` announcing `name` at `addr` (the id defaults to
@@ -192,6 +204,10 @@ impl AgentToml {
 
     pub fn consul(fake: &FakeConsul) -> AgentToml {
         AgentToml::new(Section::consul(fake))
+    }
+
+    pub fn nacos(nacos: &Nacos) -> AgentToml {
+        AgentToml::new(Section::nacos(nacos))
     }
 
     /// One more registry; with several, each needs a `name`.
