@@ -76,8 +76,33 @@ impl Nacos {
             grpc_port: free_port(),
             auth,
         };
-        nacos.spawn().await.unwrap_or_else(|e| panic!("{e}"));
+        nacos.spawn_retrying().await;
         nacos
+    }
+
+    /// [`Nacos::spawn`], one start at a time, up to five times: r-nacos
+    /// 0.8.8 sometimes panics at startup in a raft actor that gets a
+    /// request before its managers are injected (an `unwrap` in
+    /// `raftapply.rs`), seen with auth on while other servers started at
+    /// once, and then never serves what needs raft (logins). The panic is
+    /// in its log; a fresh start on an empty data directory goes through.
+    async fn spawn_retrying(&mut self) {
+        static STARTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one = STARTING.lock().await;
+        let mut attempt = 1;
+        loop {
+            match self.spawn().await {
+                Ok(()) => return,
+                Err(e) if attempt < 5 && e.contains("panicked") => {
+                    eprintln!("rnacos attempt {attempt} failed, starting it again: {e}");
+                    self.kill();
+                    // Its half-applied raft state would stop the next start.
+                    let _ = std::fs::remove_dir_all(self.dir.path().join("data"));
+                    attempt += 1;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 
     /// `http://127.0.0.1:{port}`, as `registry.address` takes it.
@@ -96,7 +121,7 @@ impl Nacos {
     /// Starts again on the same ports and data directory.
     pub async fn restart(&mut self) {
         self.kill();
-        self.spawn().await.unwrap_or_else(|e| panic!("{e}"));
+        self.spawn_retrying().await;
     }
 
     async fn spawn(&mut self) -> Result<(), String> {
@@ -124,6 +149,7 @@ impl Nacos {
                 "RNACOS_NAMING_INSTANCE_TIMEOUT_SECOND",
                 INSTANCE_TIMEOUT.as_secs().to_string(),
             )
+            // The one info line: when its raft store is ready (see `serves`).
             .env("RUST_LOG", "warn")
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
@@ -152,6 +178,13 @@ impl Nacos {
             }
             if self.serves().await {
                 return Ok(());
+            }
+            let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+            if log.contains("panicked") || log.contains("stack backtrace") {
+                return Err(format!(
+                    "rnacos panicked before serving; the end of its log:\n{}",
+                    self.log_tail(20)
+                ));
             }
             if Instant::now() >= deadline {
                 return Err(format!(
