@@ -279,7 +279,7 @@ fn maintenance(state: &AgentState, request: &Request<Incoming>) -> Response<Body
     json_response(json!({ "enabled": current.is_some(), "reason": current }))
 }
 
-fn not_ready_reason(state: &AgentState) -> Option<&'static str> {
+pub(crate) fn not_ready_reason(state: &AgentState) -> Option<&'static str> {
     if state.draining.load(Ordering::Relaxed) {
         return Some("draining");
     }

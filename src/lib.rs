@@ -48,6 +48,7 @@ pub mod init;
 pub mod liveness;
 pub mod memory;
 pub mod metrics;
+pub mod notify;
 pub mod process;
 pub mod proxy;
 pub mod registration;

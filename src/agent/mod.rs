@@ -233,6 +233,12 @@ impl Agent {
         running.state.listeners_bound.store(true, Ordering::Relaxed);
         running.registrations = Some(LiveRegistrations::start(registrations));
         running.publish();
+        let notifier = Arc::new(crate::notify::Notifier::from_env());
+        let ready_state = running.state.clone();
+        let notify_task = tokio::spawn(crate::notify::ready_and_watchdog(
+            notifier.clone(),
+            move || crate::admin::not_ready_reason(&ready_state).is_none(),
+        ));
         let registries: Vec<&str> = running
             .config
             .registries
@@ -246,7 +252,9 @@ impl Agent {
             tokio::select! {
                 _ = &mut shutdown => break,
                 Some(reply) = reloads.recv() => {
+                    notifier.reloading();
                     let outcome = running.reload().await;
+                    notifier.send("READY=1");
                     running.log_reload(&outcome);
                     // The asker may have gone (an admin client that hung up).
                     let _ = reply.send(outcome);
@@ -255,6 +263,8 @@ impl Agent {
         }
         // Reloads asked from here on are answered "shutting down".
         reloads.close();
+        notifier.send("STOPPING=1");
+        notify_task.abort();
         let state = running.state.clone();
         running.shutdown().await;
         admin_stop.cancel();
