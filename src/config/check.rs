@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::problems::{duration, Problems};
-use super::raw::RawCheck;
+use super::raw::{ExecCommand, RawCheck};
 use super::secret::Secret;
 use super::section;
 
@@ -344,11 +344,24 @@ fn validate_http(
 
 fn validate_exec(
     path: &str,
-    command: Option<Vec<String>>,
+    command: Option<ExecCommand>,
     shell: bool,
     problems: &mut Problems,
 ) -> Option<ProbeConfig> {
     let at = format!("{path}.command");
+    let command = match command {
+        // One command line, as the shell form is written most naturally.
+        Some(ExecCommand::Line(line)) if shell => Some(vec![line]),
+        Some(ExecCommand::Line(_)) => {
+            problems.push(
+                at,
+                "a string is a shell command line: set shell = true, or give the program and its arguments as an array",
+            );
+            return None;
+        }
+        Some(ExecCommand::Argv(argv)) => Some(argv),
+        None => None,
+    };
     let Some(mut command) = command.filter(|c| !c.is_empty() && !c[0].is_empty()) else {
         problems.push(
             at,
@@ -360,7 +373,7 @@ fn validate_exec(
         if command.len() != 1 {
             problems.push(
                 at,
-                "with shell = true, give the whole command line as one string",
+                "with shell = true, give the whole command line as one string (or a one-item array)",
             );
             return None;
         }
@@ -374,4 +387,47 @@ fn validate_exec(
         program,
         args: command,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::problems;
+    use crate::config::Config;
+
+    fn exec_probe(command: &str) -> ProbeConfig {
+        let text = format!(
+            "[service]\nname = \"a\"\nhost = \"127.0.0.1\"\nport = 1\n[[service.check]]\nkind = \"exec\"\n{command}\n"
+        );
+        let config = Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}"));
+        config.service.expect("service").checks[0].probe.clone()
+    }
+
+    #[test]
+    fn the_shell_form_takes_a_string_or_a_one_item_array() {
+        let expected = ProbeConfig::Exec {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), "test -f /tmp/ok && echo up".into()],
+        };
+        assert_eq!(
+            exec_probe("shell = true\ncommand = \"test -f /tmp/ok && echo up\""),
+            expected
+        );
+        assert_eq!(
+            exec_probe("shell = true\ncommand = [\"test -f /tmp/ok && echo up\"]"),
+            expected
+        );
+        assert_eq!(
+            exec_probe("command = [\"/bin/check\", \"--fast\"]"),
+            ProbeConfig::Exec {
+                program: "/bin/check".into(),
+                args: vec!["--fast".into()]
+            }
+        );
+        let found = problems(
+            "[service]\nname = \"a\"\nhost = \"h\"\nport = 1\n[[service.check]]\nkind = \"exec\"\ncommand = \"check --fast\"\n",
+        );
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("set shell = true"), "{found:?}");
+    }
 }

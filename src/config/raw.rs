@@ -229,6 +229,15 @@ pub struct RawCheck {
     // grpc
     pub grpc_service: Option<String>,
     // exec
-    pub command: Option<Vec<String>>,
+    pub command: Option<ExecCommand>,
     pub shell: Option<bool>,
+}
+
+/// An exec check's `command`: a program and its arguments, or (with
+/// `shell = true`) one command line.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ExecCommand {
+    Line(String),
+    Argv(Vec<String>),
 }
