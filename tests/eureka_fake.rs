@@ -141,6 +141,7 @@ async fn a_status_override_holds_across_registration_until_removed() {
 #[tokio::test]
 async fn an_instance_not_renewed_within_its_duration_expires() {
     let fake = FakeEureka::start().await;
+    let started = tokio::time::Instant::now();
     call(
         fake.addr(),
         "POST",
@@ -158,7 +159,6 @@ async fn an_instance_not_renewed_within_its_duration_expires() {
     )
     .await;
     assert_eq!(fake.instances("BATTLE").len(), 2);
-    let started = tokio::time::Instant::now();
     eventually("the unrenewed instance to expire", DEADLINE, || async {
         fake.instances("BATTLE").len() == 1
     })
