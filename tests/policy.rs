@@ -508,5 +508,12 @@ async fn a_listener_bound_by_a_reload_is_refused_as_an_endpoint_at_once() {
         &[("relay-1", "self"), ("relay-2", "denied_range")],
     )
     .await;
-    assert_eq!(greeting(listen).await.unwrap_or_default(), "");
+    let answer = greeting(listen).await.unwrap_or_default();
+    assert_eq!(
+        answer,
+        "",
+        "a denied instance answered; services: {}; log: {}",
+        services_of(admin).await,
+        std::fs::read_to_string(dir.path().join("squire.log")).unwrap_or_default()
+    );
 }
