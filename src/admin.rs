@@ -19,11 +19,15 @@
 //! - `POST /v1/reload`: read the configuration file again and put it in
 //!   service (as SIGHUP does): 200 with what changed, or 400 with the
 //!   problems, the running configuration unchanged.
+//! - `GET /v1/catalog/{service}` (blocking with `?index=&wait=`),
+//!   `GET /v1/catalog/{service}/pick`, `POST /v1/catalog/{service}/{id}/failed`:
+//!   the discovery API for game processes (see `catalog`).
 //!
-//! Mutating requests (`PUT /v1/maintenance`, `POST /v1/reload`) need the
-//! admin token (see [`AdminToken`]); the rest is open to whoever reaches the
-//! admin address.
+//! Mutating requests (`PUT /v1/maintenance`, `POST /v1/reload`,
+//! `POST .../failed`) need the admin token (see [`AdminToken`]); the rest
+//! is open to whoever reaches the admin address.
 
+mod catalog;
 mod client;
 mod token;
 
@@ -46,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 
 use arc_swap::ArcSwap;
 
-use crate::balance::{self, Endpoint, Upstream};
+use crate::balance::{self, Endpoint, HashKey, Upstream};
 use crate::config::UpstreamConfig;
 use crate::discovery::ServiceState;
 use crate::health::HealthBoard;
@@ -74,6 +78,9 @@ pub struct AgentState {
     pub reloader: Reloader,
     /// What the mutating endpoints require; a reload may replace it.
     pub admin_token: ArcSwap<AdminToken>,
+    /// One permit per blocking catalog query in flight
+    /// ([`MAX_BLOCKING_QUERIES`]).
+    pub catalog_waits: tokio::sync::Semaphore,
 }
 
 /// The parts of the agent a reload may replace.
@@ -83,6 +90,17 @@ pub struct Catalog {
     pub health: Option<Arc<HealthBoard>>,
     pub services: Vec<Arc<ServiceState>>,
     pub upstreams: Vec<UpstreamView>,
+    /// Every upstream of every listener (its own service's, then each HTTP
+    /// route's), in configuration order: what `/v1/catalog/.../pick`
+    /// picks from and `.../failed` reports to.
+    pub pickable: Vec<Pickable>,
+}
+
+/// One upstream as `/v1/catalog/.../pick` uses it: with the hash key of
+/// its listener, so a `key` is hashed as that listener would hash it.
+pub struct Pickable {
+    pub upstream: Arc<Upstream>,
+    pub hash_key: HashKey,
 }
 
 /// One `[[upstream]]` listener as `/v1/services` shows it.
@@ -138,6 +156,11 @@ impl Admin {
 /// cannot take the descriptors the proxies need.
 pub const MAX_CONNECTIONS: usize = 128;
 
+/// Blocking catalog queries waiting at once; one more is answered 429.
+/// Each holds an admin connection while it waits, so this leaves 32 of the
+/// [`MAX_CONNECTIONS`] for probes, scrapes and the CLI.
+pub const MAX_BLOCKING_QUERIES: usize = 96;
+
 /// A client must send its request headers within this (a slow-header
 /// client cannot hold a connection slot for long).
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -156,6 +179,10 @@ async fn route(
             }
         }
         return maintenance(state, &request);
+    }
+    if let Some(rest) = request.uri().path().strip_prefix("/v1/catalog/") {
+        let rest = rest.to_owned();
+        return catalog::route(state, request, client, &rest).await;
     }
     if request.uri().path() == "/v1/reload" {
         if request.method() != Method::POST {
@@ -514,7 +541,9 @@ mod tests {
                 health: None,
                 services: Vec::new(),
                 upstreams: Vec::new(),
+                pickable: Vec::new(),
             }),
+            catalog_waits: tokio::sync::Semaphore::new(MAX_BLOCKING_QUERIES),
             reloader: Reloader(tokio::sync::mpsc::channel(1).0),
             admin_token: ArcSwap::from_pointee(AdminToken::for_tests("0123456789abcdef")),
         }

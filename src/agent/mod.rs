@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{Admin, AdminToken, AgentState, Catalog, UpstreamView};
+use crate::admin::{Admin, AdminToken, AgentState, Catalog, Pickable, UpstreamView};
 use crate::balance::{Balancer, OwnAddrs, Upstream};
 use crate::config::{
     AgentConfig, Config, Protocol, RegistryBackend, RegistryConfig, ServiceConfig, UpstreamConfig,
@@ -142,7 +142,12 @@ impl Agent {
                 health: health.as_ref().map(Health::board),
                 services: Vec::new(),
                 upstreams: listeners.iter().map(Built::view).collect(),
+                pickable: listeners
+                    .iter()
+                    .flat_map(|l| pickable(&l.config, &l.upstreams))
+                    .collect(),
             }),
+            catalog_waits: tokio::sync::Semaphore::new(crate::admin::MAX_BLOCKING_QUERIES),
             reloader: reloader.clone(),
             admin_token: ArcSwap::from_pointee(admin_token),
         });

@@ -23,6 +23,17 @@ impl Built {
     }
 }
 
+/// The upstreams of one listener as the catalog API picks from them.
+pub(super) fn pickable(config: &UpstreamConfig, upstreams: &[Arc<Upstream>]) -> Vec<Pickable> {
+    upstreams
+        .iter()
+        .map(|upstream| Pickable {
+            upstream: upstream.clone(),
+            hash_key: config.hash_key.clone(),
+        })
+        .collect()
+}
+
 /// The handler of `config` on a bound `listener`, with one [`Upstream`]
 /// for its service and one per HTTP route.
 pub(super) fn build(config: &UpstreamConfig, listener: Listener) -> Built {

@@ -56,7 +56,8 @@ impl Running {
                                 self.config.discovery.mode,
                                 &self.sources,
                             )
-                            .with_names_of(&service),
+                            .with_names_of(&service)
+                            .with_catalog_of(&service),
                         )
                     } else {
                         service
@@ -146,6 +147,11 @@ impl Running {
                 .map(|d| d.service.clone())
                 .collect(),
             upstreams: self.listeners.iter().map(Live::view).collect(),
+            pickable: self
+                .listeners
+                .iter()
+                .flat_map(|l| pickable(&l.config, &l.upstreams))
+                .collect(),
         }));
     }
 

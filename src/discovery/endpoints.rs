@@ -8,7 +8,8 @@
 //! change (a reload bound a listener). Each upstream applies the endpoint
 //! policy as it builds its snapshot ([`crate::balance::policy`]); what they
 //! refuse is logged and counted once per instance and reason, not at every
-//! rebuild, and shown in `/v1/services`.
+//! rebuild, and shown in `/v1/services`. What they admit is the service's
+//! catalog (`/v1/catalog`), published last.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -113,8 +114,15 @@ impl Endpoints {
                 entry.listeners.extend(upstream.listen().map(str::to_owned));
             }
         }
+        let catalog: Vec<Instance> = resolved
+            .iter()
+            .filter(|r| !refused.keys().any(|(id, _)| *id == r.instance.id))
+            .map(|r| r.instance.clone())
+            .collect();
+        let refused_ids = refused.keys().cloned().collect();
         self.report(refused);
         self.service.resolved.store(Arc::new(resolved.clone()));
+        self.service.catalog.publish(catalog, refused_ids);
         self.built = Some((resolved, own));
     }
 

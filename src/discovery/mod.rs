@@ -39,10 +39,13 @@
 //! `/v1/services`.
 //!
 //! Here: the task and its failover and merge loops. `state`: the admin
-//! read model ([`ServiceState`], [`SourceState`]). `view`: what one
+//! read model ([`ServiceState`], [`SourceState`]). `catalog`: what
+//! `/v1/catalog` answers, at an index blocking queries wait on
+//! ([`CatalogFeed`]). `view`: what one
 //! registry says, entry by entry. `last_known`: the snapshot files.
 //! `endpoints` and `resolve`: instances to snapshots, as above.
 
+mod catalog;
 mod endpoints;
 pub(crate) mod last_known;
 mod resolve;
@@ -68,6 +71,7 @@ use crate::metrics as m;
 use crate::registry::{Instance, Registry, RegistryError, Status, Watch, WatchEvent};
 use crate::time::{sleep_or_shutdown, sleep_until_some};
 
+pub use catalog::{CatalogFeed, CatalogView};
 use endpoints::Endpoints;
 use last_known::{LastKnown, Snapshot, Writer};
 pub use resolve::{CONCURRENT_LOOKUPS, LOOKUP_TIMEOUT};

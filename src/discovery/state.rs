@@ -9,6 +9,7 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
+use super::catalog::CatalogFeed;
 use super::Source;
 use crate::balance::{Refusal, Resolved};
 use crate::config::DiscoveryMode;
@@ -31,6 +32,8 @@ pub struct ServiceState {
     pub(super) names: Mutex<BTreeMap<String, Resolution>>,
     /// Instances the endpoint policy refuses now, by id and reason.
     pub(super) refused: Mutex<Vec<RefusedEntry>>,
+    /// What `/v1/catalog` answers, and its index.
+    pub(super) catalog: CatalogFeed,
 }
 
 /// What one host name resolved to.
@@ -110,6 +113,7 @@ impl ServiceState {
             resolved: ArcSwap::from_pointee(Vec::new()),
             names: Mutex::new(BTreeMap::new()),
             refused: Mutex::new(Vec::new()),
+            catalog: CatalogFeed::default(),
         }
     }
 
@@ -119,6 +123,20 @@ impl ServiceState {
     pub fn with_names_of(self, other: &ServiceState) -> Self {
         *lock(&self.names) = lock(&other.names).clone();
         self
+    }
+
+    /// Starts from `other`'s catalog view (index included), so a reload
+    /// that gives the service a new state does not set its index back or
+    /// show its instances gone before the new registries list them.
+    pub fn with_catalog_of(self, other: &ServiceState) -> Self {
+        self.catalog.take_over(&other.catalog);
+        self
+    }
+
+    /// The catalog of the service: the instances the endpoint policy
+    /// admits, at an index that grows with every change (`/v1/catalog`).
+    pub fn catalog(&self) -> &CatalogFeed {
+        &self.catalog
     }
 
     /// The instances with the addresses last handed to the upstreams: what
