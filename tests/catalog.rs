@@ -135,6 +135,17 @@ async fn the_catalog_filters_like_an_upstream_and_shows_the_registry_json() {
     assert_eq!(all.body["instances"][0], one);
     assert_eq!(all.body["instances"][1], two);
     assert_eq!(all.body["instances"][2], three);
+    // Byte for byte what squire writes into a registry (Knight's field order).
+    let raw = http_call(admin, "GET", "/v1/catalog/battle", &[])
+        .await
+        .body;
+    for instance in [&one, &two, &three] {
+        let text = squire::registry::Instance::from_json(instance.to_string().as_bytes())
+            .expect("an instance")
+            .to_json();
+        assert!(text.starts_with(r#"{"name":"battle","id":"#), "{text}");
+        assert!(raw.contains(&text), "{text} in {raw}");
+    }
     assert_eq!(all.body["service"], "battle");
     assert_eq!(
         all.body["refused"],

@@ -39,8 +39,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, RETRY_AFTER};
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -253,17 +254,66 @@ async fn list(state: &AgentState, service: &str, query: &ListQuery) -> Response<
     let refused: Vec<_> = view
         .refused
         .iter()
-        .map(|(id, reason)| json!({ "id": id, "reason": reason.as_str() }))
+        .map(|(id, reason)| RefusedJson {
+            id,
+            reason: reason.as_str(),
+        })
         .collect();
-    with_index(
-        json_response(json!({
-            "service": service,
-            "index": view.index,
-            "instances": instances,
-            "refused": refused,
-        })),
-        view.index,
-    )
+    let body = ListJson {
+        service,
+        index: view.index,
+        instances,
+        refused,
+    };
+    with_index(serialized(&body), view.index)
+}
+
+/// The answer of `GET /v1/catalog/{service}`. Serialized as a struct, not
+/// through a `serde_json::Value` (which sorts keys), so each instance is
+/// byte for byte what the registry holds (Knight's field order).
+#[derive(Serialize)]
+struct ListJson<'a> {
+    service: &'a str,
+    index: u64,
+    instances: Vec<&'a Instance>,
+    refused: Vec<RefusedJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct RefusedJson<'a> {
+    id: &'a str,
+    reason: &'static str,
+}
+
+/// The answer of `GET /v1/catalog/{service}/pick`.
+#[derive(Serialize)]
+struct PickJson<'a> {
+    service: &'a str,
+    listen: Option<&'a str>,
+    strategy: &'static str,
+    index: Option<u64>,
+    instance: &'a Instance,
+    address: &'a str,
+    dials: Vec<String>,
+}
+
+/// `body` as a JSON answer.
+fn serialized(body: &impl Serialize) -> Response<Body> {
+    match serde_json::to_string(body) {
+        Ok(text) => {
+            let mut response = Response::new(Body::from(text));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        // Strings, numbers and string maps: not expected to fail, but a
+        // failure is an answer, not a panic.
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot serialize the answer: {e}"),
+        ),
+    }
 }
 
 /// `wait` plus up to `wait / 16`, as Consul spreads the wake-ups of
@@ -378,15 +428,15 @@ fn pick_one(
     };
     let endpoint = &snapshot.endpoints()[picked];
     endpoint.stats.picked();
-    let response = json_response(json!({
-        "service": service,
-        "listen": upstream.listen(),
-        "strategy": strategy.name(),
-        "index": index.as_ref().map(|v| v.index),
-        "instance": endpoint.instance,
-        "address": endpoint.authority,
-        "dials": endpoint.addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
-    }));
+    let response = serialized(&PickJson {
+        service,
+        listen: upstream.listen(),
+        strategy: strategy.name(),
+        index: index.as_ref().map(|v| v.index),
+        instance: &endpoint.instance,
+        address: &endpoint.authority,
+        dials: endpoint.addrs.iter().map(ToString::to_string).collect(),
+    });
     match index {
         Some(view) => with_index(response, view.index),
         None => response,
