@@ -234,8 +234,8 @@ async fn route(
     }
 }
 
-/// Whether a mutating request (`PUT /v1/maintenance`, `POST /v1/reload`)
-/// carries the admin token; if not, the 401 to answer (counted and logged).
+/// Whether a mutating request (`PUT /v1/maintenance`, `POST /v1/reload`,
+/// `POST /v1/catalog/.../failed`) carries the admin token; if not, the 401 to answer (counted and logged).
 #[allow(clippy::result_large_err)] // the refusal is the response itself
 fn authorize(
     state: &AgentState,

@@ -12,13 +12,14 @@
 //! - [`registry`]: the backend seam (`etcd`, `consul`, `eureka`, `zookeeper`, `nacos`, `local`) and the instance format.
 //! - [`registration`]: keeps our instance registered through outages and lease loss.
 //! - [`health`]: probes of the local service and the rise/fall verdict.
-//! - [`discovery`]: registry watches turned into [`balance::Upstream`] snapshots.
+//! - [`discovery`]: registry watches turned into [`balance::Upstream`] snapshots
+//!   and each service's catalog view ([`discovery::CatalogFeed`]).
 //! - [`balance`]: upstreams, snapshots, per-endpoint stats and the strategies that pick.
 //! - [`proxy`]: the request path every listener shares: the accept loop
 //!   ([`proxy::listener`]), the attempt loop ([`proxy::attempts`]), and the
 //!   TCP and HTTP handlers.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/v1/services`, `/v1/self`,
-//!   maintenance, `/v1/reload`; its read model [`admin::AgentState`]; the
+//!   maintenance, `/v1/reload`, the `/v1/catalog` discovery API; its read model [`admin::AgentState`]; the
 //!   admin token the mutating endpoints require ([`admin::AdminToken`]).
 //! - [`reload`]: reloading `agent.toml` while running (SIGHUP, `POST /v1/reload`).
 //! - [`liveness`]: a panic anywhere is recorded and fails `/live`.

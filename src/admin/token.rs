@@ -1,5 +1,5 @@
 //! The admin token: what the mutating endpoints (`PUT /v1/maintenance`,
-//! `POST /v1/reload`) require as `Authorization: Bearer <token>`, where it
+//! `POST /v1/reload`, `POST /v1/catalog/{service}/{id}/failed`) require as `Authorization: Bearer <token>`, where it
 //! comes from, and the check.
 //!
 //! The token is read from `agent.admin_token_file` when that is set (it must
