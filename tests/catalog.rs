@@ -283,6 +283,51 @@ async fn a_blocking_query_returns_at_a_change_or_after_its_wait() {
     agent.stop().await;
 }
 
+#[tokio::test]
+async fn blocking_queries_beyond_the_limit_are_refused_and_a_hung_up_one_frees_its_slot() {
+    let dir = tempfile::tempdir().expect("dir");
+    let agent =
+        TestAgent::start(&AgentToml::local(dir.path()).upstream(Section::upstream("hall"))).await;
+    let admin = agent.admin;
+    let index = get(admin, "/v1/catalog/hall").await.body_index();
+    let blocking = format!("/v1/catalog/hall?index={index}&wait=10m");
+    let mut waiting = Vec::new();
+    for _ in 0..squire::admin::MAX_BLOCKING_QUERIES {
+        let mut stream = TcpStream::connect(admin).await.expect("connect");
+        let request = format!("GET {blocking} HTTP/1.1\r\nHost: x\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        waiting.push(stream);
+    }
+    // Once all of them wait, one more is refused at once (until then it
+    // waits its 50 ms and is answered 200).
+    let short = format!("/v1/catalog/hall?index={index}&wait=50ms");
+    eventually(
+        "a blocking query beyond the limit refused",
+        DEADLINE,
+        || async { get(admin, &short).await.status == 429 },
+    )
+    .await;
+    let refused = get(admin, &short).await;
+    assert!(
+        refused.body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("blocking queries")),
+        "{}",
+        refused.body
+    );
+    // Plain queries and probes are still answered meanwhile.
+    assert_eq!(get(admin, "/v1/catalog/hall").await.status, 200);
+    assert_eq!(http_call(admin, "GET", "/live", &[]).await.status, 200);
+    drop(waiting);
+    eventually(
+        "the hung-up queries to free their slots",
+        DEADLINE,
+        || async { get(admin, &short).await.status == 200 },
+    )
+    .await;
+    agent.stop().await;
+}
+
 /// The first line a `ROUTE {key}` session through `listen` reads: the
 /// greeting of the backend it reached.
 async fn routed_to(listen: SocketAddr, key: &str) -> String {

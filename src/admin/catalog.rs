@@ -17,7 +17,8 @@
 //!   up to wait/16 of jitter) with the same index. `index=0` and no index
 //!   answer at once; `wait` without `index` is ignored. It waits on the
 //!   service's [`CatalogFeed`](crate::discovery::CatalogFeed) watch channel,
-//!   never by polling. At most [`MAX_BLOCKING_QUERIES`] wait at once.
+//!   never by polling. At most [`MAX_BLOCKING_QUERIES`] wait at once; a
+//!   client that hangs up frees its slot (hyper drops the waiting future).
 //! - `GET /v1/catalog/{service}/pick?key=`: one instance, chosen as a new
 //!   proxied connection would be: the upstream's strategy through
 //!   [`Balancer::pick`](crate::balance::Balancer::pick) (counted in its
@@ -401,7 +402,9 @@ fn pick_one(
     let context = balance::Context::new(now_ms()).with_key(hash);
     let Some(picked) = upstream.balancer().pick(&snapshot, &context) else {
         let known = index.as_ref().map_or(0, |v| v.instances.len());
-        let reason = if snapshot.is_empty() {
+        let reason = if known == 0 {
+            format!("no endpoint of {service} is routable: no instance of it is known")
+        } else if snapshot.is_empty() {
             format!(
                 "no endpoint of {service} is routable: {known} instance(s) known, none with a \
                  status the upstream takes ({}) and matching its filter",
