@@ -22,6 +22,7 @@ so what changed meanwhile is still printed. While squire is unreachable
 """
 
 import argparse
+import http.client
 import json
 import random
 import sys
@@ -111,8 +112,9 @@ def watch(args):
         except Refused as e:
             print(f"squire refused the query: {e}", file=sys.stderr)
             return 2
-        except (OSError, urllib.error.URLError, ValueError) as e:
-            # Unreachable, reset, timed out, half an answer: try again later.
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            # Unreachable, reset, timed out, half an answer, a 5xx or 429
+            # (urllib's errors are OSErrors): try again later.
             pause = delay * random.uniform(0.5, 1.0)
             print(f"squire at {args.admin} unreachable ({e}); retrying in {pause:.1f}s", file=sys.stderr, flush=True)
             time.sleep(pause)

@@ -602,5 +602,36 @@ async fn the_python_example_prints_each_change_and_rides_out_an_absent_squire() 
         .expect("exits after --count changes")
         .expect("wait");
     assert!(exit.success(), "{exit:?}; stderr: {log:#?}");
+
+    // Without --count it follows until Ctrl-C, and exits 130 on it.
+    let mut command = tokio::process::Command::new("python3");
+    command
+        .arg(script)
+        .arg("chat")
+        .args(["--admin", &agent.admin.to_string()])
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // SAFETY: only signal(2), async-signal-safe, between fork and exec. A
+    // test run from a shell's background job inherits SIGINT ignored, and
+    // Python then leaves it ignored: give the child the default, as a
+    // terminal would.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut watcher = command.spawn().expect("python3 runs");
+    let mut stderr = lines(watcher.stderr.take().expect("stderr"));
+    let mut log = Vec::new();
+    line_with(&mut stderr, "watching chat", &mut log).await;
+    let pid = watcher.id().expect("running") as libc::pid_t;
+    // SAFETY: kill(2) on our own child, which has not been reaped yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let exit = tokio::time::timeout(DEADLINE, watcher.wait())
+        .await
+        .expect("exits at Ctrl-C")
+        .expect("wait");
+    assert_eq!(exit.code(), Some(130), "{exit:?}; stderr: {log:#?}");
     agent.stop().await;
 }
