@@ -328,6 +328,109 @@ async fn blocking_queries_beyond_the_limit_are_refused_and_a_hung_up_one_frees_i
     agent.stop().await;
 }
 
+/// An agent in this process that reloads from `path`.
+struct Reloadable {
+    admin: SocketAddr,
+    token: squire::config::Secret,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reloadable {
+    async fn start(path: &Path) -> Reloadable {
+        let config = squire::Config::load(path).expect("valid");
+        let agent = squire::Agent::bind(config)
+            .await
+            .expect("binds")
+            .reload_from(path);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin = agent.admin_addr();
+        let token = agent.admin_token();
+        let task = tokio::spawn(agent.run(async {
+            let _ = stopped.await; // a dropped sender also means stop
+        }));
+        Reloadable {
+            admin,
+            token,
+            stop,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("stops")
+            .expect("no panic");
+    }
+}
+
+#[tokio::test]
+async fn a_reload_that_replaces_the_registries_keeps_the_index_and_wakes_waiting_queries() {
+    let dir = tempfile::tempdir().expect("dir");
+    let registry = dir.path().join("registry");
+    std::fs::create_dir_all(&registry).expect("mkdir");
+    let path = dir.path().join("agent.toml");
+    let config = |ttl: &str| {
+        AgentToml::new(Section::local(&registry).set("ttl", ttl))
+            .upstream(Section::upstream("arena"))
+            .to_string()
+    };
+    std::fs::write(&path, config("3s")).expect("write config");
+    let agent = Reloadable::start(&path).await;
+    let admin = agent.admin;
+    announce(&registry, &info("arena", "arena-1", 7501));
+    eventually("arena-1 listed", DEADLINE, || async {
+        ids(admin, "/v1/catalog/arena").await == ["arena-1"]
+    })
+    .await;
+    let before = get(admin, "/v1/catalog/arena").await.body_index();
+    let waiting = tokio::spawn(async move {
+        get(admin, &format!("/v1/catalog/arena?index={before}&wait=60s")).await
+    });
+
+    // Another registry configuration: discovery restarts on a new state.
+    std::fs::write(&path, config("4s")).expect("write config");
+    let (status, body) = http_with_token(admin, "POST", "/v1/reload", agent.token.expose()).await;
+    assert_eq!(status, 200, "{body}");
+    let summary: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        summary["discovery"]["restarted"],
+        json!(["arena"]),
+        "{summary}"
+    );
+    eventually(
+        "the new discovery to list the registry",
+        DEADLINE,
+        || async {
+            let services = http_call(admin, "GET", "/v1/services", &[]).await.body;
+            let services: Value = serde_json::from_str(&services).expect("json");
+            services["services"][0]["listed_at"].is_string()
+                && services["services"][0]["instances"]
+                    .as_array()
+                    .map(Vec::len)
+                    == Some(1)
+        },
+    )
+    .await;
+    // The same instances, the same index: nothing changed for a client.
+    let after = get(admin, "/v1/catalog/arena").await;
+    assert_eq!(after.ids(), ["arena-1"]);
+    assert_eq!(after.body_index(), before, "{}", after.body);
+    assert!(!waiting.is_finished(), "the waiting query saw no change");
+
+    // The query that waited across the reload wakes at the next change.
+    announce(&registry, &info("arena", "arena-2", 7502));
+    let woke = tokio::time::timeout(DEADLINE, waiting)
+        .await
+        .expect("the query waiting across the reload returns at the change")
+        .expect("query task");
+    assert_eq!(woke.ids(), ["arena-1", "arena-2"]);
+    assert!(woke.body_index() > before);
+    agent.stop().await;
+}
+
 /// The first line a `ROUTE {key}` session through `listen` reads: the
 /// greeting of the backend it reached.
 async fn routed_to(listen: SocketAddr, key: &str) -> String {
