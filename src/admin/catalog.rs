@@ -227,6 +227,8 @@ async fn list(state: &AgentState, service: &str, query: &ListQuery) -> Response<
     };
     let view = match query.index {
         None | Some(0) => feed.borrow().clone(),
+        // Past it already: answered at once, without taking a slot.
+        Some(after) if feed.borrow().index != after => feed.borrow().clone(),
         Some(after) => {
             let Ok(_permit) = state.catalog_waits.try_acquire() else {
                 let mut response = error(
