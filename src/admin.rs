@@ -59,7 +59,7 @@ use crate::registration::{Maintenance, SharedState};
 use crate::registry::{Instance, Status};
 use crate::reload::{ReloadOutcome, Reloader};
 
-pub use client::{set_maintenance, status, Status as AgentStatus};
+pub use client::{drain, health, set_maintenance, status, Probe, Status as AgentStatus};
 pub use token::{client_token, generated_path, AdminToken, Denied, DENIED_LOG_INTERVAL};
 
 /// What the admin API reads: the agent's parts, shared with it.

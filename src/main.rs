@@ -1,10 +1,14 @@
 //! The `squire` command: parse, validate, run, map errors to exit codes.
+//!
+//! Subcommands: `run`, `check`, `init`, `status`, `health`, `maintenance`,
+//! `drain`, `completions`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use squire::config::LogFormat;
 use squire::reload::Reloader;
 use squire::{Config, ConfigError};
@@ -78,6 +82,48 @@ enum Command {
         #[arg(short, long, default_value = "agent.toml")]
         config: PathBuf,
     },
+    /// Exit 0 when the running agent is ready (its /ready answers 200), 1
+    /// when it is not or cannot be reached: for a container HEALTHCHECK or
+    /// an exec probe. Quiet unless it fails.
+    Health {
+        /// Ask /live instead (the process runs, nothing panicked): ready or
+        /// not, registered or not.
+        #[arg(long)]
+        live: bool,
+        /// The running agent's configuration, to find its admin address.
+        #[arg(short, long, default_value = "agent.toml")]
+        config: PathBuf,
+        /// The admin address, instead of reading it from the configuration.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
+    /// Announce our instance `draining` (maintenance on), wait until every
+    /// registry holds it and then --wait more so peers see it, and exit:
+    /// the preStop hook of a game container. Open sessions continue;
+    /// shutting the agent down later deregisters it.
+    Drain {
+        /// After the registries hold `draining`: how long peers get to see
+        /// it (their watches, or the poll interval of Eureka and Nacos).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        wait: Duration,
+        /// How long the registries may take to hold `draining`; past it
+        /// squire drain exits 1 (maintenance stays on).
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Why, shown in /v1/self.
+        #[arg(long, default_value = "drain")]
+        reason: String,
+        /// The running agent's configuration, to find its admin address.
+        #[arg(short, long, default_value = "agent.toml")]
+        config: PathBuf,
+        /// The admin address, instead of reading it from the configuration.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// A file holding the admin token, instead of the one the
+        /// configuration names or the agent generated in its state_dir.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
     /// Turn maintenance mode on (announce `draining`: peers open no new
     /// connections, open ones continue) or off (back to the health checks).
     Maintenance {
@@ -97,6 +143,12 @@ enum Command {
         /// names or the agent generated in its state_dir.
         #[arg(long)]
         token_file: Option<PathBuf>,
+    },
+    /// Print a completion script for a shell, e.g.
+    /// `squire completions bash > /etc/bash_completion.d/squire`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
 }
 
@@ -132,6 +184,48 @@ fn main() -> ExitCode {
             admin,
             json,
         } => status(&config, admin, json),
+        Command::Health {
+            live,
+            config,
+            admin,
+        } => health(&config, admin, live),
+        Command::Drain {
+            wait,
+            timeout,
+            reason,
+            config,
+            admin,
+            token_file,
+        } => {
+            let (admin, token) = match admin_and_token(&config, admin, token_file) {
+                Ok(target) => target,
+                Err(code) => return code,
+            };
+            let runtime = match client_runtime() {
+                Ok(runtime) => runtime,
+                Err(code) => return code,
+            };
+            match runtime.block_on(squire::admin::drain(
+                admin,
+                token.as_ref().map_err(String::as_str),
+                &reason,
+                timeout,
+                wait,
+            )) {
+                Ok(done) => {
+                    println!("{done}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("squire: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "squire", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Command::Check { config } => match Config::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
@@ -240,15 +334,51 @@ fn client_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
+/// `--admin`, else the configuration's `agent.admin` (its errors printed).
+fn admin_addr(config: &std::path::Path, admin: Option<SocketAddr>) -> Result<SocketAddr, ExitCode> {
+    match admin {
+        Some(admin) => Ok(admin),
+        None => Config::load(config)
+            .map(|loaded| loaded.agent.admin)
+            .map_err(|e| config_failure(config, &e)),
+    }
+}
+
+/// `squire health`: 0 when `/ready` (or `/live`) answers 200, else 1 with
+/// the answer or why there is none on stderr.
+fn health(config: &std::path::Path, admin: Option<SocketAddr>, live: bool) -> ExitCode {
+    let admin = match admin_addr(config, admin) {
+        Ok(admin) => admin,
+        Err(code) => return code,
+    };
+    let runtime = match client_runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let probe = if live {
+        squire::admin::Probe::Live
+    } else {
+        squire::admin::Probe::Ready
+    };
+    match runtime.block_on(squire::admin::health(admin, probe)) {
+        Ok((true, _)) => ExitCode::SUCCESS,
+        Ok((false, answer)) => {
+            eprintln!("squire: {admin}: {answer}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("squire: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `squire status`: the tables (or `--json`); 1 when the agent is
 /// unreachable or not ready.
 fn status(config: &std::path::Path, admin: Option<SocketAddr>, json: bool) -> ExitCode {
-    let admin = match admin {
-        Some(admin) => admin,
-        None => match Config::load(config) {
-            Ok(loaded) => loaded.agent.admin,
-            Err(e) => return config_failure(config, &e),
-        },
+    let admin = match admin_addr(config, admin) {
+        Ok(admin) => admin,
+        Err(code) => return code,
     };
     let runtime = match client_runtime() {
         Ok(runtime) => runtime,

@@ -373,9 +373,59 @@ pub fn install() -> Result<PrometheusHandle, String> {
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
             describe();
+            zero_process_series();
             Ok(handle)
         })
         .clone()
+}
+
+/// The process-wide series whose labels are known in advance, at 0 from
+/// the start: `increase()` and `rate()` need a sample before the first
+/// event to see it (a series that appears at 1 shows no increase), so an
+/// alert on the first panic or the first denied request fires.
+fn zero_process_series() {
+    metrics::counter!(PANICS).increment(0);
+    metrics::counter!(DRAIN_CUT).increment(0);
+    for kind in ["file_descriptors", "memory", "local_ports"] {
+        metrics::counter!(LOCAL_ERRORS, "kind" => kind).increment(0);
+    }
+    for reason in ["missing", "wrong"] {
+        metrics::counter!(ADMIN_DENIED, "reason" => reason).increment(0);
+    }
+    for result in ["ok", "invalid", "failed"] {
+        metrics::counter!(CONFIG_RELOADS, "result" => result).increment(0);
+    }
+}
+
+/// The per-registration series at 0 (`labels`: registry, kind), for the
+/// reason [`zero_process_series`] gives; `squire_registered` too, so an
+/// agent that never registers shows 0 rather than nothing.
+pub fn zero_registration_series(labels: &[metrics::Label]) {
+    for counter in [
+        REGISTRATIONS,
+        LEASE_REGRANTS,
+        REGISTRATION_FAILURES,
+        KEEPALIVE_FAILURES,
+        ENTRY_DELETED,
+        STATUS_WRITES,
+        STATUS_WRITES_DEFERRED,
+        CRITICAL_DEREGISTRATIONS,
+    ] {
+        metrics::counter!(counter, labels.iter()).increment(0);
+    }
+    // Adding 0 registers the gauge without moving it (a reload's new
+    // registration must not reset the old one's 1).
+    metrics::gauge!(REGISTERED, labels.iter()).increment(0.0);
+}
+
+/// The per-service discovery counters at 0.
+pub fn zero_discovery_series(service: &str) {
+    metrics::counter!(WATCH_RESTARTS, "service" => service.to_owned()).increment(0);
+    metrics::counter!(ENTRIES_SKIPPED, "service" => service.to_owned()).increment(0);
+    for op in ["load", "save"] {
+        metrics::counter!(SNAPSHOT_FAILURES, "service" => service.to_owned(), "op" => op)
+            .increment(0);
+    }
 }
 
 fn describe() {

@@ -137,6 +137,7 @@ impl Registration {
             metrics::Label::new("registry", name.clone()),
             metrics::Label::new("kind", registry.kind()),
         ];
+        m::zero_registration_series(&labels);
         Registration {
             name,
             registry,

@@ -1,9 +1,11 @@
-//! The client side of the admin API, for the CLI: `squire maintenance`
-//! and `squire status`. An agent that listens on an unspecified address
-//! (`0.0.0.0`, `::`) is reached on loopback.
+//! The client side of the admin API, for the CLI: `squire maintenance`,
+//! `squire status`, `squire health` and `squire drain`. An agent that
+//! listens on an unspecified address (`0.0.0.0`, `::`) is reached on
+//! loopback.
 
 use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::{Method, Request, StatusCode};
@@ -86,6 +88,93 @@ pub async fn set_maintenance(
         Ok(body)
     } else {
         Err(format!("{status}: {body}"))
+    }
+}
+
+/// What `squire health` asks: `/ready` (listeners bound, registered, not
+/// draining) or `/live` (the process runs and nothing panicked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    Ready,
+    Live,
+}
+
+/// `GET /ready` or `GET /live`, for `squire health` (a container
+/// `HEALTHCHECK`, an exec probe): whether it answered 200, and its answer.
+pub async fn health(admin: SocketAddr, probe: Probe) -> Result<(bool, String), String> {
+    let path = match probe {
+        Probe::Ready => "/ready",
+        Probe::Live => "/live",
+    };
+    let (status, body) = call(admin, Method::GET, path, None).await?;
+    Ok((status == StatusCode::OK, body))
+}
+
+/// How often `squire drain` reads `/v1/self` while it waits for the
+/// registries to hold `draining`.
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+
+/// `squire drain`, for a Kubernetes `preStop` hook: maintenance on (our
+/// instance announced `draining`: peers open no new sessions, open ones
+/// continue), then waits until every registry we are registered in holds
+/// `draining` (at most `announce_within`), then `settle` more so peers'
+/// watches and polls see it before the game starts shutting down. What
+/// it did, or why it could not.
+pub async fn drain(
+    admin: SocketAddr,
+    token: Result<&Secret, &str>,
+    reason: &str,
+    announce_within: Duration,
+    settle: Duration,
+) -> Result<String, String> {
+    let started = tokio::time::Instant::now();
+    set_maintenance(admin, token, true, Some(reason)).await?;
+    let deadline = started + announce_within;
+    let registries = loop {
+        let (code, body) = call(admin, Method::GET, "/v1/self", None).await?;
+        if !code.is_success() {
+            return Err(format!("GET /v1/self: {code}: {body}"));
+        }
+        let this: Value = serde_json::from_str(&body).map_err(|e| format!("GET /v1/self: {e}"))?;
+        match announced_draining(&this) {
+            Ok(registries) => break registries,
+            Err(pending) if tokio::time::Instant::now() >= deadline => {
+                return Err(format!(
+                    "maintenance is on, but {pending} did not announce draining within {announce_within:?}"
+                ))
+            }
+            Err(_) => tokio::time::sleep(DRAIN_POLL).await,
+        }
+    };
+    tokio::time::sleep(settle).await;
+    Ok(format!(
+        "draining announced in {registries} registr{} after {:?}; waited {settle:?} more for peers to see it",
+        if registries == 1 { "y" } else { "ies" },
+        started.elapsed().saturating_sub(settle),
+    ))
+}
+
+/// From a `/v1/self` answer: how many registries hold our instance as
+/// `draining` when every one we are registered in does (0 without a
+/// `[service]`), else the names of those that do not yet.
+fn announced_draining(this: &Value) -> Result<usize, String> {
+    let registered: Vec<&Value> = this["registrations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["registered"] == true)
+        .collect();
+    let pending: Vec<&str> = registered
+        .iter()
+        // The Knight wire form: `status` is Knight's (`unhealthy`),
+        // `squire_status` the finer one (`draining`).
+        .filter(|r| r["instance"]["squire_status"] != "draining")
+        .map(|r| r["name"].as_str().unwrap_or("?"))
+        .collect();
+    if pending.is_empty() {
+        Ok(registered.len())
+    } else {
+        Err(format!("registry {}", pending.join(", ")))
     }
 }
 
@@ -241,5 +330,36 @@ fn table(out: &mut String, rows: &[Vec<String>]) {
         }
         out.push_str(line.trim_end());
         out.push('\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draining_is_announced_once_every_registered_registry_holds_it() {
+        let this = |statuses: &[(&str, bool, &str)]| {
+            serde_json::json!({ "registrations": statuses.iter().map(|(name, registered, status)| {
+                serde_json::json!({ "name": name, "registered": registered, "instance": { "status": "unhealthy", "squire_status": status } })
+            }).collect::<Vec<_>>() })
+        };
+        assert_eq!(
+            announced_draining(&this(&[("a", true, "draining"), ("b", true, "healthy")])),
+            Err("registry b".to_owned())
+        );
+        assert_eq!(
+            announced_draining(&this(&[("a", true, "draining"), ("b", false, "healthy")])),
+            Ok(1),
+            "a registry we are not registered in has nothing to announce"
+        );
+        assert_eq!(
+            announced_draining(&this(&[("a", true, "draining"), ("b", true, "draining")])),
+            Ok(2)
+        );
+        assert_eq!(
+            announced_draining(&serde_json::json!({ "registrations": [] })),
+            Ok(0)
+        );
     }
 }

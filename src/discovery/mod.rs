@@ -186,6 +186,7 @@ impl Discovery {
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
+        m::zero_discovery_series(&self.service.name);
         self.writer = self.last_known.clone().map(Writer::start);
         let endpoints = Endpoints::new(
             self.service.clone(),
