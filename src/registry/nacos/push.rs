@@ -20,8 +20,8 @@
 //! there) with `ClientDetectionResponse`; `ConnectResetRequest` ends the
 //! session. When idle, a `HealthCheckRequest` every [`KEEP_ALIVE`] keeps
 //! the server's view of the connection fresh (r-nacos probes a connection
-//! silent for 15 s) and finds a server that stopped answering; HTTP/2
-//! pings find a dead connection. Any failure ends the session: the
+//! silent for 15 s) and finds a server or connection that stopped
+//! answering (within the registry timeout). Any failure ends the session: the
 //! watches go on polling, and a new session starts after a backoff.
 //!
 //! A push only says that a service changed: the watch then lists it over
@@ -60,9 +60,10 @@ use crate::registry::RegistryError;
 /// session (tonic refuses to decode it). A push is one service's
 /// instances: 4 MiB is some ten thousand of them.
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
-/// A `HealthCheckRequest` after this long without a message either way;
-/// also the HTTP/2 ping interval.
-pub(super) const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// A `HealthCheckRequest` after this long without a message from the
+/// server (the Java client's interval). No HTTP/2 pings: gRPC servers in
+/// Java (Nacos) refuse pings more often than every 5 minutes by default.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
 const RETRY_BASE: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 /// A pushed type shown in a log line is cut to this many characters.
@@ -342,10 +343,7 @@ impl Session<'_> {
         let endpoint = Endpoint::from_shared(target.to_owned())
             .map_err(|e| RegistryError::Rejected(format!("{target}: {e}")))?
             .connect_timeout(self.timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(KEEP_ALIVE)
-            .keep_alive_timeout(self.timeout)
-            .keep_alive_while_idle(true);
+            .tcp_nodelay(true);
         let channel = tokio::time::timeout(self.timeout, endpoint.connect())
             .await
             .map_err(|_| unavailable("connecting to", &"no connection within the timeout"))?
@@ -375,23 +373,27 @@ impl Session<'_> {
         let outbound = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|payload| (payload, rx))
         });
-        let mut inbound = tokio::time::timeout(
-            self.timeout,
+        let open = async {
+            grpc.ready()
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
             grpc.streaming(
                 tonic::Request::new(outbound),
                 PathAndQuery::from_static(BI_STREAM),
                 codec(),
-            ),
-        )
-        .await
-        .map_err(|_| {
-            unavailable(
-                "opening the push stream of",
-                &"no answer within the timeout",
             )
-        })?
-        .map_err(|status| unavailable("opening the push stream of", &status.message()))?
-        .into_inner();
+            .await
+        };
+        let mut inbound = tokio::time::timeout(self.timeout, open)
+            .await
+            .map_err(|_| {
+                unavailable(
+                    "opening the push stream of",
+                    &"no answer within the timeout",
+                )
+            })?
+            .map_err(|status| unavailable("opening the push stream of", &status.message()))?
+            .into_inner();
 
         let mut subscribed: HashSet<String> = HashSet::new();
         let mut up = Some(up);
