@@ -110,6 +110,11 @@ impl Nacos {
         format!("http://127.0.0.1:{}", self.http_port)
     }
 
+    /// Its gRPC port (Nacos 2.x's protocol: the push subscription).
+    pub fn grpc_port(&self) -> u16 {
+        self.grpc_port
+    }
+
     /// SIGKILL, as a crash would: every ephemeral instance is gone.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
