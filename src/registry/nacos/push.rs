@@ -252,7 +252,9 @@ impl Push {
             .subscribe();
         self.shared.added.notify_one();
         let mut task = lock(&self.task);
-        if task.is_none() {
+        // Not started yet, or ended by a panic (a bug; counted by the panic
+        // hook): start it, so push does not stay off for good.
+        if task.as_ref().is_none_or(JoinHandle::is_finished) {
             let run = run(
                 self.shared.clone(),
                 self.api.clone(),
@@ -276,11 +278,11 @@ impl Drop for Push {
 /// Sessions, one after another, until the registry is dropped.
 async fn run(shared: Arc<Shared>, api: Arc<Api>, target: String, timeout: Duration) {
     let server = api.address.clone();
-    let up = metrics::gauge!(m::PUSH_UP, "kind" => "nacos", "server" => server.clone());
+    let up = Down(metrics::gauge!(m::PUSH_UP, "kind" => "nacos", "server" => server.clone()));
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
     let mut failing = false;
     loop {
-        up.set(0.0);
+        up.0.set(0.0);
         let mut session = Session {
             shared: &shared,
             api: &api,
@@ -289,7 +291,7 @@ async fn run(shared: Arc<Shared>, api: Arc<Api>, target: String, timeout: Durati
         };
         let error = session
             .run(&target, || {
-                up.set(1.0);
+                up.0.set(1.0);
                 backoff.reset();
                 if std::mem::take(&mut failing) {
                     tracing::info!(server = %server, grpc = %target, "Nacos push subscription back");
@@ -298,7 +300,7 @@ async fn run(shared: Arc<Shared>, api: Arc<Api>, target: String, timeout: Durati
                 }
             })
             .await;
-        up.set(0.0);
+        up.0.set(0.0);
         if failing {
             tracing::debug!(server = %server, grpc = %target, error = %error, "Nacos push subscription still failing");
         } else {
@@ -306,6 +308,16 @@ async fn run(shared: Arc<Shared>, api: Arc<Api>, target: String, timeout: Durati
             failing = true;
         }
         tokio::time::sleep(backoff.next(error.is_retryable())).await;
+    }
+}
+
+/// The up gauge, set to 0 when the task ends however it ends (aborted
+/// with its registry, or a panic).
+struct Down(metrics::Gauge);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        self.0.set(0.0);
     }
 }
 
