@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use squire::registry::{Instance, RegistryError, Status, WatchEvent};
 use support::config::{AgentToml, Section};
-use support::nacos::{Nacos, HEALTH_TIMEOUT, INSTANCE_TIMEOUT};
+use support::nacos::Nacos;
 use support::{eventually, http_with_token, session, Backend, TestAgent, DEADLINE};
 use tokio::time::Instant;
 
@@ -232,16 +232,32 @@ async fn heartbeats_keep_it_alive_and_a_crash_lets_it_expire() {
         nacos.instance("logic", "127.0.0.1", 7101).await.is_some()
     })
     .await;
-    // Well past the time r-nacos removes an instance without beats (its
-    // instance timeout plus 3 s), it is still there and healthy.
-    let expiry = HEALTH_TIMEOUT + INSTANCE_TIMEOUT + Duration::from_secs(6);
-    let until = Instant::now() + expiry + Duration::from_secs(1);
-    while Instant::now() < until {
+    // Until r-nacos has expired an instance registered after ours that
+    // gets no beats (a control: expiry has run, it is not just time
+    // passing), ours is there and healthy at every read.
+    nacos
+        .register_unbeaten("logic-control", "127.0.0.1", 7201)
+        .await;
+    let control = Instant::now();
+    let reads = std::cell::Cell::new(0);
+    eventually("the unbeaten control to expire", DEADLINE, || async {
         let read = nacos.instance("logic", "127.0.0.1", 7101).await;
         let read = read.expect("kept alive by heartbeats");
         assert_eq!(read["healthy"], true, "{read}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        reads.set(reads.get() + 1);
+        nacos
+            .instance("logic-control", "127.0.0.1", 7201)
+            .await
+            .is_none()
+    })
+    .await;
+    let read = nacos.instance("logic", "127.0.0.1", 7101).await;
+    assert_eq!(read.expect("still there")["healthy"], true);
+    println!(
+        "the control expired {:?} after registering; ours healthy at {} reads meanwhile",
+        control.elapsed(),
+        reads.get()
+    );
     agent.crash();
     let crashed = Instant::now();
     eventually("the instance to expire", DEADLINE, || async {
@@ -328,14 +344,22 @@ async fn draining_sets_enabled_false_and_takes_the_instance_out_of_rotation() {
     })
     .await;
     // Heartbeats keep the drained instance as it is, without registering
-    // it again.
+    // it again: until an unbeaten control registered now has gone
+    // unhealthy (the server's health check has run since), every read
+    // finds ours registered and disabled.
     let registrations = a.json("/v1/self").await["registrations"][0]["registrations"].clone();
-    let until = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < until {
+    nacos
+        .register_unbeaten("room-control", "127.0.0.1", 7202)
+        .await;
+    eventually("the unbeaten control to go unhealthy", DEADLINE, || async {
         let read = nacos.instance("room", "127.0.0.1", port).await;
         assert_eq!(read.expect("still registered")["enabled"], false);
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        nacos
+            .instance("room-control", "127.0.0.1", 7202)
+            .await
+            .is_none_or(|control| control["healthy"] == false)
+    })
+    .await;
     assert_eq!(
         a.json("/v1/self").await["registrations"][0]["registrations"],
         registrations

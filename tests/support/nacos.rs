@@ -347,6 +347,26 @@ impl Nacos {
         (status == 200).then(|| serde_json::from_str(&body).expect("instance JSON"))
     }
 
+    /// Registers an ephemeral instance and never beats for it: the
+    /// server's own expiry marks it unhealthy and then removes it, which a
+    /// test watches to know that expiry has run.
+    pub async fn register_unbeaten(&self, service: &str, ip: &str, port: u16) {
+        let port = port.to_string();
+        let (status, body) = self
+            .request(
+                "POST",
+                "/nacos/v1/ns/instance",
+                &[
+                    ("serviceName", service),
+                    ("ip", ip),
+                    ("port", &port),
+                    ("ephemeral", "true"),
+                ],
+            )
+            .await;
+        assert_eq!(status, 200, "register: {body}");
+    }
+
     /// Registers a persistent instance (`ephemeral=false`, so it stays
     /// without beats) as any Nacos client could, with `metadata` as written
     /// (a JSON object text).
