@@ -677,7 +677,8 @@ async fn a_registry_list_fails_over_to_a_second_nacos() {
 /// With a poll interval of a minute, only a push can explain B seeing A
 /// come and go within the deadline (20 s): rnacos pushes a
 /// `NotifySubscriberRequest` over B's gRPC stream, B acknowledges it and
-/// lists at once.
+/// lists at once. C, configured the same but with push off, has not seen
+/// A when B has.
 #[tokio::test]
 async fn a_change_arrives_by_push_well_before_the_poll() {
     capture_logs();
@@ -692,8 +693,23 @@ async fn a_change_arrives_by_push_well_before_the_poll() {
             .upstream(Section::fast_upstream("lobby")),
     )
     .await;
+    // C: the same, push off. It lists once at start and not again within
+    // the test: the control that B's prompt updates are pushes.
+    let c = TestAgent::start(
+        &AgentToml::new(
+            Section::nacos(&nacos)
+                .set("poll_interval", "60s")
+                .set("push", false),
+        )
+        .upstream(Section::fast_upstream("lobby")),
+    )
+    .await;
     eventually("B's push subscription up", DEADLINE, || async {
         push_metric(&b, PUSH_UP, &nacos, None).await == Some(1.0)
+    })
+    .await;
+    eventually("C's watch up", DEADLINE, || async {
+        c.json("/v1/services").await["services"][0]["watch_up"] == true
     })
     .await;
     assert!(b.routable().await.is_empty());
@@ -716,6 +732,10 @@ async fn a_change_arrives_by_push_well_before_the_poll() {
     })
     .await;
     let joined = registered.elapsed();
+    assert!(
+        c.routable().await.is_empty(),
+        "C, polling only, has not listed again"
+    );
     let (greeting, _, _) = session(b.listen(), b"hi").await.expect("session");
     assert_eq!(greeting, "A");
     let pushes = push_metric(&b, PUSHES, &nacos, Some("lobby")).await;
@@ -740,6 +760,7 @@ async fn a_change_arrives_by_push_well_before_the_poll() {
     println!("by push (poll every {poll:?}): joined after {joined:?}, left after {dropped:?}");
     assert_eq!(push_metric(&b, PUSH_UP, &nacos, None).await, Some(1.0));
     b.stop().await;
+    c.stop().await;
 }
 
 /// `push = false`: no gRPC connection, discovery polls as before.
