@@ -39,6 +39,16 @@ pub const WATCH_RESTARTS: &str = "squire_watch_restarts_total";
 pub const WATCH_UP: &str = "squire_watch_up";
 /// Registry entries skipped because their value did not parse. Labels: service.
 pub const ENTRIES_SKIPPED: &str = "squire_registry_entries_skipped_total";
+/// 1 while a registry's push subscription is established (Nacos: its gRPC
+/// connection, with every watched service subscribed), 0 while discovery
+/// from it is polling only. Labels: kind, server.
+pub const PUSH_UP: &str = "squire_registry_push_up";
+/// Change notifications a registry pushed for a watched service. Labels: kind, server, service.
+pub const PUSHES: &str = "squire_registry_pushes_total";
+/// Pushed messages that did not parse or were of no known type (ignored). Labels: kind, server.
+pub const PUSHES_MALFORMED: &str = "squire_registry_pushes_malformed_total";
+/// Pushed notifications acknowledged back to the registry. Labels: kind, server.
+pub const PUSH_ACKS: &str = "squire_registry_push_acks_total";
 /// Registry entries the endpoint policy refused, once per instance and
 /// reason (`unspecified`, `self`, `denied_range`, `not_allowed`,
 /// `bad_host`, `unresolvable`). Labels: service, reason.
@@ -480,6 +490,22 @@ fn describe() {
     describe_gauge!(
         WATCH_UP,
         "1 while the registry watch of a service is established"
+    );
+    describe_gauge!(
+        PUSH_UP,
+        "1 while a registry's push subscription is established, 0 while polling only"
+    );
+    describe_counter!(
+        PUSHES,
+        "Change notifications a registry pushed for a watched service"
+    );
+    describe_counter!(
+        PUSHES_MALFORMED,
+        "Pushed messages that did not parse or were of no known type"
+    );
+    describe_counter!(
+        PUSH_ACKS,
+        "Pushed notifications acknowledged to the registry"
     );
     describe_counter!(
         ENTRIES_SKIPPED,

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use squire::registry::{Instance, RegistryError, Status, WatchEvent};
 use support::config::{AgentToml, Section};
-use support::nacos::{Nacos, HEALTH_TIMEOUT, INSTANCE_TIMEOUT};
+use support::nacos::Nacos;
 use support::{eventually, http_with_token, session, Backend, TestAgent, DEADLINE};
 use tokio::time::Instant;
 
@@ -120,6 +120,32 @@ fn nacos_registry(registry: Section) -> std::sync::Arc<dyn squire::registry::Reg
     squire::agent::connect_registry(&config.registries[0]).expect("registry")
 }
 
+/// The value of metric `name` for the series of the Nacos at `nacos` (and
+/// of `service`, when given) that `agent` exports, if any. Every agent of
+/// this test binary shares one recorder; each test's server has its own
+/// address.
+async fn push_metric(
+    agent: &TestAgent,
+    name: &str,
+    nacos: &Nacos,
+    service: Option<&str>,
+) -> Option<f64> {
+    let (_, body) = agent.get("/metrics").await;
+    let server = format!("server=\"{}\"", nacos.address());
+    body.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{'))
+        })
+        .filter(|line| line.contains(&server))
+        .filter(|line| service.is_none_or(|s| line.contains(&format!("service=\"{s}\""))))
+        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+const PUSH_UP: &str = "squire_registry_push_up";
+const PUSHES: &str = "squire_registry_pushes_total";
+const PUSH_ACKS: &str = "squire_registry_push_acks_total";
+
 async fn next_status(watch: &mut Box<dyn squire::registry::Watch>) -> Status {
     match tokio::time::timeout(DEADLINE, watch.next()).await {
         Ok(Ok(WatchEvent::Reset(entries))) => entries[0].value.as_ref().expect("valid").status,
@@ -206,16 +232,32 @@ async fn heartbeats_keep_it_alive_and_a_crash_lets_it_expire() {
         nacos.instance("logic", "127.0.0.1", 7101).await.is_some()
     })
     .await;
-    // Well past the time r-nacos removes an instance without beats (its
-    // instance timeout plus 3 s), it is still there and healthy.
-    let expiry = HEALTH_TIMEOUT + INSTANCE_TIMEOUT + Duration::from_secs(6);
-    let until = Instant::now() + expiry + Duration::from_secs(1);
-    while Instant::now() < until {
+    // Until r-nacos has expired an instance registered after ours that
+    // gets no beats (a control: expiry has run, it is not just time
+    // passing), ours is there and healthy at every read.
+    nacos
+        .register_unbeaten("logic-control", "127.0.0.1", 7201)
+        .await;
+    let control = Instant::now();
+    let reads = std::cell::Cell::new(0);
+    eventually("the unbeaten control to expire", DEADLINE, || async {
         let read = nacos.instance("logic", "127.0.0.1", 7101).await;
         let read = read.expect("kept alive by heartbeats");
         assert_eq!(read["healthy"], true, "{read}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        reads.set(reads.get() + 1);
+        nacos
+            .instance("logic-control", "127.0.0.1", 7201)
+            .await
+            .is_none()
+    })
+    .await;
+    let read = nacos.instance("logic", "127.0.0.1", 7101).await;
+    assert_eq!(read.expect("still there")["healthy"], true);
+    println!(
+        "the control expired {:?} after registering; ours healthy at {} reads meanwhile",
+        control.elapsed(),
+        reads.get()
+    );
     agent.crash();
     let crashed = Instant::now();
     eventually("the instance to expire", DEADLINE, || async {
@@ -302,14 +344,22 @@ async fn draining_sets_enabled_false_and_takes_the_instance_out_of_rotation() {
     })
     .await;
     // Heartbeats keep the drained instance as it is, without registering
-    // it again.
+    // it again: until an unbeaten control registered now has gone
+    // unhealthy (the server's health check has run since), every read
+    // finds ours registered and disabled.
     let registrations = a.json("/v1/self").await["registrations"][0]["registrations"].clone();
-    let until = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < until {
+    nacos
+        .register_unbeaten("room-control", "127.0.0.1", 7202)
+        .await;
+    eventually("the unbeaten control to go unhealthy", DEADLINE, || async {
         let read = nacos.instance("room", "127.0.0.1", port).await;
         assert_eq!(read.expect("still registered")["enabled"], false);
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        nacos
+            .instance("room-control", "127.0.0.1", 7202)
+            .await
+            .is_none_or(|control| control["healthy"] == false)
+    })
+    .await;
     assert_eq!(
         a.json("/v1/self").await["registrations"][0]["registrations"],
         registrations
@@ -433,6 +483,10 @@ async fn a_killed_server_keeps_the_last_snapshot_and_both_recover_after_restart(
         let (greeting, _, _) = session(b.listen(), b"still").await.expect("session");
         assert_eq!(greeting, "A", "B serves from its last snapshot");
     }
+    eventually("B's push subscription down", DEADLINE, || async {
+        push_metric(&b, PUSH_UP, &nacos, None).await == Some(0.0)
+    })
+    .await;
 
     // Restarted empty (ephemeral instances live in memory): A's next
     // heartbeat finds it gone and registers again, B lists it again.
@@ -454,6 +508,10 @@ async fn a_killed_server_keeps_the_last_snapshot_and_both_recover_after_restart(
     })
     .await;
     println!("B's watch up {:?} after the restart", restarted.elapsed());
+    eventually("B's push subscription up again", DEADLINE, || async {
+        push_metric(&b, PUSH_UP, &nacos, None).await == Some(1.0)
+    })
+    .await;
     assert!(
         a.json("/v1/self").await["registrations"][0]["registrations"]
             .as_u64()
@@ -504,9 +562,19 @@ async fn garbage_metadata_is_skipped_and_counted() {
         b.metric(skipped).await == Some(2.0)
     })
     .await;
-    // Counted once per entry and reason, not once per poll.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(b.metric(skipped).await, Some(2.0));
+    // Counted once per entry and reason, not once per list: B lists again
+    // (it routes to an instance added since, twice) and the count stays.
+    for port in [7109, 7110] {
+        nacos
+            .register("shop", "127.0.0.1", port, r#"{"zone":"c"}"#)
+            .await;
+        let id = format!("127.0.0.1#{port}");
+        eventually("B to list again", DEADLINE, || async {
+            b.routable().await.contains(&id)
+        })
+        .await;
+        assert_eq!(b.metric(skipped).await, Some(2.0));
+    }
     a.stop().await;
     b.stop().await;
 }
@@ -533,6 +601,11 @@ async fn auth_logs_in_and_never_shows_the_password_or_token() {
             .await;
     eventually("B to see A", DEADLINE, || async {
         b.routable().await == ["vault-1"]
+    })
+    .await;
+    // The gRPC subscription carries the token too.
+    eventually("B's push subscription up under auth", DEADLINE, || async {
+        push_metric(&b, PUSH_UP, &nacos, None).await == Some(1.0)
     })
     .await;
 
@@ -598,5 +671,180 @@ async fn a_registry_list_fails_over_to_a_second_nacos() {
         "{services}"
     );
     a.stop().await;
+    b.stop().await;
+}
+
+/// With a poll interval of a minute, only a push can explain B seeing A
+/// come and go within the deadline (20 s): rnacos pushes a
+/// `NotifySubscriberRequest` over B's gRPC stream, B acknowledges it and
+/// lists at once. C, configured the same but with push off, has not seen
+/// A when B has.
+#[tokio::test]
+async fn a_change_arrives_by_push_well_before_the_poll() {
+    capture_logs();
+    let nacos = Nacos::start().await;
+    let poll = Duration::from_secs(60);
+    assert!(
+        DEADLINE < poll,
+        "the waits below must be shorter than a poll"
+    );
+    let b = TestAgent::start(
+        &AgentToml::new(Section::nacos(&nacos).set("poll_interval", "60s"))
+            .upstream(Section::fast_upstream("lobby")),
+    )
+    .await;
+    // C: the same, push off. It lists once at start and not again within
+    // the test: the control that B's prompt updates are pushes.
+    let c = TestAgent::start(
+        &AgentToml::new(
+            Section::nacos(&nacos)
+                .set("poll_interval", "60s")
+                .set("push", false),
+        )
+        .upstream(Section::fast_upstream("lobby")),
+    )
+    .await;
+    eventually("B's push subscription up", DEADLINE, || async {
+        push_metric(&b, PUSH_UP, &nacos, None).await == Some(1.0)
+    })
+    .await;
+    eventually("C's watch up", DEADLINE, || async {
+        c.json("/v1/services").await["services"][0]["watch_up"] == true
+    })
+    .await;
+    assert!(b.routable().await.is_empty());
+
+    let backend = Backend::start("A").await;
+    let a = TestAgent::start(
+        &AgentToml::nacos(&nacos).service(Section::game_service("lobby", backend.addr)),
+    )
+    .await;
+    eventually("A in Nacos", DEADLINE, || async {
+        nacos
+            .instance("lobby", "127.0.0.1", backend.addr.port())
+            .await
+            .is_some()
+    })
+    .await;
+    let registered = Instant::now();
+    eventually("B to route to A, by push", DEADLINE, || async {
+        b.routable().await == ["lobby-1"]
+    })
+    .await;
+    let joined = registered.elapsed();
+    assert!(
+        c.routable().await.is_empty(),
+        "C, polling only, has not listed again"
+    );
+    let (greeting, _, _) = session(b.listen(), b"hi").await.expect("session");
+    assert_eq!(greeting, "A");
+    let pushes = push_metric(&b, PUSHES, &nacos, Some("lobby")).await;
+    assert!(
+        pushes.is_some_and(|n| n >= 1.0),
+        "pushes counted: {pushes:?}"
+    );
+    let acks = push_metric(&b, PUSH_ACKS, &nacos, None).await;
+    assert!(
+        acks.is_some_and(|n| n >= 1.0),
+        "pushes acknowledged: {acks:?}"
+    );
+
+    // A deregisters on stop: B drops it, again long before a poll.
+    a.stop().await;
+    let left = Instant::now();
+    eventually("B to drop A, by push", DEADLINE, || async {
+        b.routable().await.is_empty()
+    })
+    .await;
+    let dropped = left.elapsed();
+    println!("by push (poll every {poll:?}): joined after {joined:?}, left after {dropped:?}");
+    assert_eq!(push_metric(&b, PUSH_UP, &nacos, None).await, Some(1.0));
+    b.stop().await;
+    c.stop().await;
+}
+
+/// `push = false`: no gRPC connection, discovery polls as before.
+#[tokio::test]
+async fn with_push_off_the_poll_still_discovers() {
+    capture_logs();
+    let nacos = Nacos::start().await;
+    let b = TestAgent::start(
+        &AgentToml::new(
+            Section::nacos(&nacos)
+                .set("push", false)
+                .set("poll_interval", "2s"),
+        )
+        .upstream(Section::fast_upstream("lobby")),
+    )
+    .await;
+    let backend = Backend::start("A").await;
+    let a = TestAgent::start(
+        &AgentToml::nacos(&nacos).service(Section::game_service("lobby", backend.addr)),
+    )
+    .await;
+    eventually("A in Nacos", DEADLINE, || async {
+        nacos
+            .instance("lobby", "127.0.0.1", backend.addr.port())
+            .await
+            .is_some()
+    })
+    .await;
+    let registered = Instant::now();
+    eventually("B to route to A, by poll", DEADLINE, || async {
+        b.routable().await == ["lobby-1"]
+    })
+    .await;
+    let joined = registered.elapsed();
+    a.stop().await;
+    let left = Instant::now();
+    eventually("B to drop A, by poll", DEADLINE, || async {
+        b.routable().await.is_empty()
+    })
+    .await;
+    println!(
+        "by poll (every 2s): joined after {joined:?}, left after {:?}",
+        left.elapsed()
+    );
+    for name in [PUSH_UP, PUSHES, PUSH_ACKS] {
+        assert_eq!(push_metric(&b, name, &nacos, None).await, None, "{name}");
+    }
+    b.stop().await;
+}
+
+/// A gRPC port where no Nacos listens: the subscription fails (logged,
+/// `push_up` 0) and discovery goes on by poll.
+#[tokio::test]
+async fn a_push_that_cannot_connect_leaves_the_poll_working() {
+    capture_logs();
+    let nacos = Nacos::start().await;
+    let closed = support::free_port();
+    let b = TestAgent::start(
+        &AgentToml::new(Section::nacos(&nacos).set("grpc_port", i64::from(closed)))
+            .upstream(Section::fast_upstream("lobby")),
+    )
+    .await;
+    nacos
+        .register("lobby", "127.0.0.1", 7108, r#"{"zone":"b"}"#)
+        .await;
+    eventually("B to route by poll", DEADLINE, || async {
+        b.routable().await == ["127.0.0.1#7108"]
+    })
+    .await;
+    let target = format!("127.0.0.1:{closed}");
+    eventually("the failed subscription logged", DEADLINE, || async {
+        logs()
+            .lines()
+            .any(|line| line.contains("Nacos push subscription failed") && line.contains(&target))
+    })
+    .await;
+    assert_eq!(push_metric(&b, PUSH_UP, &nacos, None).await, Some(0.0));
+    // Polling still: a change arrives at the next list.
+    nacos
+        .register("lobby", "127.0.0.1", 7111, r#"{"zone":"b"}"#)
+        .await;
+    eventually("B to route to the second by poll", DEADLINE, || async {
+        b.routable().await.len() == 2
+    })
+    .await;
     b.stop().await;
 }

@@ -12,6 +12,8 @@ use crate::registry::nacos::{MAX_WEIGHT, RESERVED_METADATA};
 
 pub const DEFAULT_ADDRESS: &str = "http://127.0.0.1:8848";
 pub const DEFAULT_GROUP: &str = "DEFAULT_GROUP";
+/// Nacos 2.x serves gRPC on its HTTP port plus this.
+pub const GRPC_PORT_OFFSET: u16 = 1000;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct NacosConfig {
@@ -25,9 +27,17 @@ pub struct NacosConfig {
     /// Nacos auth: `POST /nacos/v1/auth/login` with these, then the
     /// `accessToken` it gives on every call. `None`: auth is off.
     pub credentials: Option<(String, Secret)>,
-    /// How often a watch lists its service again (the Open API has no push
-    /// that works through firewalls: its push is UDP to the client).
+    /// How often a watch lists its service again: the whole of discovery
+    /// with `push` off, the safety net under it with `push` on.
     pub poll_interval: Duration,
+    /// Subscribe to changes over Nacos 2.x's gRPC connection (a change
+    /// then makes the watch list at once instead of at the next poll).
+    /// Default on for an `http://` address; over `https://` it is off and
+    /// cannot be turned on (squire's gRPC client speaks plain HTTP/2).
+    pub push: bool,
+    /// The server's gRPC port: `grpc_port`, else Nacos's convention of the
+    /// HTTP port plus 1000 (8848 -> 9848).
+    pub grpc_port: u16,
 }
 
 impl NacosConfig {
@@ -43,6 +53,8 @@ pub(super) fn keys_set(raw: &RawRegistry) -> Vec<&'static str> {
     [
         ("namespace", raw.namespace.is_some()),
         ("poll_interval", raw.poll_interval.is_some()),
+        ("push", raw.push.is_some()),
+        ("grpc_port", raw.grpc_port.is_some()),
     ]
     .into_iter()
     .filter_map(|(key, set)| set.then_some(key))
@@ -111,12 +123,54 @@ pub(super) fn validate(base: &str, raw: RawRegistry, problems: &mut Problems) ->
         problems.push(at("poll_interval"), "must be between 100ms and 5m");
     }
 
+    let https = address.starts_with("https://");
+    let push = match raw.push {
+        Some(true) if https => {
+            problems.push(
+                at("push"),
+                "needs an http:// address: squire's Nacos gRPC client has no TLS (set push = false)",
+            );
+            false
+        }
+        Some(push) => push,
+        None => !https,
+    };
+    let grpc_port = match raw.grpc_port {
+        Some(port) => u16::try_from(port)
+            .ok()
+            .filter(|port| *port != 0)
+            .unwrap_or_else(|| {
+                problems.push(at("grpc_port"), format!("{port} is not a port (1-65535)"));
+                0
+            }),
+        None => {
+            let http_port = address
+                .parse::<hyper::Uri>()
+                .ok()
+                .and_then(|uri| uri.port_u16())
+                .unwrap_or(if https { 443 } else { 80 });
+            http_port.checked_add(GRPC_PORT_OFFSET).unwrap_or_else(|| {
+                if push {
+                    problems.push(
+                        at("grpc_port"),
+                        format!(
+                            "required: the HTTP port {http_port} plus {GRPC_PORT_OFFSET} is not a port"
+                        ),
+                    );
+                }
+                0
+            })
+        }
+    };
+
     NacosConfig {
         address,
         namespace,
         group,
         credentials,
         poll_interval,
+        push,
+        grpc_port,
     }
 }
 
@@ -205,6 +259,12 @@ mod tests {
         assert_eq!(config.group, "DEFAULT_GROUP");
         assert_eq!(config.poll_interval, Duration::from_secs(2));
         assert!(config.namespace.is_none() && config.credentials.is_none());
+        assert!(config.push);
+        assert_eq!(config.grpc_port, 9848);
+        // Over https push is off unless asked for (and then refused).
+        let config = nacos("[registry]\nkind = \"nacos\"\naddress = \"https://n:443\"\n");
+        assert!(!config.push);
+        assert_eq!(config.grpc_port, 1443);
     }
 
     #[test]
@@ -219,8 +279,12 @@ mod tests {
             username = "squire"
             password = "pw"
             poll_interval = "500ms"
+            push = false
+            grpc_port = 19848
             "#,
         );
+        assert!(!config.push);
+        assert_eq!(config.grpc_port, 19848);
         assert_eq!(config.address, "https://nacos.local:8848");
         assert!(config.https());
         assert_eq!(config.namespace.as_deref(), Some("dev-1"));
@@ -241,6 +305,8 @@ mod tests {
             group = ""
             password = "s3cr3t-nacos"
             poll_interval = "10ms"
+            push = true
+            grpc_port = 70000
             endpoints = ["http://127.0.0.1:2379"]
             token = "t"
             dir = "/tmp/x"
@@ -255,20 +321,27 @@ mod tests {
             "registry.group: \"\" is not a Nacos group name",
             "registry.username: required when password is set",
             "registry.poll_interval: must be between 100ms and 5m",
+            "registry.grpc_port: 70000 is not a port (1-65535)",
         ];
         assert_problems(&found, &expected);
         assert!(!found.iter().any(|p| p.contains("s3cr3t")), "{found:#?}");
+        let found =
+            problems("[registry]\nkind = \"nacos\"\naddress = \"https://n:8848\"\npush = true\n");
+        assert_problems(&found, &["registry.push: needs an http:// address"]);
     }
 
     #[test]
     fn nacos_keys_are_refused_for_other_kinds() {
-        let found =
-            problems("[registry]\nkind = \"etcd\"\nnamespace = \"n\"\npoll_interval = \"1s\"\n");
+        let found = problems(
+            "[registry]\nkind = \"etcd\"\nnamespace = \"n\"\npoll_interval = \"1s\"\npush = true\ngrpc_port = 9848\n",
+        );
         assert_eq!(
             found,
             [
                 "registry.poll_interval: only applies to kind = \"eureka\" or \"nacos\"",
-                "registry.namespace: only applies to kind = \"nacos\""
+                "registry.namespace: only applies to kind = \"nacos\"",
+                "registry.push: only applies to kind = \"nacos\"",
+                "registry.grpc_port: only applies to kind = \"nacos\""
             ]
         );
     }

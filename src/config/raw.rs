@@ -100,6 +100,8 @@ pub struct RawRegistry {
     pub poll_interval: Option<String>,
     // nacos (also address, group, username, password, poll_interval)
     pub namespace: Option<String>,
+    pub push: Option<bool>,
+    pub grpc_port: Option<i64>,
     // zookeeper (with username, password and timeout above)
     pub servers: Option<Vec<String>>,
     pub root: Option<String>,

@@ -5,8 +5,8 @@
 //! [`consul`] (the agent API: a TTL check, blocking queries), [`eureka`]
 //! (its REST operations, polled), [`zookeeper`] (ephemeral nodes in a
 //! session, one-shot watches) and [`nacos`] (the Open API: an ephemeral
-//! instance kept by heartbeats, polled lists). A backend only
-//! moves data; the loops that survive outages live in
+//! instance kept by heartbeats, lists polled and woken by its gRPC push).
+//! A backend only moves data; the loops that survive outages live in
 //! [`crate::registration`] and [`crate::discovery`] and treat every backend
 //! the same way:
 //!

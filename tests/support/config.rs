@@ -92,11 +92,12 @@ impl Section {
     }
 
     /// `kind = "nacos"` on the server, ttl 3s, timeout 2s, polled every
-    /// 200ms.
+    /// 200ms, push on (the default) to its gRPC port.
     pub fn nacos(nacos: &Nacos) -> Section {
         Section::new()
             .set("kind", "nacos")
             .set("address", nacos.address())
+            .set("grpc_port", i64::from(nacos.grpc_port()))
             .set("ttl", "3s")
             .set("timeout", "2s")
             .set("poll_interval", "200ms")

@@ -110,6 +110,11 @@ impl Nacos {
         format!("http://127.0.0.1:{}", self.http_port)
     }
 
+    /// Its gRPC port (Nacos 2.x's protocol: the push subscription).
+    pub fn grpc_port(&self) -> u16 {
+        self.grpc_port
+    }
+
     /// SIGKILL, as a crash would: every ephemeral instance is gone.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -340,6 +345,26 @@ impl Nacos {
             )
             .await;
         (status == 200).then(|| serde_json::from_str(&body).expect("instance JSON"))
+    }
+
+    /// Registers an ephemeral instance and never beats for it: the
+    /// server's own expiry marks it unhealthy and then removes it, which a
+    /// test watches to know that expiry has run.
+    pub async fn register_unbeaten(&self, service: &str, ip: &str, port: u16) {
+        let port = port.to_string();
+        let (status, body) = self
+            .request(
+                "POST",
+                "/nacos/v1/ns/instance",
+                &[
+                    ("serviceName", service),
+                    ("ip", ip),
+                    ("port", &port),
+                    ("ephemeral", "true"),
+                ],
+            )
+            .await;
+        assert_eq!(status, 200, "register: {body}");
     }
 
     /// Registers a persistent instance (`ephemeral=false`, so it stays

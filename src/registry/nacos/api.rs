@@ -133,9 +133,16 @@ impl Api {
         }
     }
 
+    /// Drops the access token, so the next call logs in again (the server
+    /// refused it).
+    pub(super) async fn forget_token(&self) {
+        *self.token.lock().await = None;
+    }
+
     /// The current access token, logging in first when there is none or
-    /// it is due for renewal; `None` without credentials.
-    async fn token(&self) -> Result<Option<Secret>, RegistryError> {
+    /// it is due for renewal; `None` without credentials. The push
+    /// subscription sends it in its gRPC requests' headers.
+    pub(super) async fn token(&self) -> Result<Option<Secret>, RegistryError> {
         let Some((username, password)) = &self.credentials else {
             return Ok(None);
         };
@@ -238,7 +245,7 @@ impl Api {
     }
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {

@@ -1,6 +1,7 @@
 //! Nacos backend, through the server's 1.x HTTP Open API (which Nacos 2.x
 //! and r-nacos still serve): plain requests over the same hyper client the
-//! Consul backend uses, no gRPC connection to keep.
+//! Consul backend uses; and, for discovery by push only, Nacos 2.x's gRPC
+//! connection.
 //!
 //! **Registration** is an *ephemeral* instance:
 //! `POST /nacos/v1/ns/instance` with `ephemeral=true`, the service name,
@@ -40,15 +41,20 @@
 //! weigh in: `enabled=false` is draining, `healthy=false` (no heartbeat for
 //! the server's health timeout) is unhealthy.
 //!
-//! **Discovery** polls `GET /nacos/v1/ns/instance/list` every
-//! `poll_interval` (`healthyOnly=false`) and yields a
+//! **Discovery** lists `GET /nacos/v1/ns/instance/list`
+//! (`healthyOnly=false`) and yields a
 //! [`WatchEvent::Reset`](super::WatchEvent::Reset) whenever the set
-//! changed. The Open API's push is UDP to an address the server must
-//! reach, and its gRPC push needs Nacos's own bidirectional protocol; a
-//! poll works through any proxy, and a broken one re-lists as every
-//! watch does. Nacos lists only enabled instances, so a draining instance
-//! leaves the snapshot rather than showing as draining (it gets no new
-//! connections either way).
+//! changed. It lists every `poll_interval`, and, with `push` on (the
+//! default for an `http://` address), at once when the server pushes a
+//! change of the service over its Nacos 2.x gRPC connection (`push`: one
+//! connection per registry, on the HTTP port plus 1000 unless
+//! `grpc_port` says otherwise). A push only wakes the watch; the list is
+//! the one source of the snapshot, so push and poll cannot disagree. With
+//! the gRPC connection down the watch polls as before, and with the
+//! server down the list fails and discovery keeps the last snapshot.
+//! Nacos lists only enabled instances, so a draining instance leaves the
+//! snapshot rather than showing as draining (it gets no new connections
+//! either way).
 //!
 //! **Auth**: with `username`/`password`, `POST /nacos/v1/auth/login`
 //! (form body) gives an `accessToken`, sent as the `accessToken` query
@@ -61,10 +67,12 @@
 //! - `api`: the HTTP client, the token, one request and its answer.
 //! - `wire`: instances to Open API parameters and metadata, and back.
 //! - `lease`: our instance and its heartbeat.
-//! - `watch`: the polling loop of one service.
+//! - `push`: the gRPC subscription of a registry's watched services.
+//! - `watch`: the list loop of one service: polled, woken by pushes.
 
 mod api;
 mod lease;
+mod push;
 mod watch;
 mod wire;
 
@@ -77,6 +85,7 @@ use super::{Instance, Lease, Registry, RegistryError, Watch};
 use crate::config::NacosConfig;
 use api::Api;
 use lease::NacosLease;
+use push::Push;
 use watch::NacosWatch;
 pub use wire::RESERVED_METADATA;
 
@@ -87,14 +96,21 @@ pub struct NacosRegistry {
     api: Arc<Api>,
     ttl: Duration,
     poll_interval: Duration,
+    /// The push subscription its watches share; `None` with `push = false`.
+    push: Option<Arc<Push>>,
 }
 
 impl NacosRegistry {
     pub fn new(config: &NacosConfig, ttl: Duration, timeout: Duration) -> Self {
+        let api = Arc::new(Api::new(config, timeout));
+        let push = config
+            .push
+            .then(|| Arc::new(Push::new(api.clone(), config.grpc_port, timeout)));
         NacosRegistry {
-            api: Arc::new(Api::new(config, timeout)),
+            api,
             ttl,
             poll_interval: config.poll_interval,
+            push,
         }
     }
 }
@@ -121,7 +137,13 @@ impl Registry for NacosRegistry {
 
     async fn watch(&self, service: &str) -> Result<Box<dyn Watch>, RegistryError> {
         Ok(Box::new(
-            NacosWatch::start(self.api.clone(), service, self.poll_interval).await?,
+            NacosWatch::start(
+                self.api.clone(),
+                self.push.clone(),
+                service,
+                self.poll_interval,
+            )
+            .await?,
         ))
     }
 }

@@ -1,5 +1,6 @@
-//! Discovery from Nacos: `instance/list` every `poll_interval`, each answer
-//! that differs from the last one [`WatchEvent::Reset`] with the full set.
+//! Discovery from Nacos: `instance/list` every `poll_interval`, and at
+//! once on each push for the service (`push.rs`); each answer that
+//! differs from the last one is a [`WatchEvent::Reset`] with the full set.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +8,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hyper::{Method, StatusCode};
 
+use tokio::sync::watch;
+
 use super::api::Api;
+use super::push::Push;
 use super::wire::list_entries;
 use crate::registry::{Entry, RegistryError, Watch, WatchEvent};
 
@@ -17,23 +21,34 @@ pub(super) struct NacosWatch {
     api: Arc<Api>,
     service: String,
     poll_interval: Duration,
+    /// Changes on each push for the service; `None` with push off (or
+    /// once the subscription is gone with its registry).
+    pushes: Option<(Arc<Push>, watch::Receiver<u64>)>,
     /// The last set yielded; `initial` until the first `next`.
     last: Vec<Entry>,
     initial: bool,
 }
 
 impl NacosWatch {
-    /// Lists `service` once: an unreachable server shows up here, as a
-    /// failed listing does for the other backends.
+    /// Subscribes `service` (with `push`), then lists it once: an
+    /// unreachable server shows up here, as a failed listing does for the
+    /// other backends. Subscribing first means a change between the list
+    /// and the server's subscription still makes the watch list again.
     pub(super) async fn start(
         api: Arc<Api>,
+        push: Option<Arc<Push>>,
         service: &str,
         poll_interval: Duration,
     ) -> Result<NacosWatch, RegistryError> {
+        let pushes = push.map(|push| {
+            let changes = push.subscribe(service);
+            (push, changes)
+        });
         let mut watch = NacosWatch {
             api,
             service: service.to_owned(),
             poll_interval,
+            pushes,
             last: Vec::new(),
             initial: true,
         };
@@ -62,7 +77,25 @@ impl Watch for NacosWatch {
             return Ok(WatchEvent::Reset(self.last.clone()));
         }
         loop {
-            tokio::time::sleep(self.poll_interval).await;
+            // A push or the poll interval, whichever comes first. Both are
+            // cancel-safe: a push seen and then canceled is seen again.
+            let poll_interval = self.poll_interval;
+            let pushes = &mut self.pushes;
+            let pushed = async {
+                match pushes {
+                    Some((_, changes)) => changes.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let alive = tokio::select! {
+                () = tokio::time::sleep(poll_interval) => true,
+                alive = pushed => alive,
+            };
+            if !alive {
+                // The subscription is gone: poll only.
+                self.pushes = None;
+                continue;
+            }
             let entries = self.list().await?;
             if entries != self.last {
                 self.last = entries.clone();
