@@ -67,7 +67,7 @@ PROXY_MAXCONN=$(( (FILES - 200) / 2 ))
 echo "building squire and the load tool..." >&2
 cargo build --release --quiet --bin squire
 cargo build --release --quiet --manifest-path benches/loadgen/Cargo.toml --target-dir target/loadgen
-SQUIRE=$PWD/target/release/squire
+SQUIRE=${SQUIRE:-$PWD/target/release/squire} # another build to compare: SQUIRE=path
 LG=$PWD/target/loadgen/release/squire-loadgen
 # For foreground runs only: a function run in the background is a subshell,
 # and its $! is not the program's pid (so background starts call taskset).

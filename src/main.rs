@@ -271,10 +271,18 @@ fn main() -> ExitCode {
                 Err(e) => return config_failure(&path, &e),
             };
             init_logging(&config);
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            if config.agent.threads > 0 {
-                builder.worker_threads(config.agent.threads);
-            }
+            // One thread: a current-thread runtime, which runs every task
+            // on this thread with no work-stealing queues, cross-thread
+            // wakeups or parking handshake to pay for on each request.
+            let mut builder = match config.agent.threads {
+                1 => tokio::runtime::Builder::new_current_thread(),
+                0 => tokio::runtime::Builder::new_multi_thread(),
+                n => {
+                    let mut builder = tokio::runtime::Builder::new_multi_thread();
+                    builder.worker_threads(n);
+                    builder
+                }
+            };
             let runtime = match builder.enable_all().build() {
                 Ok(runtime) => runtime,
                 Err(e) => {
