@@ -11,19 +11,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::config::{AgentToml, Section};
-use support::{eventually, free_port, http_get, Backend, DEADLINE};
+use support::{eventually, free_port, http_get, metric, Backend, DEADLINE};
 
 /// How many clients are refused: far more than the one line logged for
 /// them.
 const REFUSED: usize = 40;
-
-async fn metric(admin: std::net::SocketAddr, prefix: &str) -> Option<f64> {
-    let (_, body) = http_get(admin, "/metrics").await;
-    body.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
 
 #[tokio::test]
 async fn every_line_is_json_through_start_reload_refusals_and_stop() {

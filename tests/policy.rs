@@ -14,8 +14,8 @@ use serde_json::Value;
 use support::config::{AgentToml, Section};
 use support::process::Squire;
 use support::{
-    announce_local, announce_local_at, eventually, free_port, greeting, http_get, Backend, Etcd,
-    TestAgent, DEADLINE,
+    announce_local, announce_local_at, eventually, free_port, greeting, http_get, metric, Backend,
+    Etcd, TestAgent, DEADLINE,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -85,15 +85,6 @@ async fn wait_admin(admin: SocketAddr) {
         TcpStream::connect(admin).await.is_ok()
     })
     .await;
-}
-
-/// The value of the metric line that starts with `prefix` on `admin`.
-async fn metric(admin: SocketAddr, prefix: &str) -> Option<f64> {
-    let (_, body) = http_get(admin, "/metrics").await;
-    body.lines()
-        .find(|line| line.starts_with(prefix))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 #[tokio::test]

@@ -7,20 +7,11 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use support::config::{AgentToml, Section};
-use support::{eventually, free_port, http_get, Backend, DEADLINE};
+use support::process::Squire;
+use support::{eventually, free_port, http_get, metric, Backend, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-async fn metric(admin: SocketAddr, prefix: &str) -> Option<f64> {
-    let (_, body) = http_get(admin, "/metrics").await;
-    body.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
 
 /// A one-request HTTP/1.1 server answering every request with `body`.
 async fn http_backend(body: &'static str) -> SocketAddr {
@@ -51,11 +42,6 @@ async fn http_backend(body: &'static str) -> SocketAddr {
     addr
 }
 
-fn signal(child: &std::process::Child, signal: libc::c_int) {
-    // SAFETY: kill has no memory preconditions; the pid is our child's.
-    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
-}
-
 #[tokio::test]
 async fn one_thread_registers_proxies_reloads_and_stops() {
     let dir = tempfile::tempdir().expect("dir");
@@ -79,16 +65,7 @@ async fn one_thread_registers_proxies_reloads_and_stops() {
     };
     let config = dir.path().join("agent.toml");
     std::fs::write(&config, toml("0s")).expect("config");
-    let stderr = dir.path().join("stderr");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_squire"))
-        .args(["run", "-c"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr).expect("stderr"))
-        .spawn()
-        .expect("squire starts");
-    let log = || std::fs::read_to_string(&stderr).unwrap_or_default();
+    let mut squire = Squire::spawn(&config, None, dir.path().join("squire.log"));
     eventually("squire to be ready", DEADLINE, || async {
         tokio::net::TcpStream::connect(admin).await.is_ok()
             && http_get(admin, "/ready").await.0 == 200
@@ -98,7 +75,7 @@ async fn one_thread_registers_proxies_reloads_and_stops() {
     assert!(
         std::fs::read_dir(&registration).is_ok_and(|mut d| d.next().is_some()),
         "registered:\n{}",
-        log()
+        squire.log()
     );
 
     // TCP: through the listener to the registered game server.
@@ -125,7 +102,7 @@ async fn one_thread_registers_proxies_reloads_and_stops() {
 
     // SIGHUP: a reload that changes a key applies.
     std::fs::write(&config, toml("1ms")).expect("config");
-    signal(&child, libc::SIGHUP);
+    squire.hangup();
     eventually("the reload", DEADLINE, || async {
         metric(admin, "squire_config_reloads_total{result=\"ok\"}").await == Some(1.0)
     })
@@ -136,24 +113,12 @@ async fn one_thread_registers_proxies_reloads_and_stops() {
     );
 
     // SIGTERM: deregistered, the held connection cut by the drain, exit 0.
-    signal(&child, libc::SIGTERM);
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "squire did not stop:\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(status.success(), "{status}\n{}", log());
+    let status = squire.stop(DEADLINE).await;
+    assert!(status.success(), "{status}\n{}", squire.log());
     assert!(
         std::fs::read_dir(&registration).is_ok_and(|mut d| d.next().is_none()),
         "deregistered:\n{}",
-        log()
+        squire.log()
     );
     drop(held);
 }

@@ -486,6 +486,16 @@ impl TestAgent {
     }
 }
 
+/// The value of the first line of `admin`'s /metrics that starts with
+/// `prefix` (a family name, with as many of its labels as pin one series).
+pub async fn metric(admin: SocketAddr, prefix: &str) -> Option<f64> {
+    let (_, body) = http_get(admin, "/metrics").await;
+    body.lines()
+        .find(|line| line.starts_with(prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// A minimal HTTP/1.1 GET: status code and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     http_request(addr, "GET", path).await
