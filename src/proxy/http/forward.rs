@@ -6,7 +6,6 @@
 //! failed exchange, a timeout, or a 502/503/504 answer, and only while the
 //! retry budget allows. Any 5xx counts toward the instance's ejection.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
-use super::headers::{is_upgrade, prepare_request_headers, strip_hop_by_hop};
+use super::headers::{is_upgrade, prepare_request_headers, strip_hop_by_hop, Client};
 use super::pool::{ConnectError, InstancePool, RequestBody};
 use super::routing::{affinity_key, Route};
 use super::{HttpProxy, ProxyBody};
@@ -51,7 +50,7 @@ impl HttpProxy {
         route: &Route,
         mut parts: Parts,
         body: Incoming,
-        client: SocketAddr,
+        client: &Client,
         drain: &Drain,
     ) -> Result<(Response<ProxyBody>, Reached), (ProxyError, Reached)> {
         self.budget.deposit();
@@ -63,7 +62,7 @@ impl HttpProxy {
             *placeholder.extensions_mut() = std::mem::take(&mut parts.extensions);
             client_upgrade = Some(hyper::upgrade::on(&mut placeholder));
         }
-        let key = affinity_key(&self.config, &parts, client);
+        let key = affinity_key(&self.config, &parts, client.addr);
         let body = if body.is_end_stream() {
             RequestBody::Empty
         } else {

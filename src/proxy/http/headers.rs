@@ -77,7 +77,7 @@ pub fn prepare_request_headers(
     headers: &mut HeaderMap,
     version: Version,
     uri: &Uri,
-    client: SocketAddr,
+    client: &Client,
 ) {
     let upgrade = headers
         .get(header::UPGRADE)
@@ -98,25 +98,50 @@ pub fn prepare_request_headers(
             headers.insert(header::HOST, host);
         }
     }
-    append_forwarded_for(headers, client.ip());
+    append_forwarded_for(headers, &client.forwarded_for);
     if !headers.contains_key(X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
 }
 
-/// Appends `ip` to the `X-Forwarded-For` chain (one header, the earlier
-/// values joined with ", ").
-fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
-    use std::fmt::Write;
-    let mut value = String::new();
-    for earlier in headers.get_all(X_FORWARDED_FOR) {
-        if let Ok(earlier) = earlier.to_str() {
-            value.push_str(earlier);
-            value.push_str(", ");
+/// The client of one connection: its address, and its IP as
+/// `X-Forwarded-For` carries it, rendered once per connection instead of
+/// on every request (formatting the IP was ~1,300 of the ~34,000
+/// instructions of a proxied keep-alive request).
+pub struct Client {
+    pub addr: SocketAddr,
+    forwarded_for: HeaderValue,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Client {
+        Client {
+            addr,
+            // An IP address in text is visible ASCII, always a valid value.
+            forwarded_for: HeaderValue::try_from(addr.ip().to_string())
+                .expect("an IP address is a valid header value"),
         }
     }
-    // Writing to a String cannot fail.
-    let _ = write!(value, "{ip}");
+}
+
+/// Appends `ip` to the `X-Forwarded-For` chain (one header, the earlier
+/// values joined with ", ").
+fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
+    let mut earlier = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .peekable();
+    if earlier.peek().is_none() {
+        headers.insert(X_FORWARDED_FOR, ip.clone());
+        return;
+    }
+    let mut value = String::new();
+    for earlier in earlier {
+        value.push_str(earlier);
+        value.push_str(", ");
+    }
+    value.push_str(ip.to_str().unwrap_or_default());
     if let Ok(value) = HeaderValue::try_from(value) {
         headers.insert(X_FORWARDED_FOR, value);
     }
@@ -154,12 +179,22 @@ mod tests {
             &mut headers,
             Version::HTTP_11,
             &uri,
-            "127.0.0.1:5000".parse().expect("addr"),
+            &Client::new("127.0.0.1:5000".parse().expect("addr")),
         );
         assert_eq!(
             headers["x-forwarded-for"],
             "203.0.113.7, 10.0.0.1, 127.0.0.1"
         );
         assert_eq!(headers["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn forwarded_for_starts_the_chain_with_the_client() {
+        let mut headers = HeaderMap::new();
+        let uri: Uri = "/".parse().expect("uri");
+        let client = Client::new("[2001:db8::7]:5000".parse().expect("addr"));
+        prepare_request_headers(&mut headers, Version::HTTP_11, &uri, &client);
+        assert_eq!(headers["x-forwarded-for"], "2001:db8::7");
+        assert_eq!(client.addr.port(), 5000);
     }
 }

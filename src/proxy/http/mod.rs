@@ -46,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use self::activity::{Activity, Tracked};
 use self::budget::RetryBudget;
 use self::counters::RequestCounters;
+use self::headers::Client;
 use self::pool::{ConnPool, PoolSettings};
 use self::routing::{Route, Routes};
 use super::attempts::{AttemptMetrics, RetryPolicy};
@@ -180,13 +181,15 @@ impl HttpProxy {
             activity: activity.clone(),
         });
         let proxy = self.clone();
+        let client = Arc::new(Client::new(peer));
         let requests = activity.clone();
         let service = service_fn(move |request| {
             let proxy = proxy.clone();
             let drain = drain.clone();
+            let client = client.clone();
             let in_flight = requests.request();
             async move {
-                let response = proxy.handle(request, peer, &drain).await;
+                let response = proxy.handle(request, &client, &drain).await;
                 drop(in_flight);
                 Ok::<_, Infallible>(response)
             }
@@ -247,7 +250,7 @@ impl HttpProxy {
     async fn handle(
         &self,
         request: Request<Incoming>,
-        client: SocketAddr,
+        client: &Client,
         drain: &Drain,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
