@@ -205,22 +205,13 @@ fn main() -> ExitCode {
                 Ok(runtime) => runtime,
                 Err(code) => return code,
             };
-            match runtime.block_on(squire::admin::drain(
+            print_answer(runtime.block_on(squire::admin::drain(
                 admin,
                 token.as_ref().map_err(String::as_str),
                 &reason,
                 timeout,
                 wait,
-            )) {
-                Ok(done) => {
-                    println!("{done}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("squire: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            )))
         }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "squire", &mut std::io::stdout());
@@ -249,21 +240,12 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             let enable = matches!(mode, OnOff::On);
-            match runtime.block_on(squire::admin::set_maintenance(
+            print_answer(runtime.block_on(squire::admin::set_maintenance(
                 admin,
                 token.as_ref().map_err(String::as_str),
                 enable,
                 reason.as_deref(),
-            )) {
-                Ok(answer) => {
-                    println!("{answer}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("squire: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            )))
         }
         Command::Run { config: path } => {
             let config = match Config::load(&path) {
@@ -297,6 +279,21 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// The agent's answer on stdout (success), or why there is none on
+/// stderr (failure): how `squire maintenance` and `squire drain` end.
+fn print_answer(answer: Result<impl std::fmt::Display, impl std::fmt::Display>) -> ExitCode {
+    match answer {
+        Ok(answer) => {
+            println!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("squire: {e}");
+            ExitCode::FAILURE
         }
     }
 }
