@@ -11,15 +11,15 @@ use std::time::Duration;
 
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
-use hyper::header::{self, HeaderValue};
+use hyper::header::HeaderValue;
 use hyper::http::request::Parts;
-use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
 use super::headers::{is_upgrade, prepare_request_headers, strip_hop_by_hop, Client};
-use super::pool::{ConnectError, InstancePool, RequestBody};
+use super::pool::{ConnectError, InstancePool, Outgoing, RequestBody};
 use super::routing::{affinity_key, Route};
-use super::{HttpProxy, ProxyBody};
+use super::{BoxError, HttpProxy, ProxyBody};
 use crate::balance::Endpoint;
 use crate::proxy::attempts::{Attempts, Outcome};
 use crate::proxy::{Drain, ProxyError};
@@ -95,7 +95,6 @@ impl HttpProxy {
             reached = Some(instance.clone());
             let outcome = self
                 .attempt(
-                    route,
                     &instance,
                     attempts.endpoint(&attempt),
                     attempt.more,
@@ -119,7 +118,6 @@ impl HttpProxy {
     /// response headers.
     async fn attempt(
         &self,
-        route: &Route,
         instance: &Arc<InstancePool>,
         endpoint: &Endpoint,
         more: bool,
@@ -144,16 +142,18 @@ impl HttpProxy {
                 reason: "the request body was already sent".into(),
             });
         };
-        let request = build_request(
-            &outbound.parts,
-            body,
+        let out = Outgoing {
+            parts: &outbound.parts,
             authority,
-            route.connections.is_h2(),
-            self.http.rewrite_host,
-        );
+            host: self
+                .http
+                .rewrite_host
+                .then(|| HeaderValue::from_str(authority).ok())
+                .flatten(),
+        };
         let timeout = self.http.request_timeout;
         if outbound.upgrade {
-            return match tokio::time::timeout(timeout, checkout.send_upgrade(request)).await {
+            return match tokio::time::timeout(timeout, checkout.send_upgrade(out, body)).await {
                 Err(_) => Outcome::Fail(ProxyError::RequestTimeout {
                     endpoint: authority.clone(),
                 }),
@@ -170,7 +170,7 @@ impl HttpProxy {
             };
         }
         let in_flight = endpoint.stats.open();
-        let sent = tokio::time::timeout(timeout, checkout.send(request)).await;
+        let sent = tokio::time::timeout(timeout, checkout.send(out, body)).await;
         drop(in_flight);
         let response = match sent {
             Err(_) => {
@@ -245,43 +245,6 @@ fn connect_error(endpoint: &str, error: ConnectError, after: Duration) -> ProxyE
     }
 }
 
-/// The request as the instance gets it: origin-form for HTTP/1.1, an
-/// absolute URI whose authority is the `Host` for HTTP/2.
-fn build_request(
-    parts: &Parts,
-    body: RequestBody,
-    authority: &str,
-    h2: bool,
-    rewrite_host: bool,
-) -> Request<RequestBody> {
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut request = Request::new(body);
-    *request.method_mut() = parts.method.clone();
-    *request.headers_mut() = parts.headers.clone();
-    if rewrite_host {
-        if let Ok(host) = HeaderValue::from_str(authority) {
-            request.headers_mut().insert(header::HOST, host);
-        }
-    }
-    if h2 {
-        // :authority mirrors the Host the instance should see; the
-        // connection itself goes to `authority`.
-        let host = request
-            .headers_mut()
-            .remove(header::HOST)
-            .and_then(|h| h.to_str().ok().map(str::to_owned))
-            .unwrap_or_else(|| authority.to_owned());
-        *request.version_mut() = Version::HTTP_2;
-        *request.uri_mut() = format!("http://{host}{path}")
-            .parse()
-            .unwrap_or_else(|_| Uri::from_static("/"));
-    } else {
-        *request.version_mut() = Version::HTTP_11;
-        *request.uri_mut() = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
-    }
-    request
-}
-
 /// Hands a `101 Switching Protocols` to the client and, once both sides have
 /// switched, copies bytes both ways: on the drain's tracker, so shutdown
 /// waits for the stream up to the drain deadline and then closes it with
@@ -317,9 +280,9 @@ fn splice_upgrade(
                 }
             });
         }
-        return response.map(|b| b.boxed_unsync());
+        return response.map(|b| b.map_err(BoxError::from).boxed_unsync());
     }
-    let mut response = response.map(|b| b.boxed_unsync());
+    let mut response = response.map(|b| b.map_err(BoxError::from).boxed_unsync());
     strip_hop_by_hop(response.headers_mut());
     response
 }

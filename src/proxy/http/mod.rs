@@ -10,6 +10,7 @@
 //! - `headers`: hop-by-hop headers, `X-Forwarded-*`.
 //! - `budget`: the retry budget, a share of requests.
 //! - [`pool`]: connections to the instances, per route and instance.
+//! - `h1`: HTTP/1.1 to an instance, in the request's own task.
 //! - `counters`: request counters resolved once per endpoint.
 //! - `activity`: what the idle timeout of a client connection watches.
 //!
@@ -20,6 +21,7 @@ mod activity;
 mod budget;
 mod counters;
 mod forward;
+mod h1;
 mod headers;
 pub mod pool;
 mod routing;
@@ -55,7 +57,11 @@ use crate::balance::Upstream;
 use crate::config::{HttpUpstreamConfig, RouteConfig, UpstreamConfig};
 use crate::metrics as m;
 
-type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+/// What a response body may fail with: hyper's own errors, or squire's
+/// HTTP/1.1 client's ([`h1::Error`]).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Validation always sets an http listener's idle timeout; this is only
 /// the fallback of the type.

@@ -4,9 +4,11 @@
 //! Connecting is a step of its own (not hidden in a client), so the proxy
 //! knows a connect failure before any byte of the request was sent and can
 //! retry it on another instance, and knows whether a request rode a reused
-//! connection. HTTP/1.1 connections go back to their instance's idle list when
-//! the response body has been read to its end; HTTP/2 keeps one multiplexed
-//! connection per instance. An instance is dialled at the addresses its
+//! connection. HTTP/1.1 connections ([`h1`](super::h1), spoken in the
+//! request's own task) go back to their instance's idle list when the
+//! response body has been read to its end; HTTP/2 (hyper) keeps one
+//! multiplexed connection per instance; an upgrade hands a fresh
+//! connection's socket to hyper. An instance is dialled at the addresses its
 //! endpoint carries (resolved when the snapshot was built, never per
 //! connect); when they change, its connections go as if it had left. What
 //! a route keeps per instance goes when the
@@ -26,12 +28,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
-use hyper::{Request, Response};
+use hyper::header::{self, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::{Request, Response, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::counters::RequestCounters;
+use super::h1::{self, Conn};
+use super::BoxError;
 use crate::balance::now_ms;
 
 /// A request body going upstream: the client's own, streamed, or nothing
@@ -79,8 +85,16 @@ pub enum ConnectError {
 }
 
 enum Sender {
-    Http1(http1::SendRequest<RequestBody>),
+    Http1(Conn),
     Http2(http2::SendRequest<RequestBody>),
+}
+
+/// The request going out on an attempt: the client's (prepared) head, and
+/// the `Host` to send instead of the client's one (`rewrite_host`).
+pub struct Outgoing<'a> {
+    pub parts: &'a Parts,
+    pub authority: &'a str,
+    pub host: Option<HeaderValue>,
 }
 
 /// A connection checked out for one request.
@@ -91,7 +105,7 @@ pub struct Checkout {
 }
 
 struct Idle {
-    sender: http1::SendRequest<RequestBody>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -244,15 +258,11 @@ impl InstancePool {
             *lock(&self.http2) = Some(sender.clone());
             return Ok(self.checked_out(Sender::Http2(sender), false));
         }
-        while let Some(mut idle) = self.take_idle() {
-            // A connection the instance closed meanwhile fails here, before
-            // any of this request was sent.
-            if idle.sender.ready().await.is_ok() {
-                return Ok(self.checked_out(Sender::Http1(idle.sender), true));
-            }
+        if let Some(idle) = self.take_idle() {
+            return Ok(self.checked_out(Sender::Http1(idle.conn), true));
         }
-        let sender = self.connect_h1().await?;
-        Ok(self.checked_out(Sender::Http1(sender), false))
+        let conn = Conn::new(self.tcp().await?);
+        Ok(self.checked_out(Sender::Http1(conn), false))
     }
 
     fn checked_out(self: &Arc<Self>, sender: Sender, reused: bool) -> Checkout {
@@ -263,11 +273,14 @@ impl InstancePool {
         }
     }
 
+    /// The most recently used idle connection still open. One the instance
+    /// closed meanwhile is found out here, before any of the request was
+    /// sent.
     fn take_idle(&self) -> Option<Idle> {
         let mut idle = lock(&self.http1_idle);
-        while let Some(candidate) = idle.pop() {
+        while let Some(mut candidate) = idle.pop() {
             if candidate.since.elapsed() < self.settings.idle_timeout
-                && !candidate.sender.is_closed()
+                && candidate.conn.is_reusable()
             {
                 return Some(candidate);
             }
@@ -275,15 +288,16 @@ impl InstancePool {
         None
     }
 
-    fn put_back(&self, sender: http1::SendRequest<RequestBody>) {
-        if sender.is_closed() || self.settings.max_idle == 0 {
+    fn put_back(&self, conn: Conn) {
+        if self.settings.max_idle == 0 {
             return;
         }
         let mut idle = lock(&self.http1_idle);
-        idle.retain(|c| c.since.elapsed() < self.settings.idle_timeout && !c.sender.is_closed());
+        let timeout = self.settings.idle_timeout;
+        idle.retain_mut(|c| c.since.elapsed() < timeout && c.conn.is_reusable());
         if idle.len() < self.settings.max_idle {
             idle.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -300,21 +314,6 @@ impl InstancePool {
             tracing::debug!(endpoint = %self.authority, error = %e, "cannot set TCP_NODELAY");
         }
         Ok(stream)
-    }
-
-    async fn connect_h1(&self) -> Result<http1::SendRequest<RequestBody>, ConnectError> {
-        let stream = self.tcp().await?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(ConnectError::Handshake)?;
-        let endpoint = self.authority.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::debug!(%endpoint, error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
     }
 
     async fn connect_h2(&self) -> Result<http2::SendRequest<RequestBody>, ConnectError> {
@@ -342,88 +341,153 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Checkout {
     /// Sends the request. The response body, once read to its end, hands an
-    /// HTTP/1.1 connection back to `pool`.
+    /// HTTP/1.1 connection back to its instance's idle list.
     pub async fn send(
         self,
-        request: Request<RequestBody>,
-    ) -> Result<Response<PooledBody>, hyper::Error> {
+        out: Outgoing<'_>,
+        body: RequestBody,
+    ) -> Result<Response<PooledBody>, BoxError> {
         match self.sender {
             Sender::Http2(mut sender) => {
-                let response = sender.send_request(request).await?;
-                Ok(response.map(|body| PooledBody {
-                    body,
-                    give_back: None,
-                }))
+                let response = sender.send_request(build_request(&out, body, true)).await?;
+                Ok(response.map(PooledBody::Http2))
             }
-            Sender::Http1(mut sender) => {
-                let response = sender.send_request(request).await?;
-                if response.body().is_end_stream() {
-                    // Nothing to read (204, HEAD, Content-Length: 0): the
-                    // server will not poll the body, so give it back now.
-                    self.instance.put_back(sender);
-                    return Ok(response.map(|body| PooledBody {
-                        body,
-                        give_back: None,
-                    }));
-                }
-                let give_back = Some((self.instance, sender));
-                Ok(response.map(|body| PooledBody { body, give_back }))
+            Sender::Http1(conn) => {
+                let parts = out.parts;
+                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                let response = conn
+                    .send(&parts.method, path, &parts.headers, out.host.as_ref(), body)
+                    .await?;
+                let mut response = response.map(|body| PooledBody::Http1 {
+                    body,
+                    instance: Some(self.instance),
+                });
+                // Nothing to read (204, HEAD, Content-Length: 0): the server
+                // will not poll the body, so the connection goes back now.
+                response.body_mut().release_if_done();
+                Ok(response)
             }
         }
     }
 
-    /// Sends a request that upgrades the connection (WebSocket): the
-    /// connection is never pooled.
+    /// Sends a request that upgrades the connection (WebSocket): hyper
+    /// speaks it, and the connection is never pooled.
     pub async fn send_upgrade(
         self,
-        request: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, hyper::Error> {
+        out: Outgoing<'_>,
+        body: RequestBody,
+    ) -> Result<Response<Incoming>, BoxError> {
         match self.sender {
-            Sender::Http1(mut sender) => sender.send_request(request).await,
-            Sender::Http2(mut sender) => sender.send_request(request).await,
+            Sender::Http1(conn) => {
+                let (mut sender, connection) = http1::Builder::new()
+                    .handshake(TokioIo::new(conn.into_stream()))
+                    .await?;
+                let endpoint = out.authority.to_owned();
+                tokio::spawn(async move {
+                    if let Err(e) = connection.with_upgrades().await {
+                        tracing::debug!(%endpoint, error = %e, "upgraded upstream connection ended with an error");
+                    }
+                });
+                Ok(sender
+                    .send_request(build_request(&out, body, false))
+                    .await?)
+            }
+            Sender::Http2(mut sender) => {
+                Ok(sender.send_request(build_request(&out, body, true)).await?)
+            }
         }
     }
 }
 
-/// An upstream response body that returns its connection to the pool when
-/// read to the end. Dropped early, the connection is dropped (closed) too.
-pub struct PooledBody {
-    body: Incoming,
-    give_back: Option<(Arc<InstancePool>, http1::SendRequest<RequestBody>)>,
+/// The request as hyper sends it: origin-form for HTTP/1.1, an absolute URI
+/// whose authority is the `Host` for HTTP/2.
+fn build_request(out: &Outgoing<'_>, body: RequestBody, h2: bool) -> Request<RequestBody> {
+    let parts = out.parts;
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.headers_mut() = parts.headers.clone();
+    if let Some(host) = &out.host {
+        request.headers_mut().insert(header::HOST, host.clone());
+    }
+    if h2 {
+        // :authority mirrors the Host the instance should see; the
+        // connection itself goes to `authority`.
+        let host = request
+            .headers_mut()
+            .remove(header::HOST)
+            .and_then(|h| h.to_str().ok().map(str::to_owned))
+            .unwrap_or_else(|| out.authority.to_owned());
+        *request.version_mut() = Version::HTTP_2;
+        *request.uri_mut() = format!("http://{host}{path}")
+            .parse()
+            .unwrap_or_else(|_| Uri::from_static("/"));
+    } else {
+        *request.version_mut() = Version::HTTP_11;
+        *request.uri_mut() = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
+    }
+    request
+}
+
+/// An upstream response body. An HTTP/1.1 one returns its connection to
+/// the pool when read to the end; dropped early, the connection is dropped
+/// (closed) too.
+pub enum PooledBody {
+    Http1 {
+        body: h1::Body,
+        /// Where the connection goes back to; taken when it does.
+        instance: Option<Arc<InstancePool>>,
+    },
+    Http2(Incoming),
 }
 
 impl PooledBody {
-    fn release(&mut self) {
-        if let Some((instance, sender)) = self.give_back.take() {
-            instance.put_back(sender);
+    fn release_if_done(&mut self) {
+        if let PooledBody::Http1 { body, instance } = self {
+            if body.is_end_stream() {
+                if let Some(instance) = instance.take() {
+                    if let Some(conn) = body.take_reusable() {
+                        instance.put_back(conn);
+                    }
+                }
+            }
         }
     }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.release(),
-            Poll::Ready(Some(Err(_))) => self.give_back = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match this {
+            PooledBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            PooledBody::Http1 { body, .. } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                if polled.is_ready() {
+                    this.release_if_done();
+                }
+                polled
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match self {
+            PooledBody::Http1 { body, .. } => body.is_end_stream(),
+            PooledBody::Http2(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self {
+            PooledBody::Http1 { body, .. } => body.size_hint(),
+            PooledBody::Http2(body) => body.size_hint(),
+        }
     }
 }
 
