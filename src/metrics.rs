@@ -604,7 +604,10 @@ fn describe() {
         Unit::Bytes,
         "Bytes of datagrams from upstream instances sent back to clients"
     );
-    describe_counter!(UDP_DROPPED, "Datagrams dropped by a UDP listener, by reason");
+    describe_counter!(
+        UDP_DROPPED,
+        "Datagrams dropped by a UDP listener, by reason"
+    );
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,
         "TLS handshakes that failed or timed out, with clients (accept) or instances (dial)"

@@ -25,6 +25,7 @@ pub(super) fn validate(
     base: &str,
     raw: &mut RawUpstream,
     udp: bool,
+    hash_key: Option<&str>,
     problems: &mut Problems,
 ) -> Option<UdpUpstreamConfig> {
     let at = |key: &str| format!("{base}.{key}");
@@ -80,7 +81,10 @@ pub(super) fn validate(
     ];
     for (key, set, reason) in refused {
         if set {
-            problems.push(at(key), format!("does not apply to protocol = \"udp\": {reason}"));
+            problems.push(
+                at(key),
+                format!("does not apply to protocol = \"udp\": {reason}"),
+            );
         }
     }
     // Taken so the tcp validation that follows does not report them again.
@@ -104,10 +108,7 @@ pub(super) fn validate(
                 10_000
             }),
     };
-    let token = raw
-        .hash_key
-        .as_deref()
-        .is_some_and(|key| key.starts_with("prefix:"));
+    let token = hash_key.is_some_and(|key| key.starts_with("prefix:"));
     if strip == Some(true) && !token {
         problems.push(
             at("strip"),
@@ -124,7 +125,9 @@ pub(super) fn validate(
 pub(super) fn prefix_len(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(n) if (1..=MAX_PREFIX).contains(&n) => Ok(n),
-        Ok(n) => Err(format!("prefix:{n}: the length is out of range (1-{MAX_PREFIX})")),
+        Ok(n) => Err(format!(
+            "prefix:{n}: the length is out of range (1-{MAX_PREFIX})"
+        )),
         Err(_) => Err(format!(
             "prefix:{text}: expected a byte count, as in \"prefix:8\""
         )),

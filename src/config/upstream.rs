@@ -122,7 +122,13 @@ pub(super) fn validate_upstream(
         }
     };
     let http_config = http::validate(&base, &mut raw, is_http, problems);
-    let udp_config = udp::validate(&base, &mut raw, is_udp, problems);
+    let udp_config = udp::validate(
+        &base,
+        &mut raw,
+        is_udp,
+        raw_balancing.hash_key.as_deref(),
+        problems,
+    );
     let protocol = match (http_config, udp_config) {
         (Some(http), _) => Protocol::Http(Box::new(http)),
         (None, Some(udp)) => Protocol::Udp(udp),
@@ -336,10 +342,12 @@ fn validate_balancing(
     let hash_key = match raw.hash_key.as_deref() {
         None | Some("client_ip") => HashKey::ClientIp,
         Some(other) if kind == Kind::Udp => match other.strip_prefix("prefix:") {
-            Some(n) => udp::prefix_len(n).map(HashKey::Prefix).unwrap_or_else(|reason| {
-                problems.push(at("hash_key"), reason);
-                HashKey::ClientIp
-            }),
+            Some(n) => udp::prefix_len(n)
+                .map(HashKey::Prefix)
+                .unwrap_or_else(|reason| {
+                    problems.push(at("hash_key"), reason);
+                    HashKey::ClientIp
+                }),
             None => {
                 problems.push(
                     at("hash_key"),

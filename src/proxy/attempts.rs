@@ -299,7 +299,10 @@ impl Placed {
 /// which may eject it, and logs it.
 fn record_failure(upstream: &Upstream, snapshot: &Snapshot, index: usize, error: &ProxyError) {
     let endpoint = &snapshot.endpoints()[index];
-    match upstream.balancer().record_failure(snapshot, index, now_ms()) {
+    match upstream
+        .balancer()
+        .record_failure(snapshot, index, now_ms())
+    {
         Some(out_for) => tracing::warn!(
             upstream = %upstream.service(),
             endpoint = %endpoint.instance.id,

@@ -115,9 +115,7 @@ impl UdpProxy {
             ("upstream", config.service.clone()),
             ("listen", listen.to_string()),
         ];
-        let dropped = |reason: &'static str| {
-            metrics::counter!(m::UDP_DROPPED, "upstream" => config.service.clone(), "listen" => listen.to_string(), "reason" => reason)
-        };
+        let dropped = |reason: &'static str| metrics::counter!(m::UDP_DROPPED, "upstream" => config.service.clone(), "listen" => listen.to_string(), "reason" => reason);
         let metrics = UdpMetrics {
             active: metrics::gauge!(m::UDP_SESSIONS_ACTIVE, &labels),
             created: metrics::counter!(m::UDP_SESSIONS_CREATED, &labels),
@@ -204,7 +202,7 @@ impl UdpProxy {
                 _ => datagram,
             };
             let session = match sessions.get(&client) {
-                Some(session) if !session.is_dead() => session.clone(),
+                Some(session) if !session.is_over() => session.clone(),
                 _ => {
                     sessions.remove(&client);
                     if sessions.len() >= self.udp.max_sessions {
@@ -257,7 +255,9 @@ impl UdpProxy {
             (Strategy::IpHash, _) | (Strategy::ConsistentHash, HashKey::ClientIp) => {
                 Some(balance::client_key(client))
             }
-            (Strategy::ConsistentHash, HashKey::Prefix(n)) => Some(balance::bytes_key(&first[..*n])),
+            (Strategy::ConsistentHash, HashKey::Prefix(n)) => {
+                Some(balance::bytes_key(&first[..*n]))
+            }
             _ => None,
         };
         let mut attempts = Attempts::new(&self.upstream, self.policy, key, &self.attempts);
@@ -295,10 +295,7 @@ impl UdpProxy {
         }
         let error = attempts.finish().err();
         self.metrics.dropped_no_endpoint.increment(1);
-        self.dropped(
-            client,
-            &error.map(|e| e.to_string()).unwrap_or_default(),
-        );
+        self.dropped(client, &error.map(|e| e.to_string()).unwrap_or_default());
         None
     }
 

@@ -51,9 +51,13 @@ pub(super) struct Session {
     socket: UdpSocket,
     /// When a datagram last went either way, on [`now_ms`]'s clock.
     last: AtomicU64,
-    /// The instance refused a datagram: the session is over, and its
-    /// failure reported once.
-    dead: AtomicBool,
+    /// The reply task has ended (idle, refused, stopped): the next
+    /// datagram from the client opens a new session.
+    over: AtomicBool,
+    /// The instance's refusal is reported once.
+    reported: AtomicBool,
+    /// `client` as the socket calls take it, converted once.
+    client_addr: socket2::SockAddr,
     placed: Placed,
     /// Counts the session as an open connection of its endpoint
     /// (least_connections) while it lives.
@@ -75,7 +79,9 @@ impl Session {
             client,
             socket,
             last: AtomicU64::new(now_ms()),
-            dead: AtomicBool::new(false),
+            over: AtomicBool::new(false),
+            reported: AtomicBool::new(false),
+            client_addr: socket2::SockAddr::from(client),
             placed,
             _active: active,
             metrics,
@@ -86,13 +92,16 @@ impl Session {
         self.id
     }
 
-    pub(super) fn is_dead(&self) -> bool {
-        self.dead.load(Ordering::Relaxed)
+    pub(super) fn is_over(&self) -> bool {
+        self.over.load(Ordering::Relaxed)
     }
 
-    /// Sends one client datagram to the instance, now or never.
+    /// Sends one client datagram to the instance, now or never. Straight
+    /// to the socket, not through tokio's readiness (`try_send`), which
+    /// refuses a new socket until the reactor has seen it writable: a
+    /// non-blocking UDP send only fails when the buffer is full.
     pub(super) fn forward(&self, payload: &[u8]) -> io::Result<()> {
-        let sent = self.socket.try_send(payload)?;
+        let sent = socket2::SockRef::from(&self.socket).send(payload)?;
         self.last.store(now_ms(), Ordering::Relaxed);
         self.metrics.datagrams_in.increment(1);
         self.metrics.bytes_in.increment(sent as u64);
@@ -102,7 +111,8 @@ impl Session {
     /// The instance refused a datagram (ICMP port unreachable): reports
     /// the failure to the balancer, once, and marks the session over.
     pub(super) fn refused(&self, upstream: &Upstream) {
-        if self.dead.swap(true, Ordering::Relaxed) {
+        self.over.store(true, Ordering::Relaxed);
+        if self.reported.swap(true, Ordering::Relaxed) {
             return;
         }
         let endpoint = &self.placed.endpoint().authority;
@@ -117,6 +127,7 @@ impl Session {
     /// Sends every datagram the instance has queued back to the client;
     /// `Err` when the instance refused one.
     fn relay(&self, listener: &UdpSocket) -> io::Result<()> {
+        let listener = socket2::SockRef::from(listener);
         REPLY_BUF.with_borrow_mut(|buf| loop {
             let len = match self.socket.try_recv(buf) {
                 Ok(len) => len,
@@ -127,7 +138,8 @@ impl Session {
                 Err(_) => continue,
             };
             self.last.store(now_ms(), Ordering::Relaxed);
-            match listener.try_send_to(&buf[..len], self.client) {
+            // Straight to the socket, as in `forward`.
+            match listener.send_to(&buf[..len], &self.client_addr) {
                 Ok(sent) => {
                     self.metrics.datagrams_out.increment(1);
                     self.metrics.bytes_out.increment(sent as u64);
@@ -168,7 +180,8 @@ pub(super) async fn replies<C: Future<Output = ()>>(
     let cut = end.cut;
     tokio::pin!(cut);
     let ended = loop {
-        let quiet = Duration::from_millis(now_ms().saturating_sub(session.last.load(Ordering::Relaxed)));
+        let quiet =
+            Duration::from_millis(now_ms().saturating_sub(session.last.load(Ordering::Relaxed)));
         if quiet >= idle {
             break Ended::Idle;
         }
@@ -183,6 +196,7 @@ pub(super) async fn replies<C: Future<Output = ()>>(
             }
         }
     };
+    session.over.store(true, Ordering::Relaxed);
     match ended {
         Ended::Idle => session.metrics.expired.increment(1),
         Ended::Refused => session.refused(&upstream),
