@@ -241,16 +241,16 @@ impl Running {
                         Some(listener) if listener.is_udp() == udp => listener,
                         // None, or tcp <-> udp: the old socket closes
                         // first, then the port is bound for the new kind.
-                        other => match {
+                        other => {
                             drop(other);
-                            bind_upstream(upstream, &name)
-                        } {
-                            Ok(listener) => listener,
-                            Err(e) => {
-                                tracing::error!(listener = %name, error = %e, "cannot listen again");
-                                continue;
+                            match bind_upstream(upstream, &name) {
+                                Ok(listener) => listener,
+                                Err(e) => {
+                                    tracing::error!(listener = %name, error = %e, "cannot listen again");
+                                    continue;
+                                }
                             }
-                        },
+                        }
                     };
                     self.replaced.push(drain);
                     let live = Live::start(self.prefilled(build(upstream, listener)));

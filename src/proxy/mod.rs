@@ -51,7 +51,7 @@ pub struct Proxy {
 enum Handler {
     Tcp(Arc<TcpProxy>),
     Http(Arc<HttpProxy>),
-    Udp(UdpProxy),
+    Udp(Box<UdpProxy>),
 }
 
 /// The bound socket of an upstream listener: a TCP listener (tcp, http)
@@ -91,7 +91,7 @@ impl Proxy {
     pub fn udp(socket: UdpListener, proxy: UdpProxy) -> Proxy {
         Proxy {
             listener: Bound::Udp(socket),
-            handler: Handler::Udp(proxy),
+            handler: Handler::Udp(Box::new(proxy)),
         }
     }
 

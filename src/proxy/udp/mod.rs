@@ -263,10 +263,7 @@ impl UdpProxy {
         let mut attempts = Attempts::new(&self.upstream, self.policy, key, &self.attempts);
         // With no backoff and no endpoint wait, `next` never sleeps: poll
         // it to completion synchronously.
-        loop {
-            let Some(attempt) = poll_now(attempts.next()).flatten() else {
-                break;
-            };
+        while let Some(attempt) = poll_now(attempts.next()).flatten() {
             let endpoint = attempts.endpoint(&attempt);
             let outcome = match session::connect(&endpoint.addrs) {
                 Ok(socket) => Outcome::Served((socket, endpoint.stats.open())),
