@@ -429,6 +429,31 @@ mod tests {
     }
 
     #[test]
+    fn a_udp_check_sends_bytes_and_expects_a_prefix() {
+        let service = "[service]\nname = \"a\"\nhost = \"127.0.0.1\"\nport = 7000\n[[service.check]]\nkind = \"udp\"\n";
+        let config = Config::from_toml(&format!("{service}send = \"ping\"\nexpect = \"pong\"\n"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let check = &config.service.expect("service").checks[0];
+        assert_eq!(check.probe.kind(), "udp");
+        assert_eq!(
+            check.probe,
+            ProbeConfig::Udp {
+                address: "127.0.0.1:7000".into(),
+                send: b"ping".to_vec(),
+                expect: Some(b"pong".to_vec()),
+            }
+        );
+        assert_eq!(
+            problems(service),
+            ["service.check[0].send: required for kind = \"udp\": the datagram the service answers"]
+        );
+        assert_eq!(
+            problems(&format!("{service}send = \"ping\"\npath = \"/\"\n")),
+            ["service.check[0].path: does not apply to kind = \"udp\""]
+        );
+    }
+
+    #[test]
     fn the_shell_form_takes_a_string_or_a_one_item_array() {
         let expected = ProbeConfig::Exec {
             program: "/bin/sh".into(),

@@ -133,3 +133,150 @@ pub(super) fn prefix_len(text: &str) -> Result<usize, String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::tests::{assert_problems, problems};
+    use super::super::{Config, Protocol};
+    use super::*;
+    use crate::balance::{HashKey, Strategy};
+
+    #[test]
+    fn udp_keys_get_defaults_and_parse() {
+        let config = Config::from_toml(
+            r#"
+            [[upstream]]
+            service = "battle"
+            listen = "127.0.0.1:7001"
+            protocol = "udp"
+            [[upstream]]
+            service = "match"
+            listen = "127.0.0.1:7002"
+            protocol = "udp"
+            strategy = "consistent_hash"
+            hash_key = "prefix:8"
+            strip = true
+            max_sessions = 500
+            idle_timeout = "15s"
+            "#,
+        )
+        .expect("valid");
+        let [battle, game] = &config.upstreams[..] else {
+            panic!("two upstreams");
+        };
+        assert_eq!(
+            battle.protocol,
+            Protocol::Udp(UdpUpstreamConfig {
+                max_sessions: 10_000,
+                strip: false,
+            })
+        );
+        assert_eq!(battle.protocol.name(), "udp");
+        assert_eq!(battle.idle_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(
+            game.protocol,
+            Protocol::Udp(UdpUpstreamConfig {
+                max_sessions: 500,
+                strip: true,
+            })
+        );
+        assert_eq!(game.strategy, Strategy::ConsistentHash);
+        assert_eq!(game.hash_key, HashKey::Prefix(8));
+        assert_eq!(game.idle_timeout, Some(Duration::from_secs(15)));
+    }
+
+    #[test]
+    fn bad_udp_values_name_the_field_and_reason() {
+        assert_problems(
+            &problems(
+                r#"
+                [[upstream]]
+                service = "battle"
+                listen = "127.0.0.1:7001"
+                protocol = "udp"
+                strategy = "consistent_hash"
+                hash_key = "prefix:0"
+                max_sessions = 0
+                idle_timeout = "0s"
+                [[upstream]]
+                service = "chat"
+                listen = "127.0.0.1:7002"
+                protocol = "udp"
+                strategy = "consistent_hash"
+                hash_key = "prefix:many"
+                [[upstream]]
+                service = "lobby"
+                listen = "127.0.0.1:7003"
+                protocol = "udp"
+                strip = true
+                "#,
+            ),
+            &[
+                "upstream.battle.hash_key: prefix:0: the length is out of range (1-1024)",
+                "upstream.battle.max_sessions: 0 is out of range (1-1000000)",
+                "upstream.battle.idle_timeout: must be greater than zero",
+                "upstream.chat.hash_key: prefix:many: expected a byte count",
+                "upstream.lobby.strip: only applies with hash_key = \"prefix:N\"",
+            ],
+        );
+    }
+
+    #[test]
+    fn keys_without_meaning_for_udp_are_refused() {
+        assert_problems(
+            &problems(
+                r#"
+                [[upstream]]
+                service = "battle"
+                listen = "127.0.0.1:7001"
+                protocol = "udp"
+                strategy = "consistent_hash"
+                hash_key = "preamble"
+                max_connections = 10
+                tcp_keepalive = "10s"
+                backlog = 128
+                connect_timeout = "1s"
+                endpoint_wait = "1s"
+                request_timeout = "1s"
+                [upstream.listen_tls]
+                cert = "/nonexistent/cert.pem"
+                key = "/nonexistent/key.pem"
+                "#,
+            ),
+            &[
+                "upstream.battle.hash_key: \"preamble\" does not apply to a udp listener",
+                "upstream.battle.max_connections: does not apply to protocol = \"udp\"",
+                "upstream.battle.tcp_keepalive: does not apply to protocol = \"udp\"",
+                "upstream.battle.backlog: does not apply to protocol = \"udp\"",
+                "upstream.battle.connect_timeout: does not apply to protocol = \"udp\"",
+                "upstream.battle.endpoint_wait: does not apply to protocol = \"udp\"",
+                "upstream.battle.request_timeout: only applies to protocol = \"http\"",
+                "upstream.battle.listen_tls: does not apply to protocol = \"udp\"",
+            ],
+        );
+    }
+
+    #[test]
+    fn udp_keys_elsewhere_are_refused() {
+        assert_problems(
+            &problems(
+                r#"
+                [[upstream]]
+                service = "battle"
+                listen = "127.0.0.1:7001"
+                strategy = "consistent_hash"
+                hash_key = "prefix:4"
+                max_sessions = 10
+                strip = true
+                "#,
+            ),
+            &[
+                "upstream.battle.hash_key: \"prefix:4\" needs protocol = \"udp\"",
+                "upstream.battle.max_sessions: only applies to protocol = \"udp\"",
+                "upstream.battle.strip: only applies to protocol = \"udp\"",
+            ],
+        );
+    }
+}
