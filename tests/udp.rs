@@ -382,3 +382,66 @@ mod check {
         assert_eq!(probe(closed, "pong").await, Outcome::Critical);
     }
 }
+
+#[tokio::test]
+async fn a_reload_hands_the_socket_to_a_new_handler_and_a_removal_closes_it() {
+    let dir = tempfile::tempdir().expect("dir");
+    let registry = dir.path().join("registry");
+    let a = UdpBackend::start("a").await;
+    announce_local(&registry, "reload", "reload-a", a.addr);
+    let path = dir.path().join("agent.toml");
+    let base = AgentToml::local(&registry);
+    let with = |idle: &str| {
+        base.clone()
+            .upstream(udp_upstream("reload").set("idle_timeout", idle))
+            .to_string()
+    };
+    std::fs::write(&path, with("60s")).expect("write");
+    let config = squire::Config::load(&path).expect("valid");
+    let agent = squire::Agent::bind(config)
+        .await
+        .expect("binds")
+        .reload_from(&path);
+    let (admin, token) = (agent.admin_addr(), agent.admin_token());
+    let listen = agent.listen_addrs()[0];
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(agent.run(async {
+        let _ = stopped.await;
+    }));
+    let reload = || async {
+        let (status, body) =
+            support::http_with_token(admin, "POST", "/v1/reload", token.expose()).await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).expect("json")
+    };
+
+    let socket = client(listen).await;
+    assert_eq!(first_reply(&socket, "before").await, "a:before");
+    std::fs::write(&path, with("30s")).expect("write");
+    let summary = reload().await;
+    assert_eq!(
+        summary["listeners"]["changed"].as_array().map(Vec::len),
+        Some(1),
+        "{summary}"
+    );
+    // The same address, served by the new handler.
+    assert_eq!(first_reply(&socket, "after").await, "a:after");
+
+    std::fs::write(&path, base.to_string()).expect("write");
+    let summary = reload().await;
+    assert_eq!(
+        summary["listeners"]["removed"].as_array().map(Vec::len),
+        Some(1),
+        "{summary}"
+    );
+    eventually("the removed listener stops answering", DEADLINE, || async {
+        ask(&socket, "gone").await.is_none()
+    })
+    .await;
+
+    let _ = stop.send(());
+    tokio::time::timeout(DEADLINE, task)
+        .await
+        .expect("stops")
+        .expect("no panic");
+}
