@@ -17,7 +17,8 @@
 //! - [`balance`]: upstreams, snapshots, per-endpoint stats and the strategies that pick.
 //! - [`proxy`]: the request path every listener shares: the accept loop
 //!   ([`proxy::listener`]), the attempt loop ([`proxy::attempts`]), and the
-//!   TCP and HTTP handlers.
+//!   TCP, HTTP and UDP handlers ([`proxy::udp`]: one receive loop, a session
+//!   per client address).
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/v1/services`, `/v1/self`,
 //!   maintenance, `/v1/reload`, the `/v1/catalog` discovery API; its read model [`admin::AgentState`]; the
 //!   admin token the mutating endpoints require ([`admin::AdminToken`]).

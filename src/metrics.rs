@@ -78,6 +78,25 @@ pub const TCP_FAILED: &str = "squire_tcp_connections_failed_total";
 pub const TCP_REJECTED: &str = "squire_tcp_connections_rejected_total";
 /// Connections closed after idle_timeout without a byte either way. Labels: upstream, listen.
 pub const TCP_IDLE_CLOSED: &str = "squire_tcp_connections_idle_closed_total";
+/// UDP client sessions open through an upstream listener. Labels: upstream, listen.
+pub const UDP_SESSIONS_ACTIVE: &str = "squire_udp_sessions_active";
+/// UDP client sessions opened (a datagram from a new client address). Labels: upstream, listen.
+pub const UDP_SESSIONS_CREATED: &str = "squire_udp_sessions_created_total";
+/// UDP sessions ended after idle_timeout without a datagram either way. Labels: upstream, listen.
+pub const UDP_SESSIONS_EXPIRED: &str = "squire_udp_sessions_expired_total";
+/// UDP sessions refused at max_sessions (their datagram dropped). Labels: upstream, listen.
+pub const UDP_SESSIONS_REJECTED: &str = "squire_udp_sessions_rejected_total";
+/// Datagrams from clients forwarded upstream. Labels: upstream, listen.
+pub const UDP_DATAGRAMS_IN: &str = "squire_udp_received_datagrams_total";
+/// Datagrams from instances sent back to their client. Labels: upstream, listen.
+pub const UDP_DATAGRAMS_OUT: &str = "squire_udp_sent_datagrams_total";
+/// Bytes of the datagrams from clients forwarded upstream (after `strip`). Labels: upstream, listen.
+pub const UDP_BYTES_IN: &str = "squire_udp_received_bytes_total";
+/// Bytes of the datagrams sent back to clients. Labels: upstream, listen.
+pub const UDP_BYTES_OUT: &str = "squire_udp_sent_bytes_total";
+/// Datagrams dropped, by reason (`no_endpoint`, `short`: shorter than the
+/// `prefix:N` token, `upstream_send`, `client_send`). Labels: upstream, listen, reason.
+pub const UDP_DROPPED: &str = "squire_udp_datagrams_dropped_total";
 /// TLS handshakes that failed or timed out: a client's on a listener with
 /// listen_tls (side "accept"), or one with an instance dialed with
 /// [upstream.tls] (side "dial"). Labels: upstream, listen, side.
@@ -553,6 +572,41 @@ fn describe() {
     describe_counter!(
         TCP_IDLE_CLOSED,
         "Connections closed after idle_timeout without a byte either way"
+    );
+    describe_gauge!(
+        UDP_SESSIONS_ACTIVE,
+        "UDP client sessions open through an upstream listener"
+    );
+    describe_counter!(UDP_SESSIONS_CREATED, "UDP client sessions opened");
+    describe_counter!(
+        UDP_SESSIONS_EXPIRED,
+        "UDP sessions ended after idle_timeout without a datagram either way"
+    );
+    describe_counter!(
+        UDP_SESSIONS_REJECTED,
+        "UDP sessions refused at max_sessions"
+    );
+    describe_counter!(
+        UDP_DATAGRAMS_IN,
+        "Datagrams from clients forwarded to upstream instances"
+    );
+    describe_counter!(
+        UDP_DATAGRAMS_OUT,
+        "Datagrams from upstream instances sent back to clients"
+    );
+    describe_counter!(
+        UDP_BYTES_IN,
+        Unit::Bytes,
+        "Bytes of datagrams from clients forwarded to upstream instances"
+    );
+    describe_counter!(
+        UDP_BYTES_OUT,
+        Unit::Bytes,
+        "Bytes of datagrams from upstream instances sent back to clients"
+    );
+    describe_counter!(
+        UDP_DROPPED,
+        "Datagrams dropped by a UDP listener, by reason"
     );
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,

@@ -428,7 +428,8 @@ async fn every_name_the_dashboard_and_the_alerts_query_is_in_a_busy_agents_scrap
         .set("interval", "200ms")
         .set("timeout", "150ms");
     // One agent does everything: it announces `web` with a health check,
-    // proxies `game` over TCP (and again behind a TLS listener), `web` over
+    // proxies `game` over TCP (and again behind a TLS listener, and over
+    // UDP), `web` over
     // HTTP, and `dead`, whose only instance refuses connections (connect
     // failures, an ejection).
     let ca = support::certs::Ca::new("dashboards test CA");
@@ -461,7 +462,9 @@ async fn every_name_the_dashboard_and_the_alerts_query_is_in_a_busy_agents_scrap
                     .set("retries", 0)
                     .raw("[upstream.ejection]\nconsecutive_failures = 1\nmax_share = 1.0\n"),
             )
-            .upstream(Section::fast_upstream("game").set("listen_tls", listen_tls)),
+            .upstream(Section::fast_upstream("game").set("listen_tls", listen_tls))
+            // Its families are registered with the listener (no traffic).
+            .upstream(Section::upstream("game").set("protocol", "udp")),
     )
     .await;
     let (tcp, http, dead_listen, tls) = (

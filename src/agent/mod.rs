@@ -43,7 +43,9 @@ use crate::config::{
 use crate::discovery::{Discovery, ServiceState, Source};
 use crate::health::{Health, HealthBoard};
 use crate::metrics as m;
-use crate::proxy::{Drain, Drained, HttpProxy, Listener, Proxy, TcpProxy};
+use crate::proxy::{
+    Bound, Drain, Drained, HttpProxy, Listener, Proxy, TcpProxy, UdpListener, UdpProxy,
+};
 use crate::registration::{Maintenance, Registration, SharedState};
 use crate::registry::{self, Instance, Registry, Status};
 use crate::reload::{diff, ListenerChange, ReloadOutcome, ReloadSummary, Reloader};
@@ -112,10 +114,7 @@ impl Agent {
         let mut listeners = Vec::new();
         for upstream in &config.upstreams {
             let what = format!("upstream {}", upstream.service);
-            listeners.push(build(
-                upstream,
-                bind(upstream.listen, upstream.backlog, &what, &what)?,
-            ));
+            listeners.push(build(upstream, bind_upstream(upstream, &what)?));
         }
 
         let admin_addr = admin_listener.local_addr();

@@ -36,13 +36,36 @@ pub(super) fn pickable(config: &UpstreamConfig, upstreams: &[Arc<Upstream>]) -> 
 
 /// The handler of `config` on a bound `listener`, with one [`Upstream`]
 /// for its service and one per HTTP route.
-pub(super) fn build(config: &UpstreamConfig, listener: Listener) -> Built {
-    let listen = listener.local_addr();
-    let listener = listener.named(format!("upstream {}", config.service));
+/// `bound` is of the protocol's kind (see [`bind_upstream`]).
+pub(super) fn build(config: &UpstreamConfig, bound: Bound) -> Built {
+    let listen = bound.local_addr();
     let own = Arc::new(upstream(&config.service, config, listen));
     let mut upstreams = vec![own.clone()];
+    let listener = match bound {
+        Bound::Udp(socket) => {
+            let udp = match &config.protocol {
+                Protocol::Udp(udp) => udp.clone(),
+                // A mismatch is rebound by the reload before it builds;
+                // should one get here, the listener serves udp defaults.
+                _ => crate::config::UdpUpstreamConfig {
+                    max_sessions: config.max_connections,
+                    strip: false,
+                },
+            };
+            let proxy = UdpProxy::new(config.clone(), udp, listen, own);
+            return Built {
+                config: config.clone(),
+                listen,
+                proxy: Proxy::udp(socket, proxy),
+                upstreams,
+            };
+        }
+        Bound::Tcp(listener) => listener.named(format!("upstream {}", config.service)),
+    };
     let proxy = match &config.protocol {
-        Protocol::Tcp => Proxy::tcp(listener, TcpProxy::new(config.clone(), listen, own)),
+        Protocol::Tcp | Protocol::Udp(_) => {
+            Proxy::tcp(listener, TcpProxy::new(config.clone(), listen, own))
+        }
         Protocol::Http(http) => {
             let routed: Vec<Arc<Upstream>> = http
                 .routes
@@ -69,7 +92,7 @@ pub(super) struct Live {
     pub(super) upstreams: Vec<Arc<Upstream>>,
     pub(super) drain: Drain,
     /// Gives the socket back once `drain.stop` fires.
-    pub(super) task: JoinHandle<Listener>,
+    pub(super) task: JoinHandle<Bound>,
 }
 
 impl Live {
@@ -99,7 +122,7 @@ impl Live {
 
     /// Stops accepting and returns the socket, still bound (`None` if the
     /// accept task died, which it does not).
-    pub(super) async fn stop_accepting(self) -> (Option<Listener>, Drain) {
+    pub(super) async fn stop_accepting(self) -> (Option<Bound>, Drain) {
         self.drain.stop.cancel();
         let listener = match self.task.await {
             Ok(listener) => Some(listener),
@@ -298,6 +321,21 @@ pub(super) fn bind(
         addr,
         source,
     })
+}
+
+/// Binds the socket of an upstream listener: UDP for `protocol = "udp"`,
+/// else TCP; a taken port fails startup (or the reload) here.
+pub(super) fn bind_upstream(config: &UpstreamConfig, what: &str) -> Result<Bound, AgentError> {
+    if matches!(config.protocol, Protocol::Udp(_)) {
+        return UdpListener::bind(config.listen)
+            .map(Bound::Udp)
+            .map_err(|source| AgentError::Bind {
+                what: what.to_owned(),
+                addr: config.listen,
+                source,
+            });
+    }
+    bind(config.listen, config.backlog, what, what).map(Bound::Tcp)
 }
 
 /// The upstream of `service` behind the listener `config` describes (its

@@ -191,12 +191,12 @@ impl Running {
         let old_configs: Vec<UpstreamConfig> =
             self.listeners.iter().map(|l| l.config.clone()).collect();
         let changes = diff(&old_configs, &config.upstreams);
-        let mut bound: BTreeMap<usize, Listener> = BTreeMap::new();
+        let mut bound: BTreeMap<usize, Bound> = BTreeMap::new();
         for change in &changes {
             if let ListenerChange::Add { new } = *change {
                 let upstream = &config.upstreams[new];
                 let what = format!("upstream {}", upstream.service);
-                match bind(upstream.listen, upstream.backlog, &what, &what) {
+                match bind_upstream(upstream, &what) {
                     Ok(listener) => {
                         bound.insert(new, listener);
                     }
@@ -210,7 +210,7 @@ impl Running {
             Err(e) => return ReloadOutcome::Failed(e),
         };
 
-        self.update_own(bound.values().map(Listener::local_addr));
+        self.update_own(bound.values().map(Bound::local_addr));
 
         let mut summary = ReloadSummary {
             restart_required: restart_required(&self.config.agent, &config.agent),
@@ -236,15 +236,21 @@ impl Running {
                     // The accept loop stops and hands its socket over;
                     // meanwhile the kernel queues new connects.
                     let (listener, drain) = live.stop_accepting().await;
+                    let udp = matches!(upstream.protocol, Protocol::Udp(_));
                     let listener = match listener {
-                        Some(listener) => listener,
-                        None => match bind(upstream.listen, upstream.backlog, &name, &name) {
-                            Ok(listener) => listener,
-                            Err(e) => {
-                                tracing::error!(listener = %name, error = %e, "cannot listen again");
-                                continue;
+                        Some(listener) if listener.is_udp() == udp => listener,
+                        // None, or tcp <-> udp: the old socket closes
+                        // first, then the port is bound for the new kind.
+                        other => {
+                            drop(other);
+                            match bind_upstream(upstream, &name) {
+                                Ok(listener) => listener,
+                                Err(e) => {
+                                    tracing::error!(listener = %name, error = %e, "cannot listen again");
+                                    continue;
+                                }
                             }
-                        },
+                        }
                     };
                     self.replaced.push(drain);
                     let live = Live::start(self.prefilled(build(upstream, listener)));

@@ -71,6 +71,9 @@ pub enum HashKey {
     Cookie(String),
     /// A query parameter, by name (HTTP).
     Query(String),
+    /// The first N bytes of a session's first datagram: a token the
+    /// client carries (UDP).
+    Prefix(usize),
 }
 
 impl HashKey {
@@ -82,6 +85,7 @@ impl HashKey {
             HashKey::Header(name) => format!("header:{name}"),
             HashKey::Cookie(name) => format!("cookie:{name}"),
             HashKey::Query(name) => format!("query:{name}"),
+            HashKey::Prefix(n) => format!("prefix:{n}"),
         }
     }
 }

@@ -33,6 +33,13 @@ pub enum ProbeConfig {
         send: Option<Vec<u8>>,
         expect: Option<Vec<u8>>,
     },
+    /// A datagram `send` to `address` gets a reply starting with `expect`
+    /// (any reply when `None`) within the timeout.
+    Udp {
+        address: String,
+        send: Vec<u8>,
+        expect: Option<Vec<u8>>,
+    },
     Grpc {
         address: String,
         /// Empty: the server's overall health.
@@ -50,6 +57,7 @@ impl ProbeConfig {
             ProbeConfig::Http(http) if http.tls.is_some() => "https",
             ProbeConfig::Http(_) => "http",
             ProbeConfig::Tcp { .. } => "tcp",
+            ProbeConfig::Udp { .. } => "udp",
             ProbeConfig::Grpc { .. } => "grpc",
             ProbeConfig::Exec { .. } => "exec",
         }
@@ -127,7 +135,7 @@ pub(super) fn validate_checks(
     checks
 }
 
-const KINDS: &str = "\"http\", \"https\", \"tcp\", \"grpc\" or \"exec\"";
+const KINDS: &str = "\"http\", \"https\", \"tcp\", \"udp\", \"grpc\" or \"exec\"";
 
 fn validate_check(
     path: &str,
@@ -160,7 +168,7 @@ fn validate_check(
             "server_name",
             "tls_skip_verify",
         ],
-        "tcp" => &["send", "expect"],
+        "tcp" | "udp" => &["send", "expect"],
         "grpc" => &["grpc_service"],
         "exec" => &["command", "shell"],
         other => {
@@ -255,6 +263,23 @@ fn validate_check(
             send: raw.send.map(String::into_bytes),
             expect: raw.expect.map(String::into_bytes),
         },
+        "udp" => {
+            let send = match raw.send {
+                Some(send) if !send.is_empty() => send.into_bytes(),
+                _ => {
+                    problems.push(
+                        at("send"),
+                        "required for kind = \"udp\": the datagram the service answers",
+                    );
+                    Vec::new()
+                }
+            };
+            ProbeConfig::Udp {
+                address,
+                send,
+                expect: raw.expect.map(String::into_bytes),
+            }
+        }
         "grpc" => ProbeConfig::Grpc {
             address,
             service: raw.grpc_service.unwrap_or_default(),
@@ -401,6 +426,31 @@ mod tests {
         );
         let config = Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}"));
         config.service.expect("service").checks[0].probe.clone()
+    }
+
+    #[test]
+    fn a_udp_check_sends_bytes_and_expects_a_prefix() {
+        let service = "[service]\nname = \"a\"\nhost = \"127.0.0.1\"\nport = 7000\n[[service.check]]\nkind = \"udp\"\n";
+        let config = Config::from_toml(&format!("{service}send = \"ping\"\nexpect = \"pong\"\n"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let check = &config.service.expect("service").checks[0];
+        assert_eq!(check.probe.kind(), "udp");
+        assert_eq!(
+            check.probe,
+            ProbeConfig::Udp {
+                address: "127.0.0.1:7000".into(),
+                send: b"ping".to_vec(),
+                expect: Some(b"pong".to_vec()),
+            }
+        );
+        assert_eq!(
+            problems(service),
+            ["service.check[0].send: required for kind = \"udp\": the datagram the service answers"]
+        );
+        assert_eq!(
+            problems(&format!("{service}send = \"ping\"\npath = \"/\"\n")),
+            ["service.check[0].path: does not apply to kind = \"udp\""]
+        );
     }
 
     #[test]

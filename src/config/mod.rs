@@ -19,7 +19,8 @@
 //!   `[[registry]]`, and `[discovery]`), `etcd`, `consul` and `zookeeper`
 //!   (each backend's own keys), `service` (`[service]`), `check` (`[[service.check]]`),
 //!   `upstream` (`[[upstream]]` with its balancing and ejection keys), `http`
-//!   (the keys of `protocol = "http"` upstreams).
+//!   (the keys of `protocol = "http"` upstreams), `udp` (those of
+//!   `protocol = "udp"`, and the keys it refuses).
 //! - `tls`: the TLS keys (CA, client certificate, a listener's
 //!   certificate), whose files are read and checked at load.
 //! - `secret`: [`Secret`], for passwords and tokens, and
@@ -42,6 +43,7 @@ mod service;
 #[cfg(test)]
 mod tests;
 mod tls;
+mod udp;
 mod upstream;
 mod zookeeper;
 
@@ -64,6 +66,7 @@ pub use registry::{
 pub use secret::{check_private, read_secret_file, Secret, MAX_SECRET_FILE_BYTES};
 pub use service::ServiceConfig;
 pub use tls::{DialTls, ListenTls};
+pub use udp::UdpUpstreamConfig;
 pub use upstream::{Protocol, UpstreamConfig};
 pub use zookeeper::ZooKeeperConfig;
 

@@ -160,6 +160,9 @@ pub struct RawUpstream {
     pub rewrite_host: Option<bool>,
     pub retry_budget: Option<f64>,
     pub route: Option<Vec<RawRoute>>,
+    // protocol = "udp" only
+    pub max_sessions: Option<i64>,
+    pub strip: Option<bool>,
     // TLS, tcp only
     pub tls: Option<RawDialTls>,
     pub listen_tls: Option<RawListenTls>,

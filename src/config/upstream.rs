@@ -1,6 +1,7 @@
 //! `[[upstream]]`: one listener and the service it forwards to, with its
 //! filter, retries, load balancing and ejection. The `protocol = "http"`
-//! keys are validated in [`super::http`].
+//! keys are validated in [`super::http`], the `protocol = "udp"` ones in
+//! [`super::udp`].
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -10,6 +11,7 @@ use super::http::{self, HttpUpstreamConfig};
 use super::problems::{check_name, duration, required, socket_addr, unspecified, Problems};
 use super::raw::{RawEjection, RawUpstream};
 use super::tls::{validate_dial, validate_listen, DialTls, ListenTls};
+use super::udp::{self, UdpUpstreamConfig};
 use crate::balance::{EjectionPolicy, Filter, HashKey, Ranges, Strategy};
 use crate::registry::Status;
 
@@ -62,6 +64,7 @@ pub struct UpstreamConfig {
 pub enum Protocol {
     Tcp,
     Http(Box<HttpUpstreamConfig>),
+    Udp(UdpUpstreamConfig),
 }
 
 impl Protocol {
@@ -69,6 +72,7 @@ impl Protocol {
         match self {
             Protocol::Tcp => "tcp",
             Protocol::Http(_) => "http",
+            Protocol::Udp(_) => "udp",
         }
     }
 }
@@ -105,22 +109,33 @@ pub(super) fn validate_upstream(
             format!("{listen} is used by another upstream"),
         );
     }
-    let is_http = match raw.protocol.as_deref() {
-        None | Some("tcp") => false,
-        Some("http") => true,
+    let (is_http, is_udp) = match raw.protocol.as_deref() {
+        None | Some("tcp") => (false, false),
+        Some("http") => (true, false),
+        Some("udp") => (false, true),
         Some(other) => {
             problems.push(
                 at("protocol"),
-                format!("unknown protocol {other:?}; expected \"tcp\" or \"http\""),
+                format!("unknown protocol {other:?}; expected \"tcp\", \"http\" or \"udp\""),
             );
-            false
+            (false, false)
         }
     };
-    let protocol = match http::validate(&base, &mut raw, is_http, problems) {
-        Some(http) => Protocol::Http(Box::new(http)),
-        None => Protocol::Tcp,
+    let http_config = http::validate(&base, &mut raw, is_http, problems);
+    let udp_config = udp::validate(
+        &base,
+        &mut raw,
+        is_udp,
+        raw_balancing.hash_key.as_deref(),
+        problems,
+    );
+    let protocol = match (http_config, udp_config) {
+        (Some(http), _) => Protocol::Http(Box::new(http)),
+        (None, Some(udp)) => Protocol::Udp(udp),
+        (None, None) => Protocol::Tcp,
     };
-    let limits = validate_limits(&base, is_http, &mut raw, problems);
+    // A udp session, like an http connection, always has an idle timeout.
+    let limits = validate_limits(&base, is_http || is_udp, &mut raw, problems);
     let tls_keys = [
         ("tls", raw.tls.is_some()),
         ("listen_tls", raw.listen_tls.is_some()),
@@ -191,8 +206,12 @@ pub(super) fn validate_upstream(
                 0
             }),
     };
-    let is_http = matches!(protocol, Protocol::Http(_));
-    let balancing = validate_balancing(&base, strategy, is_http, &mut raw_balancing, problems);
+    let kind = match protocol {
+        Protocol::Tcp => Kind::Tcp,
+        Protocol::Http(_) => Kind::Http,
+        Protocol::Udp(_) => Kind::Udp,
+    };
+    let balancing = validate_balancing(&base, strategy, kind, &mut raw_balancing, problems);
     UpstreamConfig {
         service,
         listen,
@@ -302,16 +321,48 @@ struct Balancing {
     ejection: EjectionPolicy,
 }
 
+/// Which listener the balancing keys are for: each takes its affinity key
+/// from somewhere else.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Tcp,
+    Http,
+    Udp,
+}
+
 fn validate_balancing(
     base: &str,
     strategy: Strategy,
-    http: bool,
+    kind: Kind,
     raw: &mut RawBalancing,
     problems: &mut Problems,
 ) -> Balancing {
     let at = |key: &str| format!("{base}.{key}");
+    let http = kind == Kind::Http;
     let hash_key = match raw.hash_key.as_deref() {
         None | Some("client_ip") => HashKey::ClientIp,
+        Some(other) if kind == Kind::Udp => match other.strip_prefix("prefix:") {
+            Some(n) => udp::prefix_len(n)
+                .map(HashKey::Prefix)
+                .unwrap_or_else(|reason| {
+                    problems.push(at("hash_key"), reason);
+                    HashKey::ClientIp
+                }),
+            None => {
+                problems.push(
+                    at("hash_key"),
+                    format!("{other:?} does not apply to a udp listener; it hashes \"client_ip\" or \"prefix:N\" (the first N bytes of a session's first datagram)"),
+                );
+                HashKey::ClientIp
+            }
+        },
+        Some(other) if other.starts_with("prefix:") => {
+            problems.push(
+                at("hash_key"),
+                format!("{other:?} needs protocol = \"udp\""),
+            );
+            HashKey::ClientIp
+        }
         Some("preamble") if !http => HashKey::Preamble,
         Some("preamble") => {
             problems.push(
@@ -335,7 +386,7 @@ fn validate_balancing(
                         at("hash_key"),
                         format!(
                             "unknown hash key {other:?}; expected \"client_ip\", \"preamble\" (tcp), \
-                             or header:NAME, cookie:NAME, query:NAME (http)"
+                             header:NAME, cookie:NAME, query:NAME (http), or prefix:N (udp)"
                         ),
                     );
                     HashKey::ClientIp

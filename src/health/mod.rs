@@ -13,6 +13,7 @@ mod http;
 mod probe;
 mod tcp;
 mod threshold;
+mod udp;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::threshold::Outcome;
-use super::{exec::ExecProbe, grpc::GrpcProbe, http::HttpProbe, tcp::TcpProbe};
+use super::{exec::ExecProbe, grpc::GrpcProbe, http::HttpProbe, tcp::TcpProbe, udp::UdpProbe};
 use crate::config::ProbeConfig;
 use crate::tls::TlsError;
 
@@ -45,6 +45,7 @@ pub fn truncate(text: &mut String, max: usize) {
 pub enum Probe {
     Http(HttpProbe),
     Tcp(TcpProbe),
+    Udp(UdpProbe),
     Grpc(GrpcProbe),
     Exec(ExecProbe),
 }
@@ -58,6 +59,11 @@ impl Probe {
                 send,
                 expect,
             } => Probe::Tcp(TcpProbe::new(address.clone(), send.clone(), expect.clone())),
+            ProbeConfig::Udp {
+                address,
+                send,
+                expect,
+            } => Probe::Udp(UdpProbe::new(address.clone(), send.clone(), expect.clone())),
             ProbeConfig::Grpc { address, service } => {
                 Probe::Grpc(GrpcProbe::new(address.clone(), service.clone()))
             }
@@ -74,6 +80,7 @@ impl Probe {
             match self {
                 Probe::Http(p) => p.run().await,
                 Probe::Tcp(p) => p.run().await,
+                Probe::Udp(p) => p.run().await,
                 Probe::Grpc(p) => p.run(timeout).await,
                 Probe::Exec(p) => p.run().await,
             }

@@ -247,28 +247,23 @@ impl<'a, T> Attempts<'a, T> {
         if error.is_connect() {
             self.metrics.connect_failures.increment(1);
         }
-        let balancer = self.upstream.balancer();
-        match balancer.record_failure(&self.snapshot, attempt.index, now_ms()) {
-            Some(out_for) => tracing::warn!(
-                upstream = %self.upstream.service(),
-                endpoint = %endpoint.instance.id,
-                ejected_for = ?out_for,
-                error = %error,
-                "ejecting an endpoint after consecutive failures"
-            ),
-            None => tracing::debug!(
-                upstream = %self.upstream.service(),
-                endpoint = %endpoint.instance.id,
-                error = %error,
-                "attempt failed"
-            ),
-        }
+        record_failure(self.upstream, &self.snapshot, attempt.index, &error);
         let result = value.ok_or(error);
         if !retry {
             return Some(result);
         }
         self.last = Some(result);
         None
+    }
+
+    /// Where `attempt` went, kept by a protocol whose endpoint can fail
+    /// after the attempt served (a UDP session's instance that refuses a
+    /// later datagram): see [`Placed::failed`].
+    pub fn placed(&self, attempt: &Attempt) -> Placed {
+        Placed {
+            snapshot: self.snapshot.clone(),
+            index: attempt.index,
+        }
     }
 
     /// The result when no attempt served and none is left: what the last
@@ -279,6 +274,48 @@ impl<'a, T> Attempts<'a, T> {
                 service: self.upstream.service().to_owned(),
             })
         })
+    }
+}
+
+/// The endpoint a served attempt went to.
+pub struct Placed {
+    snapshot: Arc<Snapshot>,
+    index: usize,
+}
+
+impl Placed {
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.snapshot.endpoints()[self.index]
+    }
+
+    /// The endpoint failed after it served: recorded like a failed
+    /// attempt (it may be ejected), without a retry.
+    pub fn failed(&self, upstream: &Upstream, error: &ProxyError) {
+        record_failure(upstream, &self.snapshot, self.index, error);
+    }
+}
+
+/// Records a failure of `snapshot.endpoints()[index]` with the balancer,
+/// which may eject it, and logs it.
+fn record_failure(upstream: &Upstream, snapshot: &Snapshot, index: usize, error: &ProxyError) {
+    let endpoint = &snapshot.endpoints()[index];
+    match upstream
+        .balancer()
+        .record_failure(snapshot, index, now_ms())
+    {
+        Some(out_for) => tracing::warn!(
+            upstream = %upstream.service(),
+            endpoint = %endpoint.instance.id,
+            ejected_for = ?out_for,
+            error = %error,
+            "ejecting an endpoint after consecutive failures"
+        ),
+        None => tracing::debug!(
+            upstream = %upstream.service(),
+            endpoint = %endpoint.instance.id,
+            error = %error,
+            "attempt failed"
+        ),
     }
 }
 
