@@ -108,6 +108,9 @@ pub struct Attempts<'a, T> {
     upstream: &'a Upstream,
     policy: RetryPolicy,
     key: Option<u64>,
+    /// The instance a pinned connection or request names: exactly that
+    /// one, one attempt, or the refusal.
+    pinned: Option<&'a str>,
     metrics: &'a AttemptMetrics,
     /// One snapshot for all attempts, so `tried` indices stay meaningful.
     snapshot: Arc<Snapshot>,
@@ -130,6 +133,7 @@ impl<'a, T> Attempts<'a, T> {
             upstream,
             policy,
             key,
+            pinned: None,
             metrics,
             snapshot: upstream.snapshot(),
             tried: [0; MAX_ATTEMPTS],
@@ -139,9 +143,48 @@ impl<'a, T> Attempts<'a, T> {
         }
     }
 
+    /// Pins the attempts to instance `id` (`ROUTE @id`,
+    /// `X-Squire-Instance`): one attempt on exactly that instance, no
+    /// retry elsewhere, no wait; when it is unknown or cannot take traffic
+    /// [`finish`](Attempts::finish) says which.
+    pub fn pinned(mut self, id: Option<&'a str>) -> Self {
+        self.pinned = id;
+        self
+    }
+
+    /// The one attempt of a pinned pick, or the refusal left for `finish`.
+    fn next_pinned(&mut self, id: &str) -> Option<Attempt> {
+        if self.count > 0 {
+            return None;
+        }
+        match balance::pinned::pick(&self.snapshot, id, now_ms()) {
+            Ok(index) => {
+                self.tried[0] = index;
+                self.count = 1;
+                self.snapshot.endpoints()[index].stats.picked();
+                Some(Attempt {
+                    index,
+                    more: false,
+                    started: Instant::now(),
+                })
+            }
+            Err(refusal) => {
+                self.last = Some(Err(ProxyError::pinned(
+                    self.upstream.service(),
+                    id,
+                    refusal,
+                )));
+                None
+            }
+        }
+    }
+
     /// The next attempt, after the pause a retry waits; `None` when the
     /// attempts are used up or no untried endpoint is left.
     pub async fn next(&mut self) -> Option<Attempt> {
+        if let Some(id) = self.pinned {
+            return self.next_pinned(id);
+        }
         let attempts = (self.policy.retries as usize + 1).min(MAX_ATTEMPTS);
         if self.count >= attempts {
             return None;
