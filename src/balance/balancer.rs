@@ -160,14 +160,14 @@ impl Balancer {
             skip: None,
             slow_start: self.slow_start,
         };
-        let selector = match (&snapshot.panic, panic) {
-            (Some(all), true) => all,
-            _ => &snapshot.normal,
+        let (selector, normal) = match (&snapshot.panic, panic) {
+            (Some(all), true) => (all, false),
+            _ => (&snapshot.normal, true),
         };
         let picked = selector.pick(&self.cursor, ctx.key, &candidates);
         // A preference that holds: its endpoints all ejected or tried.
         let (selector, picked) = match (picked, &snapshot.fallback) {
-            (None, Some(all)) if !panic => (all, all.pick(&self.cursor, ctx.key, &candidates)),
+            (None, Some(all)) if normal => (all, all.pick(&self.cursor, ctx.key, &candidates)),
             _ => (selector, picked),
         };
         let picked = picked?;

@@ -6,8 +6,9 @@
 //!
 //! The ramp's start is recorded in the instance's
 //! [`EndpointStats`](super::EndpointStats) when a snapshot rebuild finds it
-//! routable and the previous snapshot did not (the very first snapshot
-//! starts everyone warm: there is nothing to protect them from), or is the
+//! routable and the previous snapshot did not (a snapshot after an empty
+//! one, the first of all included, starts everyone warm: there is no one
+//! else to take the traffic), or is the
 //! end of its last ejection, whichever is later. The factor is computed at
 //! pick time from [`Context::now`](super::Context::now): no rebuild is
 //! needed while the ramp runs.

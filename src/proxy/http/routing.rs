@@ -91,24 +91,6 @@ fn strip_port(host: &str) -> &str {
     host.rsplit_once(':').map_or(host, |(h, _)| h)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routes_match_host_without_port_and_path_prefix() {
-        let route = RouteConfig {
-            host: Some("shop.game.local".into()),
-            path_prefix: "/api".into(),
-            service: "shop".into(),
-        };
-        assert!(route.matches(Some(strip_port("SHOP.game.local:8080")), "/api/items"));
-        assert!(!route.matches(Some("chat.game.local"), "/api/items"));
-        assert!(!route.matches(Some("shop.game.local"), "/static"));
-        assert!(!route.matches(None, "/api"));
-    }
-}
-
 /// The request header that pins a request to one instance by id: it goes
 /// to exactly that instance or is answered 404 (`pinned_unknown`) or 503
 /// (`pinned_unavailable`), and is never forwarded.
@@ -125,4 +107,22 @@ pub fn take_pinned(headers: &mut hyper::HeaderMap) -> Option<String> {
     let value = values.next()?;
     let id = String::from_utf8_lossy(value.as_bytes()).trim().to_owned();
     (!id.is_empty()).then_some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_match_host_without_port_and_path_prefix() {
+        let route = RouteConfig {
+            host: Some("shop.game.local".into()),
+            path_prefix: "/api".into(),
+            service: "shop".into(),
+        };
+        assert!(route.matches(Some(strip_port("SHOP.game.local:8080")), "/api/items"));
+        assert!(!route.matches(Some("chat.game.local"), "/api/items"));
+        assert!(!route.matches(Some("shop.game.local"), "/static"));
+        assert!(!route.matches(None, "/api"));
+    }
 }
