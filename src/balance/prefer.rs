@@ -75,5 +75,9 @@ pub(super) fn split(
     if prefer.spills(preferred.len(), total) {
         return (None, true);
     }
+    if preferred.len() == eligible.len() {
+        // Every eligible endpoint is preferred: one selector does.
+        return (None, false);
+    }
     (Some(preferred), false)
 }
