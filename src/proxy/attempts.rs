@@ -400,6 +400,45 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_pinned_pick_makes_one_attempt_on_its_instance_or_says_why_not() {
+        let upstream = upstream();
+        let mut both = instance("a");
+        both.extend(instance("b"));
+        upstream.refresh(&both, &OwnAddrs::default());
+        let metrics = metrics();
+        let retrying = RetryPolicy {
+            retries: 3,
+            ..policy(Duration::from_secs(1))
+        };
+        // Three failures in a row (the default) eject it.
+        for _ in 0..3 {
+            let mut attempts =
+                Attempts::<()>::new(&upstream, retrying, None, &metrics).pinned(Some("b"));
+            let attempt = attempts.next().await.expect("b is routable");
+            assert_eq!(attempts.endpoint(&attempt).instance.id, "b");
+            assert!(!attempt.more, "no retry elsewhere");
+            let failed = ProxyError::NoRoute;
+            assert!(attempts.report(attempt, Outcome::Retry(failed)).is_none());
+            assert!(attempts.next().await.is_none(), "one attempt only");
+        }
+        let mut attempts =
+            Attempts::<()>::new(&upstream, retrying, None, &metrics).pinned(Some("b"));
+        assert!(
+            attempts.next().await.is_none(),
+            "ejected: not rerouted to a"
+        );
+        let error = attempts.finish().expect_err("refused");
+        assert_eq!(error.reason(), "pinned_unavailable");
+        let started = Instant::now();
+        let mut attempts =
+            Attempts::<()>::new(&upstream, retrying, None, &metrics).pinned(Some("zz"));
+        assert!(attempts.next().await.is_none());
+        assert_eq!(started.elapsed(), Duration::ZERO, "no endpoint_wait");
+        let error = attempts.finish().expect_err("refused");
+        assert_eq!(error.reason(), "pinned_unknown");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_zero_endpoint_wait_fails_at_once() {
         let upstream = upstream();
         let started = Instant::now();
