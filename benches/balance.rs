@@ -10,7 +10,8 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use squire::balance::{
-    now_ms, Balancer, Context, EjectionPolicy, Filter, Resolved, Snapshot, Strategy,
+    now_ms, pinned, Balancer, Context, EjectionPolicy, Filter, Resolved, SlowStart, Snapshot,
+    Strategy,
 };
 use squire::registry::{Instance, Status};
 
@@ -69,6 +70,46 @@ fn picks(c: &mut Criterion) {
     }
 }
 
+/// Picks at 1,000 endpoints while the last half just joined and ramps up
+/// (slow start on): the admission draw, and a second pick when it fails.
+fn slow_start_picks(c: &mut Criterion) {
+    let keys: Vec<u64> = (0..1024u64)
+        .map(|k| squire::balance::hash::mix(k + 1))
+        .collect();
+    let all = instances(1_000);
+    let mut group = c.benchmark_group("pick_slow_start_1000");
+    for strategy in Strategy::ALL {
+        let b = balancer(strategy).with_slow_start(SlowStart {
+            duration: std::time::Duration::from_secs(3600),
+            min: 0.1,
+        });
+        let warm = Snapshot::rebuild(&Snapshot::default(), &all[..500], &Filter::default(), &b);
+        let snapshot = Snapshot::rebuild(&warm, &all, &Filter::default(), &b);
+        let mut i = 0usize;
+        group.bench_function(strategy.name(), |bench| {
+            bench.iter(|| {
+                i = i.wrapping_add(1);
+                let ctx = Context::new(now_ms()).with_key(Some(keys[i & 1023]));
+                black_box(b.pick(black_box(&snapshot), &ctx))
+            })
+        });
+    }
+    group.finish();
+    // A pinned pick: a binary search by id and three checks.
+    let b = balancer(Strategy::RoundRobin);
+    let snapshot = Snapshot::rebuild(&Snapshot::default(), &all, &Filter::default(), &b);
+    let ids: Vec<String> = (0..1024)
+        .map(|k| format!("battle-{:05}", k % 1000))
+        .collect();
+    let mut i = 0usize;
+    c.bench_function("pick_pinned_1000", |bench| {
+        bench.iter(|| {
+            i = i.wrapping_add(1);
+            black_box(pinned::pick(black_box(&snapshot), &ids[i & 1023], now_ms()))
+        })
+    });
+}
+
 fn rebuilds(c: &mut Criterion) {
     let mut group = c.benchmark_group("rebuild_1000");
     let all = instances(1_001);
@@ -91,5 +132,5 @@ fn rebuilds(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, picks, rebuilds);
+criterion_group!(benches, picks, slow_start_picks, rebuilds);
 criterion_main!(benches);

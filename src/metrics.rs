@@ -131,6 +131,10 @@ pub const EJECTIONS: &str = "squire_upstream_ejections_total";
 pub const EJECTED: &str = "squire_upstream_ejected_endpoints";
 /// 1 while the balancer picks among all endpoints (panic mode). Labels: upstream, listen.
 pub const PANIC_MODE: &str = "squire_upstream_panic_mode";
+/// 1 while an upstream's `prefer` does not hold (too few preferred
+/// instances routable) and traffic spills over to every instance. Labels:
+/// upstream, listen.
+pub const SPILLOVER: &str = "squire_upstream_spillover";
 /// Bytes from clients to upstream instances. Labels: upstream, listen.
 pub const BYTES_IN: &str = "squire_tcp_received_bytes_total";
 /// Bytes from upstream instances to clients. Labels: upstream, listen.
@@ -638,6 +642,10 @@ fn describe() {
     describe_gauge!(
         PANIC_MODE,
         "1 while the balancer picks among all endpoints because too few are healthy"
+    );
+    describe_gauge!(
+        SPILLOVER,
+        "1 while too few of an upstream's preferred instances are routable and traffic spills over to the rest"
     );
     describe_counter!(
         BYTES_IN,

@@ -206,6 +206,41 @@ mod tests {
     }
 
     #[test]
+    fn prefer_and_slow_start_changes_replace_the_listener() {
+        let base = "[service]\nname = \"lobby\"\nhost = \"10.0.0.5\"\nport = 8001\n";
+        let with = |service_metadata: &str, keys: &str| {
+            upstreams(&format!(
+                "{base}metadata = {{ zone = \"{service_metadata}\" }}\n\
+                 [[upstream]]\nservice = \"gate\"\nlisten = \"127.0.0.1:7001\"\n{keys}\n"
+            ))
+        };
+        let old = with("a", "prefer = [\"zone\"]\nslow_start = \"30s\"");
+        let same = with("a", "prefer = [\"zone\"]\nslow_start = \"30s\"");
+        assert_eq!(
+            diff(&old, &same),
+            vec![ListenerChange::Keep { old: 0, new: 0 }]
+        );
+        for new in [
+            with("a", "prefer = [\"zone\"]\nslow_start = \"1m\""),
+            with(
+                "a",
+                "prefer = [\"zone\"]\nslow_start = \"30s\"\nslow_start_min = 0.3",
+            ),
+            with(
+                "a",
+                "prefer = [\"zone\"]\nslow_start = \"30s\"\nprefer_min_share = 0.7",
+            ),
+            // The squire's own zone moved: the preference follows it.
+            with("b", "prefer = [\"zone\"]\nslow_start = \"30s\""),
+        ] {
+            assert_eq!(
+                diff(&old, &new),
+                vec![ListenerChange::Replace { old: 0, new: 0 }]
+            );
+        }
+    }
+
+    #[test]
     fn port_zero_listeners_match_by_service() {
         let old = upstreams(
             r#"

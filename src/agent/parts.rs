@@ -347,6 +347,8 @@ pub(super) fn upstream(service: &str, config: &UpstreamConfig, listen: SocketAdd
         config.ejection.clone(),
         config.panic_threshold,
     )
+    .with_slow_start(config.slow_start)
+    .with_prefer(config.prefer.clone())
     .with_metrics(service, listen);
     Upstream::new(service, config.filter.clone(), balancer).with_ranges(config.ranges.clone())
 }

@@ -10,9 +10,12 @@ use metrics::{Counter, Gauge};
 use super::snapshot::Selector;
 use super::stats::now_ms;
 use super::{
-    random_u64, round_robin, weighted_round_robin, Candidates, Context, EjectionPolicy, Snapshot,
-    Strategy,
+    hash, random_u64, round_robin, weighted_round_robin, Candidates, Context, EjectionPolicy,
+    Prefer, SlowStart, Snapshot, Strategy,
 };
+
+/// Keeps the slow-start draw of a key apart from its slot in a table.
+const SLOW_START_SALT: u64 = 0x736c_6f77_7374_6172;
 use crate::metrics as m;
 
 /// One upstream's strategy, failure policy and the state its picks share.
@@ -29,6 +32,10 @@ pub struct Balancer {
     /// Held while deciding one ejection, so two cannot both pass the cap.
     ejecting: AtomicBool,
     in_panic: AtomicBool,
+    /// The ramp of endpoints that just became routable.
+    slow_start: SlowStart,
+    /// Which endpoints to keep traffic within while enough are routable.
+    prefer: Prefer,
     metrics: BalancerMetrics,
 }
 
@@ -39,6 +46,8 @@ struct BalancerMetrics {
     ejections: Counter,
     ejected: Gauge,
     panic: Gauge,
+    /// 1 while a preference does not hold and traffic spills over.
+    spillover: Gauge,
 }
 
 impl Balancer {
@@ -52,11 +61,14 @@ impl Balancer {
             generation: AtomicU32::new(1),
             ejecting: AtomicBool::new(false),
             in_panic: AtomicBool::new(false),
+            slow_start: SlowStart::default(),
+            prefer: Prefer::default(),
             metrics: BalancerMetrics {
                 labels: None,
                 ejections: Counter::noop(),
                 ejected: Gauge::noop(),
                 panic: Gauge::noop(),
+                spillover: Gauge::noop(),
             },
         }
     }
@@ -71,9 +83,39 @@ impl Balancer {
             ejections: metrics::counter!(m::EJECTIONS, &labels),
             ejected: metrics::gauge!(m::EJECTED, &labels),
             panic: metrics::gauge!(m::PANIC_MODE, &labels),
+            spillover: metrics::gauge!(m::SPILLOVER, &labels),
             labels: Some((upstream.to_owned(), listen.to_string())),
         };
         self
+    }
+
+    /// Ramps the share of endpoints that just became routable.
+    pub fn with_slow_start(mut self, slow_start: SlowStart) -> Self {
+        self.slow_start = slow_start;
+        self
+    }
+
+    /// Keeps traffic within the preferred endpoints while enough of them
+    /// are routable.
+    pub fn with_prefer(mut self, prefer: Prefer) -> Self {
+        self.prefer = prefer;
+        self
+    }
+
+    pub fn slow_start(&self) -> &SlowStart {
+        &self.slow_start
+    }
+
+    pub fn prefer(&self) -> &Prefer {
+        &self.prefer
+    }
+
+    /// Sets the spillover gauge from a new snapshot (at each rebuild).
+    pub(super) fn note_spillover(&self, snapshot: &Snapshot) {
+        if !self.prefer.is_empty() {
+            let spilling = if snapshot.spilling { 1.0 } else { 0.0 };
+            self.metrics.spillover.set(spilling);
+        }
     }
 
     pub fn strategy(&self) -> Strategy {
@@ -110,17 +152,48 @@ impl Balancer {
             self.in_panic.store(panic, Ordering::Relaxed);
             self.metrics.panic.set(if panic { 1.0 } else { 0.0 });
         }
-        let candidates = Candidates {
+        let mut candidates = Candidates {
             endpoints: &snapshot.endpoints,
             tried: ctx.tried,
             now: ctx.now,
             skip_ejected: !panic,
+            skip: None,
+            slow_start: self.slow_start,
         };
-        let selector = match (&snapshot.panic, panic) {
-            (Some(all), true) => all,
-            _ => &snapshot.normal,
+        let (selector, normal) = match (&snapshot.panic, panic) {
+            (Some(all), true) => (all, false),
+            _ => (&snapshot.normal, true),
         };
-        selector.pick(&self.cursor, ctx.key, &candidates)
+        let picked = selector.pick(&self.cursor, ctx.key, &candidates);
+        // A preference that holds: its endpoints all ejected or tried.
+        let (selector, picked) = match (picked, &snapshot.fallback) {
+            (None, Some(all)) if normal => (all, all.pick(&self.cursor, ctx.key, &candidates)),
+            _ => (selector, picked),
+        };
+        let picked = picked?;
+        if !self.slow_start.enabled() || selector.weighs_slow_start() {
+            return Some(picked);
+        }
+        // Slow start by admission: a warming endpoint keeps the pick with
+        // the probability of its factor (decided by the key when there is
+        // one, so a key's choice is stable), else the pick goes elsewhere.
+        let factor = self
+            .slow_start
+            .factor(snapshot.endpoints[picked].stats.ramp_start(), ctx.now);
+        if factor >= 1.0 {
+            return Some(picked);
+        }
+        let draw = match ctx.key {
+            Some(key) => hash::mix(key ^ SLOW_START_SALT),
+            None => random_u64(),
+        };
+        if (draw >> 11) as f64 * (1.0 / (1u64 << 53) as f64) < factor {
+            return Some(picked);
+        }
+        candidates.skip = Some(picked);
+        selector
+            .pick(&self.cursor, ctx.key, &candidates)
+            .or(Some(picked))
     }
 
     /// Whether fewer than `panic_threshold` of the endpoints that take

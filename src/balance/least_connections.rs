@@ -15,7 +15,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{first_usable, random_below, random_u64, Candidates, Endpoint};
+use super::{first_usable, random_below, random_u64, slow_start, Candidates, Endpoint};
 
 /// Endpoint counts up to which every endpoint is compared.
 pub const EXACT: usize = 32;
@@ -43,7 +43,7 @@ impl LeastConnections {
         let mut best: Option<(usize, Score)> = None;
         let mut ties = 0u64;
         let mut consider = |i: usize| {
-            let score = Score::of(&c.endpoints[i]);
+            let score = Score::of(&c.endpoints[i], c);
             match best {
                 Some((_, b)) if score.worse_than(b) => {}
                 Some((_, b)) if !score.better_than(b) => {
@@ -86,10 +86,19 @@ struct Score {
 }
 
 impl Score {
-    fn of(endpoint: &Endpoint) -> Score {
+    /// The weight is ramped while the endpoint is in [slow
+    /// start](super::slow_start).
+    fn of(endpoint: &Endpoint, c: &Candidates<'_>) -> Score {
+        let mut weight = u128::from(endpoint.instance.weight.max(1));
+        if c.slow_start.enabled() {
+            let factor = c.slow_start.factor(endpoint.stats.ramp_start(), c.now);
+            weight *= u128::from(slow_start::scaled(factor));
+        } else {
+            weight *= u128::from(slow_start::SCALE);
+        }
         Score {
             load: u128::from(endpoint.stats.active.load(Ordering::Relaxed)) + 1,
-            weight: u128::from(endpoint.instance.weight.max(1)),
+            weight,
         }
     }
 

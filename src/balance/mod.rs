@@ -32,6 +32,11 @@
 //! - one file per strategy: `round_robin`, `random`, `weighted_round_robin`,
 //!   `least_connections`, `consistent_hash` (Maglev), `ip_hash`,
 //!   `response_time`.
+//! - [`pinned`]: picks that name one instance (`ROUTE @id`,
+//!   `X-Squire-Instance`), refused with a reason rather than rerouted.
+//! - [`prefer`]: keeping traffic within preferred instances (a zone)
+//!   while enough are routable, and spilling over below that.
+//! - [`slow_start`]: the ramp of an instance that just became routable.
 //! - [`hash`]: the stable hash of affinity keys and instance ids.
 //! - here: what one pick knows ([`Context`]), what a strategy picks from
 //!   (`Candidates`) and the per-thread random numbers strategies share.
@@ -43,10 +48,13 @@ mod filter;
 pub mod hash;
 mod ip_hash;
 mod least_connections;
+pub mod pinned;
 pub mod policy;
+pub mod prefer;
 mod random;
 mod response_time;
 mod round_robin;
+pub mod slow_start;
 mod snapshot;
 pub mod stats;
 mod strategy;
@@ -58,7 +66,10 @@ use std::cell::Cell;
 pub use balancer::Balancer;
 pub use ejection::EjectionPolicy;
 pub use filter::Filter;
+pub use pinned::PinRefusal;
 pub use policy::{OwnAddrs, Ranges, Refusal, Refused, Resolved};
+pub use prefer::Prefer;
+pub use slow_start::SlowStart;
 pub use snapshot::{Endpoint, Snapshot};
 pub use stats::{now_ms, ActiveGuard, EndpointStats};
 pub use strategy::{bytes_key, client_key, HashKey, Strategy};
@@ -103,12 +114,16 @@ pub(crate) struct Candidates<'a> {
     now: u64,
     /// False in panic mode, which ignores ejections.
     skip_ejected: bool,
+    /// One more endpoint not to take: a warming one slow start turned down.
+    skip: Option<usize>,
+    /// For the strategies that weigh the ramp in their score.
+    slow_start: SlowStart,
 }
 
 impl Candidates<'_> {
     #[inline]
     fn usable(&self, i: usize) -> bool {
-        if self.tried.contains(&i) {
+        if self.tried.contains(&i) || self.skip == Some(i) {
             return false;
         }
         !self.skip_ejected || !self.endpoints[i].stats.is_ejected(self.now)

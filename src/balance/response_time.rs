@@ -60,10 +60,21 @@ impl ResponseTime {
             .map(|p| self.members[p] as usize)
             .find(|&i| c.usable(i));
         Some(match second {
-            Some(b) if cost(&c.endpoints[b], c.now) < cost(&c.endpoints[a], c.now) => b,
+            Some(b) if ramped_cost(&c.endpoints[b], c) < ramped_cost(&c.endpoints[a], c) => b,
             _ => a,
         })
     }
+}
+
+/// [`cost`] with the weight ramped while the endpoint is in [slow
+/// start](super::slow_start).
+#[inline]
+fn ramped_cost(endpoint: &Endpoint, c: &Candidates<'_>) -> f64 {
+    let cost = cost(endpoint, c.now);
+    if !c.slow_start.enabled() {
+        return cost;
+    }
+    cost / c.slow_start.factor(endpoint.stats.ramp_start(), c.now)
 }
 
 /// Latency estimate (ns) × (in flight + 1) / weight.

@@ -14,7 +14,7 @@ use super::response_time::ResponseTime;
 use super::round_robin::RoundRobin;
 use super::stats::{self, now_ms, EndpointStats};
 use super::weighted_round_robin::WeightedRoundRobin;
-use super::{Balancer, Candidates, Filter, Resolved, Strategy};
+use super::{prefer, Balancer, Candidates, Filter, Resolved, Strategy};
 use crate::registry::{Instance, Status};
 
 #[derive(Debug, Clone)]
@@ -65,6 +65,15 @@ impl Selector {
         }
     }
 
+    /// Whether the strategy weighs the slow-start ramp into its own score
+    /// (the others are ramped by admission in the balancer).
+    pub(super) fn weighs_slow_start(&self) -> bool {
+        matches!(
+            self,
+            Selector::LeastConnections(_) | Selector::ResponseTime(_)
+        )
+    }
+
     #[inline]
     pub(super) fn pick(
         &self,
@@ -99,6 +108,15 @@ pub struct Snapshot {
     /// endpoints exist; otherwise panic mode uses `normal`.
     pub(super) panic: Option<Selector>,
     pub(super) census: Census,
+    /// With a [preference](super::prefer) that holds, `normal` covers the
+    /// preferred endpoints only and this one every eligible endpoint: a
+    /// pick falls back to it when no preferred endpoint is usable.
+    pub(super) fallback: Option<Selector>,
+    /// A preference is configured and does not hold: traffic spills over.
+    pub(super) spilling: bool,
+    /// Ids of every instance discovery reported (also the filtered out,
+    /// draining and refused ones), sorted: what a pinned pick may name.
+    pub(super) discovered: Box<[Box<str>]>,
 }
 
 impl Default for Snapshot {
@@ -111,6 +129,9 @@ impl Default for Snapshot {
             normal: Selector::RoundRobin(RoundRobin::default()),
             panic: None,
             census: Census::default(),
+            fallback: None,
+            spilling: false,
+            discovered: Box::default(),
         }
     }
 }
@@ -174,6 +195,7 @@ impl Snapshot {
             }
         }
         let routable = endpoints.len();
+        mark_ramps(previous, &endpoints, &standby, now);
         endpoints.append(&mut standby);
         let takes_traffic = |i: &usize| endpoints[*i].instance.weight > 0;
         let eligible: Vec<u32> = (0..routable)
@@ -184,10 +206,28 @@ impl Snapshot {
             .filter(takes_traffic)
             .map(|i| i as u32)
             .collect();
-        let normal = Selector::build(balancer.strategy(), &endpoints, &eligible);
+        let (preferred, spilling) = prefer::split(balancer.prefer(), &endpoints, &eligible);
+        let (normal, fallback) = match preferred {
+            Some(preferred) => (
+                Selector::build(balancer.strategy(), &endpoints, &preferred),
+                Some(Selector::build(balancer.strategy(), &endpoints, &eligible)),
+            ),
+            None => (
+                Selector::build(balancer.strategy(), &endpoints, &eligible),
+                None,
+            ),
+        };
         let panic = (balancer.panic_threshold() > 0.0 && everyone.len() > eligible.len())
             .then(|| Selector::build(balancer.strategy(), &endpoints, &everyone));
+        let mut discovered: Vec<Box<str>> = instances
+            .iter()
+            .map(|r| Box::from(r.instance.id.as_str()))
+            .collect();
+        discovered.sort_unstable();
         Snapshot {
+            fallback,
+            spilling,
+            discovered: discovered.into(),
             total: everyone.len(),
             endpoints,
             routable,
@@ -224,14 +264,38 @@ impl Snapshot {
     }
 
     pub(super) fn find(&self, id: &str) -> Option<&Endpoint> {
+        self.position(id).map(|i| &self.endpoints[i])
+    }
+
+    /// The index of instance `id` among [`endpoints`](Snapshot::endpoints).
+    pub fn position(&self, id: &str) -> Option<usize> {
         let search = |part: &'_ [Endpoint]| {
             part.binary_search_by(|e| e.instance.id.as_str().cmp(id))
                 .ok()
         };
         let (routable, standby) = self.endpoints.split_at(self.routable);
-        search(routable)
-            .map(|i| &routable[i])
-            .or_else(|| search(standby).map(|i| &standby[i]))
+        search(routable).or_else(|| search(standby).map(|i| i + self.routable))
+    }
+
+    /// Whether discovery reported instance `id`, whatever became of it.
+    pub fn discovered(&self, id: &str) -> bool {
+        self.discovered
+            .binary_search_by(|known| (**known).cmp(id))
+            .is_ok()
+    }
+
+    /// Replaces the discovered ids (the upstream's refresh knows also the
+    /// instances its endpoint policy refused).
+    pub(super) fn set_discovered(&mut self, ids: impl Iterator<Item = Box<str>>) {
+        let mut ids: Vec<Box<str>> = ids.collect();
+        ids.sort_unstable();
+        self.discovered = ids.into();
+    }
+
+    /// Whether a configured preference does not hold, so traffic goes to
+    /// every routable endpoint ([`prefer`](super::prefer)).
+    pub fn spilling(&self) -> bool {
+        self.spilling
     }
 
     /// The conservative estimate a new endpoint starts from: the highest of
@@ -243,5 +307,26 @@ impl Snapshot {
             .map(|e| e.stats.rtt_estimate(now))
             .fold(0.0, f64::max);
         Duration::from_nanos(highest as u64).max(stats::INITIAL_RTT)
+    }
+}
+
+/// Starts the slow-start ramp of every routable endpoint that was not
+/// routable in `previous` (new, back from standby or from away), and stops
+/// it for standby ones, so their ramp starts again when they return. The
+/// first snapshot (nothing before it) starts everyone warm.
+fn mark_ramps(previous: &Snapshot, routable: &[Endpoint], standby: &[Endpoint], now: u64) {
+    let first = previous.endpoints.is_empty();
+    for endpoint in routable {
+        let was_routable = previous
+            .position(&endpoint.instance.id)
+            .is_some_and(|i| i < previous.routable);
+        if first {
+            endpoint.stats.set_routable_since(0);
+        } else if !was_routable {
+            endpoint.stats.set_routable_since(now);
+        }
+    }
+    for endpoint in standby {
+        endpoint.stats.set_routable_since(0);
     }
 }

@@ -54,6 +54,9 @@ pub struct EndpointStats {
     rtt_ns: AtomicU64,
     /// When `rtt_ns` was last written, ms.
     rtt_at: AtomicU64,
+    /// When it last became routable, ms, for [slow
+    /// start](super::slow_start); 0: warm (or never routable).
+    routable_since: AtomicU64,
 }
 
 impl EndpointStats {
@@ -70,7 +73,23 @@ impl EndpointStats {
             ejected_until: AtomicU64::new(0),
             rtt_ns: AtomicU64::new((initial_rtt.as_nanos() as f64).to_bits()),
             rtt_at: AtomicU64::new(now),
+            routable_since: AtomicU64::new(0),
         }
+    }
+
+    /// Records that it became routable at `now` (0: starts warm); a
+    /// snapshot rebuild calls it.
+    pub(crate) fn set_routable_since(&self, now: u64) {
+        self.routable_since.store(now, Ordering::Relaxed);
+    }
+
+    /// Where its slow-start ramp starts, ms: when it last became routable
+    /// or its last ejection ended, whichever is later (0: none).
+    #[inline]
+    pub fn ramp_start(&self) -> u64 {
+        let since = self.routable_since.load(Ordering::Relaxed);
+        let ejected = self.ejected_until.load(Ordering::Relaxed);
+        since.max(ejected)
     }
 
     /// Counts a pick (the metric and the admin API's counter).

@@ -753,3 +753,329 @@ proptest! {
         }
     }
 }
+
+// --- slow start ------------------------------------------------------------------
+
+fn slow(strategy: Strategy) -> Balancer {
+    balancer(strategy).with_slow_start(SlowStart {
+        duration: Duration::from_secs(10),
+        min: 0.1,
+    })
+}
+
+/// Four warm endpoints, then `e04` joins: the snapshot with it and when it
+/// joined.
+fn joined(b: &Balancer) -> (Snapshot, u64) {
+    let first = build(b, &many(4));
+    let at = now_ms();
+    let next = rebuild(&first, &many(5), &Filter::default(), b);
+    (next, at)
+}
+
+/// The share of `n` picks at `now` that go to `e04` (index 4).
+fn share_of_newcomer(b: &Balancer, snapshot: &Snapshot, now: u64, n: usize, keyed: bool) -> f64 {
+    let mut hits = 0;
+    for k in 0..n as u64 {
+        let key = keyed.then(|| hash::mix(k));
+        let i = b
+            .pick(snapshot, &Context::new(now).with_key(key))
+            .expect("a pick");
+        hits += usize::from(i == 4);
+    }
+    hits as f64 / n as f64
+}
+
+#[test]
+fn slow_start_ramps_a_joining_endpoints_share_in_every_admitting_strategy() {
+    for strategy in [
+        Strategy::RoundRobin,
+        Strategy::Random,
+        Strategy::WeightedRoundRobin,
+        Strategy::ConsistentHash,
+    ] {
+        let b = slow(strategy);
+        let (snapshot, at) = joined(&b);
+        let keyed = strategy.uses_key();
+        // Full share is 1/5; at the start 10% of it, half way 55%.
+        let start = share_of_newcomer(&b, &snapshot, at, 20_000, keyed);
+        let half = share_of_newcomer(&b, &snapshot, at + 5_000, 20_000, keyed);
+        let end = share_of_newcomer(&b, &snapshot, at + 10_000, 20_000, keyed);
+        assert!(start < 0.04, "{strategy:?} at the start: {start}");
+        assert!(
+            (0.08..0.14).contains(&half),
+            "{strategy:?} half way: {half}"
+        );
+        assert!((0.17..0.23).contains(&end), "{strategy:?} ramped: {end}");
+    }
+}
+
+#[test]
+fn slow_start_moves_a_key_only_towards_the_newcomer_as_it_ramps() {
+    let b = slow(Strategy::ConsistentHash);
+    let (snapshot, at) = joined(&b);
+    let pick_at = |k: u64, now: u64| {
+        b.pick(&snapshot, &Context::new(now).with_key(Some(hash::mix(k))))
+            .expect("a pick")
+    };
+    for k in 0..2_000 {
+        let early = pick_at(k, at + 1_000);
+        assert_eq!(early, pick_at(k, at + 1_000), "stable for a key");
+        if early == 4 {
+            assert_eq!(pick_at(k, at + 6_000), 4, "key {k} left the newcomer");
+        }
+    }
+}
+
+#[test]
+fn slow_start_ramps_the_weight_of_least_connections_and_response_time() {
+    for strategy in [Strategy::LeastConnections, Strategy::ResponseTime] {
+        let b = slow(strategy);
+        let (snapshot, at) = joined(&b);
+        // Connections stay open, so the in-flight counts build up.
+        let held = |now: u64| {
+            let mut guards = Vec::new();
+            let mut hits = 0;
+            for _ in 0..2_000 {
+                let i = b.pick(&snapshot, &Context::new(now)).expect("a pick");
+                hits += usize::from(i == 4);
+                guards.push(snapshot.endpoints()[i].stats.open());
+            }
+            hits as f64 / 2_000.0
+        };
+        let start = held(at);
+        let end = held(at + 10_000);
+        assert!(start < 0.06, "{strategy:?} at the start: {start}");
+        assert!((0.15..0.25).contains(&end), "{strategy:?} ramped: {end}");
+    }
+}
+
+#[test]
+fn the_first_snapshot_starts_warm_and_a_recovered_endpoint_ramps_again() {
+    let b = slow(Strategy::RoundRobin);
+    let first = build(&b, &many(5));
+    let now = now_ms();
+    let counts = histogram(&b, &first, 5_000);
+    assert_shares(&counts, &[0.2; 5], 0.02);
+    // e04 goes unhealthy, then comes back: its ramp starts again.
+    let mut instances = many(5);
+    instances[4].status = Status::Unhealthy;
+    let down = rebuild(&first, &instances, &Filter::default(), &b);
+    instances[4].status = Status::Healthy;
+    let back = rebuild(&down, &instances, &Filter::default(), &b);
+    let share = share_of_newcomer(&b, &back, now, 10_000, false);
+    assert!(share < 0.04, "{share}");
+}
+
+#[test]
+fn slow_start_off_leaves_the_shares_alone() {
+    let b = balancer(Strategy::RoundRobin);
+    let (snapshot, at) = joined(&b);
+    let share = share_of_newcomer(&b, &snapshot, at, 5_000, false);
+    assert!((share - 0.2).abs() < 0.01, "{share}");
+}
+
+// --- preferred instances (zones) -------------------------------------------------
+
+fn zoned(zones: &[(&str, &str, Status)]) -> Vec<Instance> {
+    zones
+        .iter()
+        .map(|&(id, zone, status)| {
+            let mut i = instance(id, status, 100);
+            i.metadata.insert("zone".into(), zone.into());
+            i
+        })
+        .collect()
+}
+
+fn prefer_zone(strategy: Strategy, zone: &str) -> Balancer {
+    balancer(strategy).with_prefer(Prefer {
+        metadata: BTreeMap::from([("zone".to_owned(), zone.to_owned())]),
+        min_share: 0.5,
+    })
+}
+
+fn picked_ids(b: &Balancer, snapshot: &Snapshot, n: usize) -> HashSet<String> {
+    (0..n)
+        .map(|_| id(snapshot, pick(b, snapshot)).to_owned())
+        .collect()
+}
+
+#[test]
+fn traffic_stays_in_the_preferred_zone_while_enough_are_routable() {
+    use Status::{Healthy, Unhealthy};
+    for strategy in Strategy::ALL {
+        let b = prefer_zone(strategy, "a");
+        let all = zoned(&[
+            ("a1", "a", Healthy),
+            ("a2", "a", Healthy),
+            ("a3", "a", Unhealthy),
+            ("b1", "b", Healthy),
+            ("b2", "b", Healthy),
+        ]);
+        let snapshot = build(&b, &all);
+        assert!(!snapshot.spilling(), "{strategy:?}");
+        let ids = picked_ids(&b, &snapshot, 300);
+        assert_eq!(
+            ids,
+            HashSet::from(["a1".into(), "a2".into()]),
+            "{strategy:?}"
+        );
+    }
+}
+
+#[test]
+fn below_min_share_traffic_spills_over_to_every_routable_instance() {
+    use Status::{Healthy, Unhealthy};
+    let b = prefer_zone(Strategy::RoundRobin, "a");
+    let all = zoned(&[
+        ("a1", "a", Healthy),
+        ("a2", "a", Unhealthy),
+        ("a3", "a", Unhealthy),
+        ("b1", "b", Healthy),
+    ]);
+    let snapshot = build(&b, &all);
+    assert!(snapshot.spilling(), "1 of 3 is below 0.5");
+    let ids = picked_ids(&b, &snapshot, 50);
+    assert_eq!(ids, HashSet::from(["a1".into(), "b1".into()]));
+    // No instance in the zone at all: spills too.
+    let elsewhere = prefer_zone(Strategy::RoundRobin, "c");
+    let snapshot = build(&elsewhere, &all);
+    assert!(snapshot.spilling());
+}
+
+#[test]
+fn with_every_preferred_endpoint_ejected_a_pick_falls_back_to_the_rest() {
+    use Status::Healthy;
+    let policy = EjectionPolicy {
+        max_share: 1.0,
+        ..EjectionPolicy::default()
+    };
+    let b = Balancer::new(Strategy::RoundRobin, policy, 0.0).with_prefer(Prefer {
+        metadata: BTreeMap::from([("zone".to_owned(), "a".to_owned())]),
+        min_share: 0.5,
+    });
+    let snapshot = build(&b, &zoned(&[("a1", "a", Healthy), ("b1", "b", Healthy)]));
+    assert!(!snapshot.spilling());
+    let now = now_ms();
+    assert!(fail(&b, &snapshot, 0, 3, now).is_some());
+    let picked = b.pick(&snapshot, &Context::new(now)).expect("a pick");
+    assert_eq!(id(&snapshot, picked), "b1");
+}
+
+// --- pinned picks ------------------------------------------------------------------
+
+#[test]
+fn a_pin_reaches_exactly_its_instance_or_says_why_not() {
+    let b = balancer(Strategy::RoundRobin);
+    let mut instances = many(4);
+    instances[1].status = Status::Unhealthy;
+    instances[2].weight = 0;
+    let mut draining = instance("e09", Status::Draining, 100);
+    draining.tags.clear();
+    instances.push(draining);
+    let snapshot = build(&b, &instances);
+    let now = now_ms();
+    for _ in 0..5 {
+        let i = pinned::pick(&snapshot, "e03", now).expect("e03 is routable");
+        assert_eq!(id(&snapshot, i), "e03");
+    }
+    assert_eq!(
+        pinned::pick(&snapshot, "nope", now),
+        Err(PinRefusal::Unknown)
+    );
+    for id in ["e01", "e02", "e09"] {
+        assert!(
+            matches!(
+                pinned::pick(&snapshot, id, now),
+                Err(PinRefusal::Unavailable(_))
+            ),
+            "{id}"
+        );
+    }
+    let i = snapshot.position("e00").expect("e00");
+    snapshot.endpoints()[i]
+        .stats
+        .eject(Duration::from_secs(10), Duration::from_secs(10), now);
+    assert_eq!(
+        pinned::pick(&snapshot, "e00", now),
+        Err(PinRefusal::Unavailable("ejected"))
+    );
+}
+
+#[test]
+fn a_pin_names_an_instance_the_filter_keeps_out_as_unavailable() {
+    let b = balancer(Strategy::RoundRobin);
+    let filter = Filter {
+        tags: vec!["game".into()],
+        ..Filter::default()
+    };
+    let mut instances = many(2);
+    instances[0].tags = vec!["game".into()];
+    instances[1].tags.clear();
+    let snapshot = rebuild(&Snapshot::default(), &instances, &filter, &b);
+    assert!(pinned::pick(&snapshot, "e00", now_ms()).is_ok());
+    assert!(matches!(
+        pinned::pick(&snapshot, "e01", now_ms()),
+        Err(PinRefusal::Unavailable(_))
+    ));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Slow start and a preference never make a pick return an endpoint
+    /// that is ejected, unroutable or tried, nor fail while a good one
+    /// exists.
+    #[test]
+    fn slow_start_and_prefer_keep_picks_good(
+        strategy in any_strategy(),
+        endpoints in proptest::collection::vec((any::<bool>(), 0u32..3, any::<bool>(), any::<bool>(), any::<bool>()), 1..30),
+        key in any::<u64>(),
+        since in 0u64..20_000,
+    ) {
+        let instances: Vec<Instance> = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, &(ok, weight, _, _, zone_a))| {
+                let status = if ok { Status::Healthy } else { Status::Unhealthy };
+                let mut instance = instance(&format!("e{i:03}"), status, weight);
+                instance.metadata.insert("zone".into(), if zone_a { "a" } else { "b" }.into());
+                instance
+            })
+            .collect();
+        let b = prefer_zone(strategy, "a").with_slow_start(SlowStart {
+            duration: Duration::from_secs(10),
+            min: 0.1,
+        });
+        let half = instances.len() / 2;
+        let first = build(&b, &instances[..half]);
+        let snapshot = rebuild(&first, &instances, &Filter::default(), &b);
+        let now = now_ms() + since;
+        let mut tried = Vec::new();
+        for (i, e) in snapshot.endpoints().iter().enumerate() {
+            let n: usize = e.instance.id[1..].parse().expect("index in the id");
+            let (_, _, ejected, was_tried, _) = endpoints[n];
+            if ejected {
+                e.stats.eject(Duration::from_secs(60), Duration::from_secs(60), now);
+            }
+            if was_tried {
+                tried.push(i);
+            }
+        }
+        let good = |i: usize| {
+            i < snapshot.len()
+                && snapshot.endpoints()[i].instance.weight > 0
+                && !snapshot.endpoints()[i].stats.is_ejected(now)
+                && !tried.contains(&i)
+        };
+        let exists = (0..snapshot.endpoints().len()).any(good);
+        let ctx = Context::new(now).with_key(Some(key)).with_tried(&tried);
+        let picked = b.pick(&snapshot, &ctx);
+        if exists {
+            let i = picked.expect("a good endpoint exists");
+            prop_assert!(good(i), "{strategy:?} picked {i}");
+        } else {
+            prop_assert_eq!(picked, None);
+        }
+    }
+}

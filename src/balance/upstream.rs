@@ -142,7 +142,7 @@ impl Upstream {
         let now = now_ms();
         departed.retain(|_, d| !m::grace_expired(d.at, now));
         let previous = self.live.snapshot.load_full();
-        let next = Snapshot::rebuild_with(
+        let mut next = Snapshot::rebuild_with(
             &previous,
             |id| departed.get(id).map(|d| d.stats.clone()),
             &admitted,
@@ -159,6 +159,9 @@ impl Upstream {
             }
         }
         drop(departed);
+        // Pinned picks tell "refused" from "unknown": every id counts.
+        next.set_discovered(instances.iter().map(|r| r.instance.id.as_str().into()));
+        self.balancer.note_spillover(&next);
         self.balancer.rebase(&previous, &next);
         self.live.snapshot.store(Arc::new(next));
         self.generation.send_modify(|g| *g += 1);

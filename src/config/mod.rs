@@ -206,7 +206,8 @@ fn validate(raw: RawConfig, problems: &mut Problems) -> Config {
         .into_iter()
         .enumerate()
         .map(|(i, u)| {
-            let mut upstream = validate_upstream(i, u, &agent.ranges, &mut listens, problems);
+            let own = service.as_ref().map(|s| &s.metadata);
+            let mut upstream = validate_upstream(i, u, &agent.ranges, own, &mut listens, problems);
             if upstream.backlog == 0 {
                 upstream.backlog = agent.backlog;
             }

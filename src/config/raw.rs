@@ -146,6 +146,12 @@ pub struct RawUpstream {
     pub retry_backoff: Option<String>,
     #[serde(default)]
     pub ejection: RawEjection,
+    /// A table of metadata pairs, or an array of keys whose values come
+    /// from `[service].metadata`; checked in validation.
+    pub prefer: Option<toml::Value>,
+    pub prefer_min_share: Option<toml::Value>,
+    pub slow_start: Option<String>,
+    pub slow_start_min: Option<toml::Value>,
     // connection limits, tcp and http
     pub idle_timeout: Option<String>,
     pub max_connections: Option<i64>,

@@ -523,3 +523,109 @@ fn health_check_header_values_do_not_print() {
         "{shown}"
     );
 }
+
+#[test]
+fn prefer_and_slow_start_get_defaults_and_parse() {
+    let config =
+        Config::from_toml("[[upstream]]\nservice = \"gate\"\nlisten = \"127.0.0.1:7001\"\n")
+            .expect("valid");
+    let gate = &config.upstreams[0];
+    assert!(gate.prefer.is_empty());
+    assert_eq!(gate.prefer.min_share, 0.5);
+    assert!(!gate.slow_start.enabled());
+    assert_eq!(gate.slow_start.min, 0.1);
+    let config = Config::from_toml(
+        r#"
+        [service]
+        name = "lobby"
+        host = "10.0.0.5"
+        port = 8001
+        metadata = { zone = "b", rack = "r7" }
+
+        [[upstream]]
+        service = "battle"
+        listen = "127.0.0.1:7002"
+        prefer = { zone = "a" }
+        prefer_min_share = 0.3
+        slow_start = "30s"
+        slow_start_min = 0.2
+
+        [[upstream]]
+        service = "chat"
+        listen = "127.0.0.1:7003"
+        prefer = ["zone", "rack"]
+        "#,
+    )
+    .expect("valid");
+    let battle = &config.upstreams[0];
+    assert_eq!(
+        battle.prefer.metadata,
+        std::collections::BTreeMap::from([("zone".to_owned(), "a".to_owned())])
+    );
+    assert_eq!(battle.prefer.min_share, 0.3);
+    assert_eq!(battle.slow_start.duration, Duration::from_secs(30));
+    assert_eq!(battle.slow_start.min, 0.2);
+    let chat = &config.upstreams[1];
+    assert_eq!(
+        chat.prefer.metadata,
+        std::collections::BTreeMap::from([
+            ("rack".to_owned(), "r7".to_owned()),
+            ("zone".to_owned(), "b".to_owned())
+        ]),
+        "values from the squire's own [service].metadata"
+    );
+}
+
+#[test]
+fn prefer_and_slow_start_problems_name_the_key() {
+    let found = problems(
+        r#"
+        [service]
+        name = "lobby"
+        host = "10.0.0.5"
+        port = 8001
+
+        [[upstream]]
+        service = "a"
+        listen = "127.0.0.1:7001"
+        prefer = ["zone"]
+        slow_start_min = 0.5
+
+        [[upstream]]
+        service = "b"
+        listen = "127.0.0.1:7002"
+        prefer = { zone = 3 }
+        prefer_min_share = 2
+        slow_start = "2h"
+
+        [[upstream]]
+        service = "c"
+        listen = "127.0.0.1:7003"
+        prefer = "zone"
+
+        [[upstream]]
+        service = "d"
+        listen = "127.0.0.1:7004"
+        prefer_min_share = 0.5
+        "#,
+    );
+    assert_problems(
+        &found,
+        &[
+            "upstream.a.prefer: service.metadata has no \"zone\"",
+            "upstream.a.slow_start_min: only applies with slow_start",
+            "upstream.b.prefer.zone: expected a non-empty string",
+            "upstream.b.prefer_min_share: 2 is out of range (0-1)",
+            "upstream.b.slow_start: must be at most 1h",
+            "upstream.c.prefer: expected a table of metadata pairs",
+            "upstream.d.prefer_min_share: only applies with prefer",
+        ],
+    );
+    let found = problems(
+        "[[upstream]]\nservice = \"a\"\nlisten = \"127.0.0.1:7001\"\nprefer = [\"zone\"]\n",
+    );
+    assert_problems(
+        &found,
+        &["upstream.a.prefer: \"zone\" takes its value from [service].metadata, and there is no [service]"],
+    );
+}

@@ -3,7 +3,7 @@
 //! keys are validated in [`super::http`], the `protocol = "udp"` ones in
 //! [`super::udp`].
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use super::problems::{check_name, duration, required, socket_addr, unspecified, 
 use super::raw::{RawEjection, RawUpstream};
 use super::tls::{validate_dial, validate_listen, DialTls, ListenTls};
 use super::udp::{self, UdpUpstreamConfig};
-use crate::balance::{EjectionPolicy, Filter, HashKey, Ranges, Strategy};
+use crate::balance::{EjectionPolicy, Filter, HashKey, Prefer, Ranges, SlowStart, Strategy};
 use crate::registry::Status;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +43,12 @@ pub struct UpstreamConfig {
     /// Below this share of healthy endpoints, route to all (0: never).
     pub panic_threshold: f64,
     pub ejection: EjectionPolicy,
+    /// `prefer` and `prefer_min_share`: keep traffic within the instances
+    /// with these metadata pairs (a zone) while enough are routable.
+    pub prefer: Prefer,
+    /// `slow_start` and `slow_start_min`: the ramp of an instance that just
+    /// became routable.
+    pub slow_start: SlowStart,
     /// Client connections open at once; more are refused and counted.
     pub max_connections: usize,
     /// A connection that moves no byte (tcp), or has no request in flight
@@ -81,11 +87,25 @@ pub(super) fn validate_upstream(
     index: usize,
     mut raw: RawUpstream,
     agent_ranges: &Ranges,
+    own_metadata: Option<&BTreeMap<String, String>>,
     listens: &mut HashSet<SocketAddr>,
     problems: &mut Problems,
 ) -> UpstreamConfig {
     let base = upstream_path(index, raw.service.as_deref());
     let at = |key: &str| format!("{base}.{key}");
+    let prefer = validate_prefer(
+        &base,
+        raw.prefer.take(),
+        raw.prefer_min_share.take(),
+        own_metadata,
+        problems,
+    );
+    let slow_start = validate_slow_start(
+        &base,
+        raw.slow_start.take(),
+        raw.slow_start_min.take(),
+        problems,
+    );
     let mut raw_balancing = RawBalancing {
         hash_key: raw.hash_key.take(),
         preamble_timeout: raw.preamble_timeout.take(),
@@ -228,6 +248,8 @@ pub(super) fn validate_upstream(
         preamble_max_bytes: balancing.preamble_max_bytes,
         panic_threshold: balancing.panic_threshold,
         ejection: balancing.ejection,
+        prefer,
+        slow_start,
         max_connections: limits.max_connections,
         idle_timeout: limits.idle_timeout,
         tcp_keepalive: limits.tcp_keepalive,
@@ -512,6 +534,123 @@ fn validate_ejection(base: &str, raw: RawEjection, problems: &mut Problems) -> E
         base_time,
         max_time,
         max_share,
+    }
+}
+
+/// `prefer` and `prefer_min_share`. `prefer = { zone = "a" }` names the
+/// pairs; `prefer = ["zone"]` takes each key's value from this squire's
+/// own `[service].metadata`, so one config serves every zone.
+fn validate_prefer(
+    base: &str,
+    value: Option<toml::Value>,
+    min_share: Option<toml::Value>,
+    own: Option<&BTreeMap<String, String>>,
+    problems: &mut Problems,
+) -> Prefer {
+    let at = |key: &str| format!("{base}.{key}");
+    let defaults = Prefer::default();
+    if min_share.is_some() && value.is_none() {
+        problems.push(at("prefer_min_share"), "only applies with prefer");
+    }
+    let min_share = fraction(
+        &at("prefer_min_share"),
+        min_share,
+        defaults.min_share,
+        problems,
+    );
+    let mut metadata = BTreeMap::new();
+    match value {
+        None => {}
+        Some(toml::Value::Table(pairs)) => {
+            for (key, value) in pairs {
+                match value {
+                    toml::Value::String(v) if !v.is_empty() => {
+                        metadata.insert(key, v);
+                    }
+                    other => problems.push(
+                        format!("{base}.prefer.{key}"),
+                        format!(
+                            "expected a non-empty string (the metadata value), found {}",
+                            describe(&other)
+                        ),
+                    ),
+                }
+            }
+        }
+        Some(toml::Value::Array(keys)) => {
+            for key in keys {
+                let toml::Value::String(key) = key else {
+                    problems.push(
+                        at("prefer"),
+                        format!("expected metadata keys (strings), found {}", describe(&key)),
+                    );
+                    continue;
+                };
+                match own.map(|own| own.get(&key)) {
+                    Some(Some(value)) => {
+                        metadata.insert(key, value.clone());
+                    }
+                    Some(None) => problems.push(
+                        at("prefer"),
+                        format!("service.metadata has no {key:?} to take the preferred value from"),
+                    ),
+                    None => problems.push(
+                        at("prefer"),
+                        format!(
+                            "{key:?} takes its value from [service].metadata, and there is no \
+                             [service]; write prefer = {{ {key} = \"...\" }}"
+                        ),
+                    ),
+                }
+            }
+        }
+        Some(other) => problems.push(
+            at("prefer"),
+            format!(
+                "expected a table of metadata pairs ({{ zone = \"a\" }}) or an array of \
+                 metadata keys ([\"zone\"]), found {}",
+                describe(&other)
+            ),
+        ),
+    }
+    Prefer {
+        metadata,
+        min_share,
+    }
+}
+
+fn describe(value: &toml::Value) -> &'static str {
+    match value {
+        toml::Value::String(s) if s.is_empty() => "an empty string",
+        other => other.type_str(),
+    }
+}
+
+/// `slow_start` (a duration, "0s" off) and `slow_start_min`.
+fn validate_slow_start(
+    base: &str,
+    duration_text: Option<String>,
+    min: Option<toml::Value>,
+    problems: &mut Problems,
+) -> SlowStart {
+    let at = |key: &str| format!("{base}.{key}");
+    let defaults = SlowStart::default();
+    let ramp = duration(&at("slow_start"), duration_text, "0s", problems);
+    if ramp > Duration::from_secs(3600) {
+        problems.push(
+            at("slow_start"),
+            "must be at most 1h (an instance would run below its weight for longer than a deploy takes)",
+        );
+    }
+    if min.is_some() && ramp.is_zero() {
+        problems.push(
+            at("slow_start_min"),
+            "only applies with slow_start (a duration above zero)",
+        );
+    }
+    SlowStart {
+        duration: ramp.min(Duration::from_secs(3600)),
+        min: fraction(&at("slow_start_min"), min, defaults.min, problems),
     }
 }
 

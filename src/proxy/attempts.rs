@@ -108,6 +108,9 @@ pub struct Attempts<'a, T> {
     upstream: &'a Upstream,
     policy: RetryPolicy,
     key: Option<u64>,
+    /// The instance a pinned connection or request names: exactly that
+    /// one, one attempt, or the refusal.
+    pinned: Option<&'a str>,
     metrics: &'a AttemptMetrics,
     /// One snapshot for all attempts, so `tried` indices stay meaningful.
     snapshot: Arc<Snapshot>,
@@ -130,6 +133,7 @@ impl<'a, T> Attempts<'a, T> {
             upstream,
             policy,
             key,
+            pinned: None,
             metrics,
             snapshot: upstream.snapshot(),
             tried: [0; MAX_ATTEMPTS],
@@ -139,9 +143,48 @@ impl<'a, T> Attempts<'a, T> {
         }
     }
 
+    /// Pins the attempts to instance `id` (`ROUTE @id`,
+    /// `X-Squire-Instance`): one attempt on exactly that instance, no
+    /// retry elsewhere, no wait; when it is unknown or cannot take traffic
+    /// [`finish`](Attempts::finish) says which.
+    pub fn pinned(mut self, id: Option<&'a str>) -> Self {
+        self.pinned = id;
+        self
+    }
+
+    /// The one attempt of a pinned pick, or the refusal left for `finish`.
+    fn next_pinned(&mut self, id: &str) -> Option<Attempt> {
+        if self.count > 0 {
+            return None;
+        }
+        match balance::pinned::pick(&self.snapshot, id, now_ms()) {
+            Ok(index) => {
+                self.tried[0] = index;
+                self.count = 1;
+                self.snapshot.endpoints()[index].stats.picked();
+                Some(Attempt {
+                    index,
+                    more: false,
+                    started: Instant::now(),
+                })
+            }
+            Err(refusal) => {
+                self.last = Some(Err(ProxyError::pinned(
+                    self.upstream.service(),
+                    id,
+                    refusal,
+                )));
+                None
+            }
+        }
+    }
+
     /// The next attempt, after the pause a retry waits; `None` when the
     /// attempts are used up or no untried endpoint is left.
     pub async fn next(&mut self) -> Option<Attempt> {
+        if let Some(id) = self.pinned {
+            return self.next_pinned(id);
+        }
         let attempts = (self.policy.retries as usize + 1).min(MAX_ATTEMPTS);
         if self.count >= attempts {
             return None;
@@ -391,6 +434,45 @@ mod tests {
         );
         assert_eq!(started.elapsed(), Duration::from_secs(1));
         empty.await.expect("refresh task");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pinned_pick_makes_one_attempt_on_its_instance_or_says_why_not() {
+        let upstream = upstream();
+        let mut both = instance("a");
+        both.extend(instance("b"));
+        upstream.refresh(&both, &OwnAddrs::default());
+        let metrics = metrics();
+        let retrying = RetryPolicy {
+            retries: 3,
+            ..policy(Duration::from_secs(1))
+        };
+        // Three failures in a row (the default) eject it.
+        for _ in 0..3 {
+            let mut attempts =
+                Attempts::<()>::new(&upstream, retrying, None, &metrics).pinned(Some("b"));
+            let attempt = attempts.next().await.expect("b is routable");
+            assert_eq!(attempts.endpoint(&attempt).instance.id, "b");
+            assert!(!attempt.more, "no retry elsewhere");
+            let failed = ProxyError::NoRoute;
+            assert!(attempts.report(attempt, Outcome::Retry(failed)).is_none());
+            assert!(attempts.next().await.is_none(), "one attempt only");
+        }
+        let mut attempts =
+            Attempts::<()>::new(&upstream, retrying, None, &metrics).pinned(Some("b"));
+        assert!(
+            attempts.next().await.is_none(),
+            "ejected: not rerouted to a"
+        );
+        let error = attempts.finish().expect_err("refused");
+        assert_eq!(error.reason(), "pinned_unavailable");
+        let started = Instant::now();
+        let mut attempts =
+            Attempts::<()>::new(&upstream, retrying, None, &metrics).pinned(Some("zz"));
+        assert!(attempts.next().await.is_none());
+        assert_eq!(started.elapsed(), Duration::ZERO, "no endpoint_wait");
+        let error = attempts.finish().expect_err("refused");
+        assert_eq!(error.reason(), "pinned_unknown");
     }
 
     #[tokio::test(start_paused = true)]

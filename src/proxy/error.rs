@@ -9,6 +9,7 @@ use std::time::Duration;
 use hyper::StatusCode;
 
 use super::preamble;
+use crate::balance::PinRefusal;
 use crate::time::LogThrottle;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,18 @@ pub enum ProxyError {
     PreambleTimeout { after: Duration },
     #[error("bad ROUTE line: {0}")]
     Preamble(#[from] preamble::PreambleError),
+    /// A pinned connection or request named an instance the upstream's
+    /// discovery does not know.
+    #[error("pinned instance {id:?} is not an instance of {service}")]
+    PinnedUnknown { service: String, id: String },
+    /// A pinned connection or request named an instance that takes no new
+    /// traffic now.
+    #[error("pinned instance {id:?} of {service} is unavailable: {why}")]
+    PinnedUnavailable {
+        service: String,
+        id: String,
+        why: &'static str,
+    },
     /// squire's own resources ran out (file descriptors, buffers, local
     /// ports): no endpoint is to blame, and another one would fail alike.
     #[error("cannot connect to {endpoint}: squire is out of {kind}: {source}")]
@@ -58,11 +71,26 @@ impl ProxyError {
             ProxyError::PreambleTimeout { .. } => "preamble_timeout",
             ProxyError::Preamble(_) => "bad_preamble",
             ProxyError::Local { .. } => "local_error",
+            ProxyError::PinnedUnknown { .. } => "pinned_unknown",
+            ProxyError::PinnedUnavailable { .. } => "pinned_unavailable",
+        }
+    }
+
+    /// The refusal of a pinned pick of `id` on `service`.
+    pub fn pinned(service: &str, id: &str, refusal: PinRefusal) -> ProxyError {
+        let (service, id) = (service.to_owned(), id.to_owned());
+        match refusal {
+            PinRefusal::Unknown => ProxyError::PinnedUnknown { service, id },
+            PinRefusal::Unavailable(why) => ProxyError::PinnedUnavailable { service, id, why },
         }
     }
 
     /// What an HTTP client is answered, and a one-line body: no route 404,
-    /// no healthy endpoint 503, a timeout 504, a failed exchange 502.
+    /// no healthy endpoint 503, a timeout 504, a failed exchange 502; a
+    /// pinned instance that is unknown 404, one that is unavailable 503
+    /// (each response also says [`reason`](ProxyError::reason) in
+    /// `X-Squire-Reason`, so a client tells squire's 404 from its
+    /// server's).
     pub fn status(&self) -> (StatusCode, &'static str) {
         match self {
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no route for this host and path\n"),
@@ -83,6 +111,13 @@ impl ProxyError {
                 (StatusCode::BAD_GATEWAY, "upstream connection failed\n")
             }
             ProxyError::Local { .. } => (StatusCode::SERVICE_UNAVAILABLE, "proxy overloaded\n"),
+            ProxyError::PinnedUnknown { .. } => {
+                (StatusCode::NOT_FOUND, "pinned instance unknown\n")
+            }
+            ProxyError::PinnedUnavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "pinned instance unavailable\n",
+            ),
         }
     }
 

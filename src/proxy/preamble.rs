@@ -9,6 +9,14 @@
 //! for no affinity: any endpoint will do. Anything else closes the
 //! connection: a client that forgets the line would otherwise be routed at
 //! random with its first bytes eaten.
+//!
+//! `ROUTE @<instance-id>\n` pins the connection instead: it goes to exactly
+//! that instance (no hashing, no retry on another one) or is closed,
+//! counted with reason `pinned_unknown` (no such instance discovered) or
+//! `pinned_unavailable` (known, but not healthy, ejected, draining, filtered
+//! out or weight 0). Every listener that reads the line accepts it, so a
+//! room directory can answer with the instance id of the room's server.
+//! Ids are compared exactly; `ROUTE @` alone is a bad line.
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -32,6 +40,18 @@ pub enum PreambleError {
 pub struct Preamble {
     pub key: Option<Vec<u8>>,
     pub rest: Vec<u8>,
+}
+
+/// What marks the key of a pinned `ROUTE` line.
+const PIN: u8 = b'@';
+
+impl Preamble {
+    /// The instance id of a `ROUTE @<id>` line (`None` for a key or no
+    /// key). An id that is not UTF-8 is kept lossily: it matches nothing.
+    pub fn pinned(&self) -> Option<String> {
+        let id = self.key.as_deref()?.strip_prefix(&[PIN])?;
+        Some(String::from_utf8_lossy(id).into_owned())
+    }
 }
 
 /// Reads one `ROUTE` line of at most `max` bytes from `reader`.
@@ -75,6 +95,9 @@ pub fn parse(line: &[u8]) -> Result<Option<&[u8]>, PreambleError> {
         .strip_prefix(b" ")
         .ok_or(PreambleError::NotRoute)?
         .trim_ascii();
+    if key == [PIN] {
+        return Err(PreambleError::NotRoute);
+    }
     Ok((!key.is_empty()).then_some(key))
 }
 
@@ -91,6 +114,18 @@ mod tests {
         assert_eq!(parse(b"ROUTE "), Ok(None));
         assert_eq!(parse(b"ROUTER x"), Err(PreambleError::NotRoute));
         assert_eq!(parse(b"GET / HTTP/1.1"), Err(PreambleError::NotRoute));
+        assert_eq!(parse(b"ROUTE @"), Err(PreambleError::NotRoute));
+    }
+
+    #[tokio::test]
+    async fn an_at_sign_pins_an_instance() {
+        let mut input: &[u8] = b"ROUTE @logic-10.0.0.5-8001\r\nhi";
+        let preamble = read(&mut input, 64).await.expect("preamble");
+        assert_eq!(preamble.pinned().as_deref(), Some("logic-10.0.0.5-8001"));
+        assert_eq!(preamble.rest, b"hi");
+        let mut keyed: &[u8] = b"ROUTE room-1\n";
+        let preamble = read(&mut keyed, 64).await.expect("preamble");
+        assert_eq!(preamble.pinned(), None);
     }
 
     #[tokio::test]

@@ -105,7 +105,8 @@ impl TcpProxy {
             Ok(routed) => routed,
             Err(e) => return self.reject(peer, e),
         };
-        let (mut server, _endpoint) = match self.connect(routed.key).await {
+        let (mut server, _endpoint) = match self.connect(routed.key, routed.pinned.as_deref()).await
+        {
             Ok(connected) => connected,
             Err(e) => return self.reject(peer, e),
         };
@@ -169,8 +170,13 @@ impl TcpProxy {
                 )
                 .await
                 .map_err(|_| ProxyError::PreambleTimeout { after: timeout })??;
+                let pinned = line.pinned();
                 return Ok(Routed {
-                    key: line.key.as_deref().map(balance::bytes_key),
+                    key: match pinned {
+                        Some(_) => None,
+                        None => line.key.as_deref().map(balance::bytes_key),
+                    },
+                    pinned,
                     rest: line.rest,
                 });
             }
@@ -178,15 +184,22 @@ impl TcpProxy {
         };
         Ok(Routed {
             key,
+            pinned: None,
             rest: Vec::new(),
         })
     }
 
     /// Connects to an endpoint the attempts pick, trying another one on
-    /// each failure as the upstream allows.
-    async fn connect(&self, key: Option<u64>) -> Result<(Stream, ActiveGuard), ProxyError> {
+    /// each failure as the upstream allows; a pinned connection tries
+    /// exactly its instance, once.
+    async fn connect(
+        &self,
+        key: Option<u64>,
+        pinned: Option<&str>,
+    ) -> Result<(Stream, ActiveGuard), ProxyError> {
         let timeout = self.config.connect_timeout;
-        let mut attempts = Attempts::new(&self.upstream, self.policy, key, &self.attempts);
+        let mut attempts =
+            Attempts::new(&self.upstream, self.policy, key, &self.attempts).pinned(pinned);
         while let Some(attempt) = attempts.next().await {
             let endpoint = attempts.endpoint(&attempt);
             let authority = &endpoint.authority;
@@ -232,6 +245,8 @@ impl TcpProxy {
 /// The affinity key of a connection and the client bytes read with it.
 struct Routed {
     key: Option<u64>,
+    /// The instance id of a `ROUTE @<id>` line.
+    pinned: Option<String>,
     rest: Vec<u8>,
 }
 

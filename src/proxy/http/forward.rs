@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 
 use super::headers::{is_upgrade, prepare_request_headers, strip_hop_by_hop, Client};
 use super::pool::{ConnectError, InstancePool, Outgoing, RequestBody};
-use super::routing::{affinity_key, Route};
+use super::routing::{affinity_key, take_pinned, Route};
 use super::{BoxError, HttpProxy, ProxyBody};
 use crate::balance::Endpoint;
 use crate::proxy::attempts::{Attempts, Outcome};
@@ -54,6 +54,9 @@ impl HttpProxy {
         drain: &Drain,
     ) -> Result<(Response<ProxyBody>, Reached), (ProxyError, Reached)> {
         self.budget.deposit();
+        // Taken out before anything else reads the headers: it is squire's,
+        // the instance never sees it.
+        let pinned = take_pinned(&mut parts.headers);
         let upgrade = is_upgrade(&parts.headers);
         prepare_request_headers(&mut parts.headers, parts.version, &parts.uri, client);
         let mut client_upgrade = None;
@@ -86,7 +89,8 @@ impl HttpProxy {
             drain,
         };
         let mut reached: Reached = None;
-        let mut attempts = Attempts::new(&route.upstream, self.policy, key, &self.attempts);
+        let mut attempts = Attempts::new(&route.upstream, self.policy, key, &self.attempts)
+            .pinned(pinned.as_deref());
         while let Some(attempt) = attempts.next().await {
             let endpoint = attempts.endpoint(&attempt);
             let instance = route

@@ -303,4 +303,11 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+        .headers_mut()
+        .insert(REASON_HEADER, HeaderValue::from_static(error.reason()));
+    response
 }
+
+/// The header of squire's own error responses that names the failure (the
+/// `kind` label of `squire_http_errors_total`).
+pub const REASON_HEADER: &str = "x-squire-reason";

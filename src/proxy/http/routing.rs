@@ -91,6 +91,24 @@ fn strip_port(host: &str) -> &str {
     host.rsplit_once(':').map_or(host, |(h, _)| h)
 }
 
+/// The request header that pins a request to one instance by id: it goes
+/// to exactly that instance or is answered 404 (`pinned_unknown`) or 503
+/// (`pinned_unavailable`), and is never forwarded.
+pub const PINNED_HEADER: &str = "x-squire-instance";
+
+/// Removes every [`PINNED_HEADER`] from `headers` and returns the first
+/// one's value, trimmed (`None` without one, or when it is empty). A value
+/// that is not text names no instance, so it is refused as unknown.
+pub fn take_pinned(headers: &mut hyper::HeaderMap) -> Option<String> {
+    let mut values = match headers.entry(PINNED_HEADER) {
+        hyper::header::Entry::Occupied(entry) => entry.remove_entry_mult().1,
+        hyper::header::Entry::Vacant(_) => return None,
+    };
+    let value = values.next()?;
+    let id = String::from_utf8_lossy(value.as_bytes()).trim().to_owned();
+    (!id.is_empty()).then_some(id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
