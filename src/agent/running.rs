@@ -291,6 +291,9 @@ impl Running {
         summary.discovery_stopped = discoveries.stopped;
         summary.discovery_restarted = discoveries.restarted;
         if service_changed {
+            self.state
+                .load_ttl
+                .store(super::load_ttl_ms(&self.config), Ordering::Relaxed);
             if let Some(old) = self.health.take() {
                 old.stop().await;
             }
@@ -298,6 +301,7 @@ impl Running {
         }
         if deregister {
             let maintenance = self.state.maintenance.subscribe();
+            let load = self.state.load.subscribe();
             let board = self.health.as_ref().map(|h| h.board.clone());
             let registrations = match (&self.config.service, board) {
                 (Some(service), Some(board)) => self
@@ -305,7 +309,14 @@ impl Running {
                     .iter()
                     .zip(&self.config.registries)
                     .map(|(source, registry)| {
-                        registration(source, registry, service, &board, maintenance.clone())
+                        registration(
+                            source,
+                            registry,
+                            service,
+                            &board,
+                            maintenance.clone(),
+                            load.clone(),
+                        )
                     })
                     .collect(),
                 _ => Vec::new(),

@@ -29,6 +29,8 @@ pub struct Balancer {
     /// Held while deciding one ejection, so two cannot both pass the cap.
     ejecting: AtomicBool,
     in_panic: AtomicBool,
+    /// A load an endpoint reported longer ago than this is unknown.
+    load_ttl: Duration,
     metrics: BalancerMetrics,
 }
 
@@ -39,6 +41,7 @@ struct BalancerMetrics {
     ejections: Counter,
     ejected: Gauge,
     panic: Gauge,
+    full: Gauge,
 }
 
 impl Balancer {
@@ -52,11 +55,13 @@ impl Balancer {
             generation: AtomicU32::new(1),
             ejecting: AtomicBool::new(false),
             in_panic: AtomicBool::new(false),
+            load_ttl: crate::load::DEFAULT_TTL,
             metrics: BalancerMetrics {
                 labels: None,
                 ejections: Counter::noop(),
                 ejected: Gauge::noop(),
                 panic: Gauge::noop(),
+                full: Gauge::noop(),
             },
         }
     }
@@ -71,9 +76,21 @@ impl Balancer {
             ejections: metrics::counter!(m::EJECTIONS, &labels),
             ejected: metrics::gauge!(m::EJECTED, &labels),
             panic: metrics::gauge!(m::PANIC_MODE, &labels),
+            full: metrics::gauge!(m::FULL, &labels),
             labels: Some((upstream.to_owned(), listen.to_string())),
         };
         self
+    }
+
+    /// Reads the endpoints' reported loads as stale `ttl` after they were
+    /// reported (`upstream.load_ttl`; default [`crate::load::DEFAULT_TTL`]).
+    pub fn with_load_ttl(mut self, ttl: Duration) -> Self {
+        self.load_ttl = ttl;
+        self
+    }
+
+    pub fn load_ttl(&self) -> Duration {
+        self.load_ttl
     }
 
     pub fn strategy(&self) -> Strategy {
@@ -197,6 +214,8 @@ impl Balancer {
         let panic = self.panic_threshold > 0.0 && self.below_panic_threshold(snapshot, now);
         self.in_panic.store(panic, Ordering::Relaxed);
         self.metrics.panic.set(if panic { 1.0 } else { 0.0 });
+        // Loads go stale and come back without an event too.
+        self.metrics.full.set(snapshot.full(now) as f64);
     }
 
     /// Ejected routable endpoints at `now` (for the admin API).

@@ -31,7 +31,13 @@
 //! - [`ejection`]: passive failure handling (when and how long to eject).
 //! - one file per strategy: `round_robin`, `random`, `weighted_round_robin`,
 //!   `least_connections`, `consistent_hash` (Maglev), `ip_hash`,
-//!   `response_time`.
+//!   `response_time`, `least_loaded` and `packed` (over the load the
+//!   instances report; see [`crate::load`]).
+//!
+//! Under every strategy an endpoint whose fresh reported load is full
+//! (players >= capacity) gets no new connection: the one test of
+//! `Candidates::usable`. An unknown (never reported, or stale) load is
+//! never full.
 //! - [`hash`]: the stable hash of affinity keys and instance ids.
 //! - here: what one pick knows ([`Context`]), what a strategy picks from
 //!   (`Candidates`) and the per-thread random numbers strategies share.
@@ -43,6 +49,8 @@ mod filter;
 pub mod hash;
 mod ip_hash;
 mod least_connections;
+mod least_loaded;
+mod packed;
 pub mod policy;
 mod random;
 mod response_time;
@@ -59,7 +67,7 @@ pub use balancer::Balancer;
 pub use ejection::EjectionPolicy;
 pub use filter::Filter;
 pub use policy::{OwnAddrs, Ranges, Refusal, Refused, Resolved};
-pub use snapshot::{Endpoint, Snapshot};
+pub use snapshot::{Endpoint, EndpointLoad, Snapshot};
 pub use stats::{now_ms, ActiveGuard, EndpointStats};
 pub use strategy::{bytes_key, client_key, HashKey, Strategy};
 pub use upstream::Upstream;
@@ -106,12 +114,19 @@ pub(crate) struct Candidates<'a> {
 }
 
 impl Candidates<'_> {
+    /// The one test every strategy applies to an endpoint: not tried yet,
+    /// not full by its fresh reported load (under every strategy, panic
+    /// mode included), not ejected (except in panic mode).
     #[inline]
     fn usable(&self, i: usize) -> bool {
         if self.tried.contains(&i) {
             return false;
         }
-        !self.skip_ejected || !self.endpoints[i].stats.is_ejected(self.now)
+        let endpoint = &self.endpoints[i];
+        if endpoint.is_full(self.now) {
+            return false;
+        }
+        !self.skip_ejected || !endpoint.stats.is_ejected(self.now)
     }
 }
 

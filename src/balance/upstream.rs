@@ -160,6 +160,7 @@ impl Upstream {
         }
         drop(departed);
         self.balancer.rebase(&previous, &next);
+        self.balancer.refresh_gauges(&next);
         self.live.snapshot.store(Arc::new(next));
         self.generation.send_modify(|g| *g += 1);
         refused

@@ -41,6 +41,8 @@ pub struct UpstreamConfig {
     /// Below this share of healthy endpoints, route to all (0: never).
     pub panic_threshold: f64,
     pub ejection: EjectionPolicy,
+    /// A load an instance reported longer ago than this counts as unknown.
+    pub load_ttl: Duration,
     /// Client connections open at once; more are refused and counted.
     pub max_connections: usize,
     /// A connection that moves no byte (tcp), or has no request in flight
@@ -209,6 +211,7 @@ pub(super) fn validate_upstream(
         preamble_max_bytes: balancing.preamble_max_bytes,
         panic_threshold: balancing.panic_threshold,
         ejection: balancing.ejection,
+        load_ttl: super::service::load_ttl(&at("load_ttl"), raw.load_ttl.take(), problems),
         max_connections: limits.max_connections,
         idle_timeout: limits.idle_timeout,
         tcp_keepalive: limits.tcp_keepalive,
