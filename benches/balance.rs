@@ -30,6 +30,7 @@ fn instances(n: usize) -> Vec<Resolved> {
             // Varied weights, so weighted strategies do real work.
             weight: 50 + (i as u32 * 37) % 100,
             status: Status::Healthy,
+            load: None,
         })
         .filter_map(Resolved::literal)
         .collect()

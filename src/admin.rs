@@ -63,7 +63,9 @@ use crate::registration::{Maintenance, Reported, SharedState};
 use crate::registry::{Instance, Status};
 use crate::reload::{ReloadOutcome, Reloader};
 
-pub use client::{drain, health, set_maintenance, status, Probe, Status as AgentStatus};
+pub use client::{
+    drain, health, set_load, set_maintenance, status, Probe, Status as AgentStatus, PROGRESS_EVERY,
+};
 pub use token::{client_token, generated_path, AdminToken, Denied, DENIED_LOG_INTERVAL};
 
 /// What the admin API reads: the agent's parts, shared with it.
@@ -346,7 +348,11 @@ async fn load(state: &AgentState, request: Request<Incoming>) -> Response<Body> 
         };
         match parse_load(&body) {
             Ok(load) => {
-                tracing::debug!(players = load.players, capacity = load.capacity, "load reported");
+                tracing::debug!(
+                    players = load.players,
+                    capacity = load.capacity,
+                    "load reported"
+                );
                 state.load.send_replace(Some(load));
             }
             Err(reason) => return text(StatusCode::BAD_REQUEST, &format!("{reason}\n")),

@@ -128,13 +128,24 @@ pub fn parse_fraction(text: &str) -> Result<(u32, u32), String> {
 }
 
 /// The load in a check's output: a JSON object with `players` and
-/// `capacity` numbers, or `players=N` and `capacity=M` words anywhere in
-/// the text. `None` when neither is there (or the values are invalid).
+/// `capacity` numbers (from the output's first `{` to its last `}`, so an
+/// http check's `HTTP 200 OK: {...}` reads too), or `players=N` and
+/// `capacity=M` words anywhere in the text. `None` when neither is there
+/// (or the values are invalid).
 pub fn from_output(output: &str) -> Option<(u32, u32)> {
-    let trimmed = output.trim();
-    if trimmed.starts_with('{') {
-        if let Ok(value) = serde_json::from_str::<serde_json::Value>(trimmed) {
-            let field = |name: &str| value.get(name)?.as_u64().and_then(|n| u32::try_from(n).ok());
+    let object = output
+        .find('{')
+        .zip(output.rfind('}'))
+        .filter(|(start, end)| start < end)
+        .map(|(start, end)| &output[start..=end]);
+    if let Some(object) = object {
+        if let Ok(value) = serde_json::from_str::<serde_json::Value>(object) {
+            let field = |name: &str| {
+                value
+                    .get(name)?
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+            };
             let (players, capacity) = (field("players")?, field("capacity")?);
             return Load::new(players, capacity, SystemTime::UNIX_EPOCH)
                 .ok()
@@ -185,7 +196,10 @@ mod tests {
         let l = load(3, 100, 0);
         assert!(l.is_fresh(at(30), ttl));
         assert!(!l.is_fresh(at(31), ttl));
-        assert!(l.is_fresh(at(0) - Duration::from_secs(5), ttl), "from the future");
+        assert!(
+            l.is_fresh(at(0) - Duration::from_secs(5), ttl),
+            "from the future"
+        );
         assert_eq!(l.fresh_for(at(10), ttl), Duration::from_secs(20));
         assert_eq!(l.fresh_for(at(40), ttl), Duration::ZERO);
     }
@@ -230,6 +244,10 @@ mod tests {
         assert_eq!(
             from_output(r#"{"players": 5, "capacity": 10, "map": "dust"}"#),
             Some((5, 10))
+        );
+        assert_eq!(
+            from_output(r#"HTTP 200 OK: {"players":1,"capacity":2}"#),
+            Some((1, 2))
         );
         assert_eq!(from_output("players=5"), None);
         assert_eq!(from_output(r#"{"players": 5}"#), None);

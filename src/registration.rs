@@ -301,8 +301,11 @@ impl Registration {
         loop {
             let wanted = self.wanted();
             let reported = self.wanted_load();
-            let load_due =
-                worth_publishing(self.instance.load.as_ref(), reported.as_ref(), self.load_ttl);
+            let load_due = worth_publishing(
+                self.instance.load.as_ref(),
+                reported.as_ref(),
+                self.load_ttl,
+            );
             let write_at =
                 (wanted != self.instance.status || load_due).then(|| self.writes.ready_at());
             if write_at.is_some_and(|at| at > Instant::now()) && !deferred {

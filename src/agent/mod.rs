@@ -126,7 +126,7 @@ impl Agent {
         let (maintenance, maintenance_rx) = watch::channel(None);
         let (load, load_rx) = watch::channel(None);
         let health = match &config.service {
-            Some(service) => Some(Health::new(&service.checks)?),
+            Some(service) => Some(Health::new(&service.checks)?.with_load(load.clone())),
             None => None,
         };
         let registrations = registrations(

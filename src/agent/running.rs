@@ -183,7 +183,7 @@ impl Running {
         };
         let health = match (&config.service, service_changed) {
             (Some(service), true) => match Health::new(&service.checks) {
-                Ok(health) => Some(health),
+                Ok(health) => Some(health.with_load(self.state.load.clone())),
                 Err(e) => return ReloadOutcome::Failed(format!("health checks: {e}")),
             },
             _ => None,

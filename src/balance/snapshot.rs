@@ -71,7 +71,8 @@ impl Endpoint {
     /// An unknown load is never full.
     #[inline]
     pub fn is_full(&self, now: u64) -> bool {
-        self.load(now).is_some_and(|(players, capacity)| players >= capacity)
+        self.load(now)
+            .is_some_and(|(players, capacity)| players >= capacity)
     }
 }
 

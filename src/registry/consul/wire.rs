@@ -345,6 +345,7 @@ mod tests {
             version: "1.0.0".into(),
             weight: 1,
             status: Status::Healthy,
+            load: None,
         };
         assert_eq!(
             service_meta(&instance),

@@ -311,6 +311,7 @@ mod tests {
             version: "1.2.0".into(),
             weight: 50,
             status,
+            load: None,
         }
     }
 

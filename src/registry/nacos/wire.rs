@@ -282,6 +282,7 @@ mod tests {
             version: "1.0.0".into(),
             weight: 100,
             status: Status::Healthy,
+            load: None,
         }
     }
 
