@@ -41,7 +41,7 @@ pub struct EndpointLoad {
     pub players: u32,
     /// Greater than zero.
     pub capacity: u32,
-    /// [`now_ms`] past which it counts as unknown.
+    /// [`now_ms`] from which on it counts as unknown.
     pub fresh_until: u64,
 }
 
@@ -63,7 +63,7 @@ impl Endpoint {
     #[inline]
     pub fn load(&self, now: u64) -> Option<(u32, u32)> {
         self.load
-            .filter(|l| now <= l.fresh_until)
+            .filter(|l| now < l.fresh_until)
             .map(|l| (l.players, l.capacity))
     }
 

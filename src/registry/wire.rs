@@ -269,6 +269,50 @@ mod tests {
     }
 
     #[test]
+    fn the_load_round_trips_and_is_optional_and_lenient_on_read() {
+        let at = humantime::parse_rfc3339("2026-12-03T14:00:00.250Z").expect("time");
+        let instance = Instance {
+            load: Some(Load::new(37, 100, at).expect("valid")),
+            ..Instance::for_tests("a")
+        };
+        let json = instance.to_json();
+        assert_eq!(
+            field(&json, "load"),
+            serde_json::json!({"players": 37, "capacity": 100, "at": "2026-12-03T14:00:00.250Z"})
+        );
+        assert_eq!(Instance::from_json(json.as_bytes()), Ok(instance));
+        // Knight entries and older squires have none; none is written.
+        assert!(!Instance::for_tests("a").to_json().contains("load"));
+        let base = r#""name":"a","id":"a","host":"h","port":1"#;
+        for bad in [
+            r#"null"#,
+            r#"{"players":1}"#,
+            r#"{"players":1,"capacity":0,"at":"2026-12-03T14:00:00Z"}"#,
+            r#"{"players":1,"capacity":2,"at":"yesterday"}"#,
+            r#"{"players":-1,"capacity":2,"at":"2026-12-03T14:00:00Z"}"#,
+            r#""37/100""#,
+        ] {
+            let read = Instance::from_json(format!(r#"{{{base},"load":{bad}}}"#).as_bytes())
+                .expect("a bad load never makes a bad entry");
+            assert_eq!(read.load, None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_load_as_string_metadata_round_trips() {
+        let at = humantime::parse_rfc3339("2026-12-03T14:00:00Z").expect("time");
+        let load = Load::new(3, 8, at).expect("valid");
+        let mut meta = BTreeMap::from([("zone".to_owned(), "a".to_owned())]);
+        load_to_meta(Some(&load), &mut meta);
+        assert_eq!(meta[LOAD_PLAYERS], "3");
+        assert_eq!(meta[LOAD_CAPACITY], "8");
+        assert_eq!(meta[LOAD_AT], "2026-12-03T14:00:00.000Z");
+        assert_eq!(load_from_meta(&mut meta), Some(load));
+        assert_eq!(meta.len(), 1, "the load keys are taken out of the metadata");
+        assert_eq!(load_from_meta(&mut meta), None);
+    }
+
+    #[test]
     fn squire_status_is_read_first_and_an_unknown_one_falls_back() {
         let read = |json: &str| Instance::from_json(json.as_bytes()).map(|i| i.status);
         let base = r#""name":"a","id":"a","host":"h","port":1"#;
