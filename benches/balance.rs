@@ -31,6 +31,11 @@ fn instances(n: usize) -> Vec<Resolved> {
             // Varied weights, so weighted strategies do real work.
             weight: 50 + (i as u32 * 37) % 100,
             status: Status::Healthy,
+            // Every one reports a load (about 1 in 100 full), so
+            // least_loaded and packed compare real shares and every
+            // strategy pays for the full-endpoint test.
+            load: squire::load::Load::new((i as u32 * 37) % 101, 100, std::time::SystemTime::now())
+                .ok(),
         })
         .filter_map(Resolved::literal)
         .collect()

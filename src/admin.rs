@@ -16,6 +16,10 @@
 //!   `draining` (peers open no new connections, existing ones continue);
 //!   `enable=false` returns to the health checks' verdict.
 //!   `GET /v1/maintenance` shows the current setting.
+//! - `PUT /v1/load` with `{"players": 37, "capacity": 100}`: the load the
+//!   game process reports, published with our registration (see
+//!   [`crate::load`]); `DELETE /v1/load` clears it; `GET /v1/load` shows
+//!   it. A bad body is a 400 with the reason.
 //! - `POST /v1/reload`: read the configuration file again and put it in
 //!   service (as SIGHUP does): 200 with what changed, or 400 with the
 //!   problems, the running configuration unchanged.
@@ -23,7 +27,7 @@
 //!   `GET /v1/catalog/{service}/pick`, `POST /v1/catalog/{service}/{id}/failed`:
 //!   the discovery API for game processes (see `catalog`).
 //!
-//! Mutating requests (`PUT /v1/maintenance`, `POST /v1/reload`,
+//! Mutating requests (`PUT /v1/maintenance`, `PUT`/`DELETE /v1/load`, `POST /v1/reload`,
 //! `POST .../failed`) need the admin token (see [`AdminToken`]); the rest
 //! is open to whoever reaches the admin address.
 
@@ -55,11 +59,13 @@ use crate::config::UpstreamConfig;
 use crate::discovery::ServiceState;
 use crate::health::HealthBoard;
 use crate::proxy::{Drain, Listener};
-use crate::registration::{Maintenance, SharedState};
+use crate::registration::{Maintenance, Reported, SharedState};
 use crate::registry::{Instance, Status};
 use crate::reload::{ReloadOutcome, Reloader};
 
-pub use client::{drain, health, set_maintenance, status, Probe, Status as AgentStatus};
+pub use client::{
+    drain, health, set_load, set_maintenance, status, Probe, Status as AgentStatus, PROGRESS_EVERY,
+};
 pub use token::{client_token, generated_path, AdminToken, Denied, DENIED_LOG_INTERVAL};
 
 /// What the admin API reads: the agent's parts, shared with it.
@@ -71,6 +77,11 @@ pub struct AgentState {
     pub draining: AtomicBool,
     /// Maintenance mode, switched by `PUT /v1/maintenance`.
     pub maintenance: watch::Sender<Maintenance>,
+    /// The load the game process reports, set by `PUT /v1/load`.
+    pub load: watch::Sender<Reported>,
+    /// `service.load_ttl` in milliseconds, for whether `/v1/self` calls
+    /// the load fresh (a reload may change it).
+    pub load_ttl: std::sync::atomic::AtomicU64,
     pub prometheus: PrometheusHandle,
     /// What runs now; a reload swaps it whole.
     pub catalog: ArcSwap<Catalog>,
@@ -179,6 +190,14 @@ async fn route(
             }
         }
         return maintenance(state, &request);
+    }
+    if request.uri().path() == "/v1/load" {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            if let Err(refused) = authorize(state, &request, client) {
+                return refused;
+            }
+        }
+        return load(state, request).await;
     }
     if let Some(rest) = request.uri().path().strip_prefix("/v1/catalog/") {
         let rest = rest.to_owned();
@@ -304,6 +323,84 @@ fn maintenance(state: &AgentState, request: &Request<Incoming>) -> Response<Body
     }
     let current = state.maintenance.borrow().clone();
     json_response(json!({ "enabled": current.is_some(), "reason": current }))
+}
+
+/// The largest `PUT /v1/load` body read: far more than the two numbers.
+const MAX_LOAD_BODY: usize = 4096;
+
+/// `PUT /v1/load` (`{"players": N, "capacity": M}`), `DELETE /v1/load`,
+/// `GET /v1/load`: answers the current load.
+async fn load(state: &AgentState, request: Request<Incoming>) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let method = request.method().clone();
+    if method == Method::PUT {
+        let body = match http_body_util::Limited::new(request.into_body(), MAX_LOAD_BODY)
+            .collect()
+            .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("could not read the body: {e}\n"),
+                )
+            }
+        };
+        match parse_load(&body) {
+            Ok(load) => {
+                tracing::debug!(
+                    players = load.players,
+                    capacity = load.capacity,
+                    "load reported"
+                );
+                state.load.send_replace(Some(load));
+            }
+            Err(reason) => return text(StatusCode::BAD_REQUEST, &format!("{reason}\n")),
+        }
+    } else if method == Method::DELETE {
+        tracing::info!("load cleared");
+        state.load.send_replace(None);
+    } else if method != Method::GET && method != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET, PUT or DELETE\n");
+    }
+    json_response(load_view(state))
+}
+
+/// A `PUT /v1/load` body, stamped now.
+fn parse_load(body: &[u8]) -> Result<crate::load::Load, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        players: u32,
+        capacity: u32,
+    }
+    let body: Body = serde_json::from_slice(body).map_err(|e| {
+        format!("the body must be {{\"players\": N, \"capacity\": M}} with whole numbers: {e}")
+    })?;
+    crate::load::Load::new(body.players, body.capacity, std::time::SystemTime::now())
+}
+
+/// The reported load as `/v1/load` and `/v1/self` show it: the numbers,
+/// when reported, and whether they are still fresh under `service.load_ttl`.
+fn load_view(state: &AgentState) -> serde_json::Value {
+    let current = *state.load.borrow();
+    match current {
+        None => serde_json::Value::Null,
+        Some(load) => {
+            let ttl = state.load_ttl.load(Ordering::Relaxed);
+            let fresh = load.is_fresh(
+                std::time::SystemTime::now(),
+                std::time::Duration::from_millis(ttl),
+            );
+            json!({
+                "players": load.players,
+                "capacity": load.capacity,
+                "at": humantime::format_rfc3339_millis(load.at).to_string(),
+                "full": load.is_full(),
+                "fresh": fresh,
+            })
+        }
+    }
 }
 
 pub(crate) fn not_ready_reason(state: &AgentState) -> Option<&'static str> {
@@ -499,6 +596,7 @@ fn self_view(state: &AgentState) -> serde_json::Value {
         "draining": state.draining.load(Ordering::Relaxed),
         "status": status,
         "maintenance": { "enabled": maintenance.is_some(), "reason": maintenance },
+        "load": load_view(state),
         "health": catalog.health.as_ref().map(|board| *board.subscribe().borrow()),
         "checks": checks,
         "registrations": registrations,
@@ -533,6 +631,8 @@ mod tests {
             listeners_bound: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             maintenance: watch::Sender::new(None),
+            load: watch::Sender::new(None),
+            load_ttl: std::sync::atomic::AtomicU64::new(30_000),
             prometheus: metrics_exporter_prometheus::PrometheusBuilder::new()
                 .build_recorder()
                 .handle(),

@@ -23,6 +23,7 @@
 //!   maintenance, `/v1/reload`, the `/v1/catalog` discovery API; its read model [`admin::AgentState`]; the
 //!   admin token the mutating endpoints require ([`admin::AdminToken`]).
 //! - [`reload`]: reloading `agent.toml` while running (SIGHUP, `POST /v1/reload`).
+//! - [`load`]: the load a game process reports, its freshness and when it is worth publishing.
 //! - [`liveness`]: a panic anywhere is recorded and fails `/live`.
 //! - [`metrics`]: every metric name in one place.
 //! - [`time`]: sleeps that end at shutdown, the one token bucket, RFC 3339.
@@ -48,6 +49,7 @@ pub mod fuzzing;
 pub mod health;
 pub mod init;
 pub mod liveness;
+pub mod load;
 pub mod memory;
 pub mod metrics;
 pub mod notify;

@@ -1,6 +1,6 @@
 //! The `squire` command: parse, validate, run, map errors to exit codes.
 //!
-//! Subcommands: `run`, `check`, `init`, `status`, `health`, `maintenance`,
+//! Subcommands: `run`, `check`, `init`, `status`, `health`, `maintenance`, `load`,
 //! `drain`, `completions`.
 
 use std::net::SocketAddr;
@@ -16,6 +16,8 @@ use tokio::signal::unix::{signal, SignalKind};
 
 /// Exit code for an invalid configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
+/// Exit code for a bad command-line argument (as clap's own usage errors).
+const EXIT_ARGUMENT: u8 = 2;
 /// Exit code when a second signal interrupts a graceful shutdown.
 const EXIT_INTERRUPTED: i32 = 130;
 
@@ -98,14 +100,23 @@ enum Command {
         admin: Option<SocketAddr>,
     },
     /// Announce our instance `draining` (maintenance on), wait until every
-    /// registry holds it and then --wait more so peers see it, and exit:
-    /// the preStop hook of a game container. Open sessions continue;
-    /// shutting the agent down later deregisters it.
+    /// registry holds it and then --settle more so peers see it, and with
+    /// --wait until the game reports 0 players (PUT /v1/load) or --deadline
+    /// passes; then exit: the preStop hook of a game container. Open
+    /// sessions continue; shutting the agent down later deregisters it.
     Drain {
         /// After the registries hold `draining`: how long peers get to see
         /// it (their watches, or the poll interval of Eureka and Nacos).
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-        wait: Duration,
+        settle: Duration,
+        /// Then wait until the reported players reach 0, at most --deadline
+        /// (past it squire drain exits 1). `--wait 5s`, with a duration,
+        /// is the older spelling of `--settle 5s`.
+        #[arg(long, num_args = 0..=1, value_name = "SETTLE", value_parser = humantime::parse_duration)]
+        wait: Option<Option<Duration>>,
+        /// How long --wait waits for the players to leave.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        deadline: Duration,
         /// How long the registries may take to hold `draining`; past it
         /// squire drain exits 1 (maintenance stays on).
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -113,6 +124,24 @@ enum Command {
         /// Why, shown in /v1/self.
         #[arg(long, default_value = "drain")]
         reason: String,
+        /// The running agent's configuration, to find its admin address.
+        #[arg(short, long, default_value = "agent.toml")]
+        config: PathBuf,
+        /// The admin address, instead of reading it from the configuration.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// A file holding the admin token, instead of the one the
+        /// configuration names or the agent generated in its state_dir.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+    /// Report the game's load, PLAYERS/CAPACITY (e.g. 37/100), published
+    /// with our registration (PUT /v1/load); `clear` removes it. The game
+    /// reports again at least every service.load_ttl / 2, or the load goes
+    /// stale (unknown to peers).
+    Load {
+        /// PLAYERS/CAPACITY, or `clear`.
+        load: String,
         /// The running agent's configuration, to find its admin address.
         #[arg(short, long, default_value = "agent.toml")]
         config: PathBuf,
@@ -190,7 +219,9 @@ fn main() -> ExitCode {
             admin,
         } => health(&config, admin, live),
         Command::Drain {
+            settle,
             wait,
+            deadline,
             timeout,
             reason,
             config,
@@ -205,12 +236,52 @@ fn main() -> ExitCode {
                 Ok(runtime) => runtime,
                 Err(code) => return code,
             };
+            // `--wait 5s` is the old `--settle 5s`; a bare `--wait` waits
+            // for the players.
+            let (settle, players_within) = match wait {
+                None => (settle, None),
+                Some(Some(old)) => (old, None),
+                Some(None) => (settle, Some(deadline)),
+            };
             print_answer(runtime.block_on(squire::admin::drain(
                 admin,
                 token.as_ref().map_err(String::as_str),
                 &reason,
                 timeout,
-                wait,
+                settle,
+                players_within,
+                |line| eprintln!("squire: {line}"),
+            )))
+        }
+        Command::Load {
+            load,
+            config,
+            admin,
+            token_file,
+        } => {
+            let load = if load == "clear" {
+                None
+            } else {
+                match squire::load::parse_fraction(&load) {
+                    Ok(load) => Some(load),
+                    Err(e) => {
+                        eprintln!("squire: {e}");
+                        return ExitCode::from(EXIT_ARGUMENT);
+                    }
+                }
+            };
+            let (admin, token) = match admin_and_token(&config, admin, token_file) {
+                Ok(target) => target,
+                Err(code) => return code,
+            };
+            let runtime = match client_runtime() {
+                Ok(runtime) => runtime,
+                Err(code) => return code,
+            };
+            print_answer(runtime.block_on(squire::admin::set_load(
+                admin,
+                token.as_ref().map_err(String::as_str),
+                load,
             )))
         }
         Command::Completions { shell } => {

@@ -157,6 +157,13 @@ pub const STATUS_WRITES: &str = "squire_status_writes_total";
 /// Status changes held back by the write rate limit (a later write carries
 /// the latest). Labels: registry (its name), kind.
 pub const STATUS_WRITES_DEFERRED: &str = "squire_status_writes_deferred_total";
+/// Writes of the load the game process reported (a meaningful change or a
+/// refresh; through the same rate limit as status writes). Labels:
+/// registry (its name), kind.
+pub const LOAD_WRITES: &str = "squire_load_writes_total";
+/// Routable endpoints whose fresh load says they are full (players >=
+/// capacity): they get no new connections. Labels: upstream, listen.
+pub const FULL: &str = "squire_upstream_full_endpoints";
 /// Times our instance was removed for staying unhealthy past
 /// `deregister_critical_after`. Labels: registry (its name), kind.
 pub const CRITICAL_DEREGISTRATIONS: &str = "squire_critical_deregistrations_total";
@@ -442,6 +449,7 @@ pub fn zero_registration_series(labels: &[metrics::Label]) {
         ENTRY_DELETED,
         STATUS_WRITES,
         STATUS_WRITES_DEFERRED,
+        LOAD_WRITES,
         CRITICAL_DEREGISTRATIONS,
     ] {
         metrics::counter!(counter, labels.iter()).increment(0);
@@ -489,6 +497,10 @@ fn describe() {
     describe_counter!(
         STATUS_WRITES_DEFERRED,
         "Status changes held back by the write rate limit (a later write carries the latest)"
+    );
+    describe_counter!(
+        LOAD_WRITES,
+        "Writes of the reported load to a registry (a meaningful change or a refresh)"
     );
     describe_counter!(
         CRITICAL_DEREGISTRATIONS,
@@ -639,6 +651,10 @@ fn describe() {
     );
     describe_counter!(EJECTIONS, "Endpoints ejected after consecutive failures");
     describe_gauge!(EJECTED, "Endpoints ejected right now");
+    describe_gauge!(
+        FULL,
+        "Routable endpoints whose fresh reported load is full (players >= capacity): no new connections"
+    );
     describe_gauge!(
         PANIC_MODE,
         "1 while the balancer picks among all endpoints because too few are healthy"

@@ -23,6 +23,10 @@
 //! - when the wanted status changes, write it, at most as fast as a token
 //!   bucket allows (a flapping service cannot flood the registry). Whatever
 //!   is written is the latest status at the time of the write;
+//! - when the game process reports a load that is worth publishing
+//!   ([`crate::load::worth_publishing`]: a meaningful change, or a refresh
+//!   due before peers take the published one as stale), write it with the
+//!   status, through the same token bucket: a load is part of the value;
 //! - when the health verdict stays `unhealthy` for `deregister_critical_after`,
 //!   remove the registration, and register again once the verdict recovers;
 //! - on shutdown revoke the lease so peers see us leave at once.
@@ -36,6 +40,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::load::{worth_publishing, Load};
 use crate::metrics as m;
 use crate::registry::{Instance, Lease, Registry, RegistryError, Status};
 use crate::time::{rfc3339, sleep_or_shutdown, sleep_until_some, TokenBucket};
@@ -82,6 +87,10 @@ pub type SharedState = Arc<Mutex<RegistrationState>>;
 /// Maintenance mode: `Some(reason)` while on.
 pub type Maintenance = Option<String>;
 
+/// The load the game process last reported (`PUT /v1/load`, a check's
+/// output); `None` until it reports one, or once it clears it.
+pub type Reported = Option<Load>;
+
 pub struct Registration {
     name: String,
     registry: Arc<dyn Registry>,
@@ -94,6 +103,9 @@ pub struct Registration {
     timeout: Duration,
     health: watch::Receiver<Status>,
     maintenance: watch::Receiver<Maintenance>,
+    load: watch::Receiver<Reported>,
+    /// What [`worth_publishing`] judges a load change by: `service.load_ttl`.
+    load_ttl: Duration,
     deregister_unhealthy_after: Option<Duration>,
     /// Since when the health verdict has been `unhealthy`, across leases.
     unhealthy_since: Option<Instant>,
@@ -118,6 +130,7 @@ impl Registration {
         timeout: Duration,
         health: watch::Receiver<Status>,
         maintenance: watch::Receiver<Maintenance>,
+        (load, load_ttl): (watch::Receiver<Reported>, Duration),
         deregister_unhealthy_after: Option<Duration>,
     ) -> Self {
         let state = Arc::new(Mutex::new(RegistrationState {
@@ -148,6 +161,8 @@ impl Registration {
             timeout,
             health,
             maintenance,
+            load,
+            load_ttl,
             deregister_unhealthy_after,
             unhealthy_since: None,
             writes: TokenBucket::new(WRITE_BURST, WRITE_REFILL),
@@ -175,6 +190,11 @@ impl Registration {
         }
     }
 
+    /// The load to announce now: the latest reported.
+    fn wanted_load(&mut self) -> Reported {
+        *self.load.borrow_and_update()
+    }
+
     /// Runs until `shutdown`, then revokes the registration and returns.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let kind = self.registry.kind();
@@ -182,6 +202,7 @@ impl Registration {
         let mut lost_before = false;
         loop {
             self.instance.status = self.wanted();
+            self.instance.load = self.wanted_load();
             // A registration in flight when shutdown comes may still land
             // (and would then linger until its ttl): it gets one registry
             // timeout to finish, and is revoked at once.
@@ -279,7 +300,14 @@ impl Registration {
         let mut deferred = false;
         loop {
             let wanted = self.wanted();
-            let write_at = (wanted != self.instance.status).then(|| self.writes.ready_at());
+            let reported = self.wanted_load();
+            let load_due = worth_publishing(
+                self.instance.load.as_ref(),
+                reported.as_ref(),
+                self.load_ttl,
+            );
+            let write_at =
+                (wanted != self.instance.status || load_due).then(|| self.writes.ready_at());
             if write_at.is_some_and(|at| at > Instant::now()) && !deferred {
                 deferred = true;
                 metrics::counter!(m::STATUS_WRITES_DEFERRED, self.labels.iter()).increment(1);
@@ -310,16 +338,26 @@ impl Registration {
                 changed = self.maintenance.changed() => if changed.is_err() {
                     return Ended::Shutdown(lease);
                 },
+                changed = self.load.changed() => if changed.is_err() {
+                    return Ended::Shutdown(lease);
+                },
                 _ = sleep_until_some(write_at) => {
                     self.writes.take();
                     deferred = false;
                     let mut instance = self.instance.clone();
                     instance.status = wanted;
+                    instance.load = reported;
                     match tokio::time::timeout(self.timeout, lease.update(&instance)).await {
                         Ok(Ok(())) => {
-                            metrics::counter!(m::STATUS_WRITES, self.labels.iter()).increment(1);
-                            self.set_announced_gauge(wanted);
-                            tracing::info!(registry = %self.name, kind, from = %self.instance.status, to = %wanted, "status announced");
+                            if wanted != self.instance.status {
+                                metrics::counter!(m::STATUS_WRITES, self.labels.iter()).increment(1);
+                                self.set_announced_gauge(wanted);
+                                tracing::info!(registry = %self.name, kind, from = %self.instance.status, to = %wanted, "status announced");
+                            }
+                            if load_due {
+                                metrics::counter!(m::LOAD_WRITES, self.labels.iter()).increment(1);
+                                tracing::debug!(registry = %self.name, kind, load = ?reported, "load announced");
+                            }
                             self.instance = instance.clone();
                             self.update(|s| s.instance = instance);
                         }

@@ -142,6 +142,7 @@ async fn knight_python_reads_and_writes_the_registry() {
             version: "1.0.0".into(),
             weight: 100,
             status,
+            load: None,
         };
         client
             .put(

@@ -110,6 +110,7 @@ fn instance(name: &str, port: u16) -> Instance {
         version: "1.0.0".into(),
         weight: 10,
         status: Status::Healthy,
+        load: None,
     }
 }
 

@@ -50,6 +50,7 @@ fn any_instance() -> impl Strategy<Value = Instance> {
                 version,
                 weight,
                 status,
+                load: None,
             },
         )
 }

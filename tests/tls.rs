@@ -173,6 +173,7 @@ async fn consul_over_https_with_a_client_certificate() {
         version: String::new(),
         weight: 1,
         status: squire::registry::Status::Healthy,
+        load: None,
     };
     match without.register(&instance).await {
         Ok(_) => panic!("registered without a client certificate"),

@@ -543,6 +543,7 @@ async fn the_lease_is_unavailable_while_disconnected_and_lost_once_the_session_e
         version: String::new(),
         weight: 100,
         status: Status::Healthy,
+        load: None,
     };
     let mut lease = registry.register(&instance).await.expect("register");
     lease.keep_alive().await.expect("a fresh session is alive");

@@ -1,5 +1,5 @@
 //! The client side of the admin API, for the CLI: `squire maintenance`,
-//! `squire status`, `squire health` and `squire drain`. An agent that
+//! `squire load`, `squire status`, `squire health` and `squire drain`. An agent that
 //! listens on an unspecified address (`0.0.0.0`, `::`) is reached on
 //! loopback.
 
@@ -38,6 +38,17 @@ async fn call(
     uri: &str,
     token: Option<Result<&Secret, &str>>,
 ) -> Result<(StatusCode, String), String> {
+    send(admin, method, uri, token, Bytes::new()).await
+}
+
+/// [`call`] with a request body.
+async fn send(
+    admin: SocketAddr,
+    method: Method,
+    uri: &str,
+    token: Option<Result<&Secret, &str>>,
+    body: Bytes,
+) -> Result<(StatusCode, String), String> {
     let admin = reachable(admin);
     let stream = tokio::net::TcpStream::connect(admin)
         .await
@@ -55,7 +66,7 @@ async fn call(
         request = request.header(hyper::header::AUTHORIZATION, token::authorization(token)?);
     }
     let request = request
-        .body(http_body_util::Empty::<Bytes>::new())
+        .body(http_body_util::Full::new(body))
         .map_err(|e| e.to_string())?;
     let response = sender
         .send_request(request)
@@ -91,6 +102,28 @@ pub async fn set_maintenance(
     }
 }
 
+/// `PUT /v1/load` (or `DELETE` with `None`), for `squire load`: the
+/// agent's answer, or why it could not be had.
+pub async fn set_load(
+    admin: SocketAddr,
+    token: Result<&Secret, &str>,
+    load: Option<(u32, u32)>,
+) -> Result<String, String> {
+    let (method, body) = match load {
+        Some((players, capacity)) => (
+            Method::PUT,
+            Bytes::from(serde_json::json!({"players": players, "capacity": capacity}).to_string()),
+        ),
+        None => (Method::DELETE, Bytes::new()),
+    };
+    let (status, body) = send(admin, method, "/v1/load", Some(token), body).await?;
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(format!("{status}: {body}"))
+    }
+}
+
 /// What `squire health` asks: `/ready` (listeners bound, registered, not
 /// draining) or `/live` (the process runs and nothing panicked).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,14 +151,20 @@ const DRAIN_POLL: Duration = Duration::from_millis(100);
 /// instance announced `draining`: peers open no new sessions, open ones
 /// continue), then waits until every registry we are registered in holds
 /// `draining` (at most `announce_within`), then `settle` more so peers'
-/// watches and polls see it before the game starts shutting down. What
-/// it did, or why it could not.
+/// watches and polls see it before the game starts shutting down. With
+/// `players_within`, then waits until the load the game reports
+/// (`PUT /v1/load`) says 0 players, at most that long, calling `progress`
+/// with a line each time the count changes (and every
+/// [`PROGRESS_EVERY`]). What it did, or why it could not: the deadline
+/// passing with players left is an error.
 pub async fn drain(
     admin: SocketAddr,
     token: Result<&Secret, &str>,
     reason: &str,
     announce_within: Duration,
     settle: Duration,
+    players_within: Option<Duration>,
+    mut progress: impl FnMut(&str),
 ) -> Result<String, String> {
     let started = tokio::time::Instant::now();
     set_maintenance(admin, token, true, Some(reason)).await?;
@@ -146,12 +185,79 @@ pub async fn drain(
             Err(_) => tokio::time::sleep(DRAIN_POLL).await,
         }
     };
+    let announced = started.elapsed();
     tokio::time::sleep(settle).await;
-    Ok(format!(
-        "draining announced in {registries} registr{} after {:?}; waited {settle:?} more for peers to see it",
+    let mut done = format!(
+        "draining announced in {registries} registr{} after {announced:?}; waited {settle:?} more for peers to see it",
         if registries == 1 { "y" } else { "ies" },
-        started.elapsed().saturating_sub(settle),
-    ))
+    );
+    if let Some(within) = players_within {
+        let waited = wait_for_no_players(admin, within, &mut progress).await?;
+        write!(done, "; players reached 0 after {waited:?}").map_err(|e| e.to_string())?;
+    }
+    Ok(done)
+}
+
+/// How often `squire drain --wait` reads the players count.
+const PLAYERS_POLL: Duration = Duration::from_millis(200);
+
+/// `squire drain --wait` prints the count at least this often.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Polls `/v1/self` until the reported load says 0 players (how long that
+/// took), or `within` passes (an error saying how many are left). No load
+/// reported at all is an error at once: there is nothing to wait for. A
+/// stale load is waited on (its players are unknown, not gone).
+async fn wait_for_no_players(
+    admin: SocketAddr,
+    within: Duration,
+    progress: &mut impl FnMut(&str),
+) -> Result<Duration, String> {
+    let started = tokio::time::Instant::now();
+    let deadline = started + within;
+    let mut shown: Option<(u64, bool, tokio::time::Instant)> = None;
+    loop {
+        let (code, body) = call(admin, Method::GET, "/v1/self", None).await?;
+        if !code.is_success() {
+            return Err(format!("GET /v1/self: {code}: {body}"));
+        }
+        let this: Value = serde_json::from_str(&body).map_err(|e| format!("GET /v1/self: {e}"))?;
+        let load = &this["load"];
+        if load.is_null() {
+            return Err(
+                "draining, but the game reports no load (PUT /v1/load): nothing to wait for"
+                    .to_owned(),
+            );
+        }
+        let players = load["players"].as_u64().unwrap_or(u64::MAX);
+        if players == 0 && load["fresh"] == true {
+            return Ok(started.elapsed());
+        }
+        let now = tokio::time::Instant::now();
+        let left = deadline.saturating_duration_since(now);
+        if left.is_zero() {
+            return Err(format!(
+                "draining, but {players} player(s) still on after {within:?} (maintenance stays on)"
+            ));
+        }
+        let fresh = load["fresh"] == true;
+        let due = match shown {
+            Some((last, was_fresh, at)) => {
+                last != players || was_fresh != fresh || now.duration_since(at) >= PROGRESS_EVERY
+            }
+            None => true,
+        };
+        if due {
+            let stale = if fresh { "" } else { " (stale)" };
+            progress(&format!(
+                "waiting: {players}/{} players{stale}, {}s left",
+                load["capacity"],
+                left.as_secs()
+            ));
+            shown = Some((players, fresh, now));
+        }
+        tokio::time::sleep(PLAYERS_POLL.min(left)).await;
+    }
 }
 
 /// From a `/v1/self` answer: how many registries hold our instance as

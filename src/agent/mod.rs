@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,7 +46,7 @@ use crate::metrics as m;
 use crate::proxy::{
     Bound, Drain, Drained, HttpProxy, Listener, Proxy, TcpProxy, UdpListener, UdpProxy,
 };
-use crate::registration::{Maintenance, Registration, SharedState};
+use crate::registration::{Maintenance, Registration, Reported, SharedState};
 use crate::registry::{self, Instance, Registry, Status};
 use crate::reload::{diff, ListenerChange, ReloadOutcome, ReloadSummary, Reloader};
 
@@ -123,11 +123,18 @@ impl Agent {
             listeners.iter().map(|l| l.listen),
         )));
         let (maintenance, maintenance_rx) = watch::channel(None);
+        let (load, load_rx) = watch::channel(None);
         let health = match &config.service {
-            Some(service) => Some(Health::new(&service.checks)?),
+            Some(service) => Some(Health::new(&service.checks)?.with_load(load.clone())),
             None => None,
         };
-        let registrations = registrations(&config, &sources, health.as_ref(), &maintenance_rx);
+        let registrations = registrations(
+            &config,
+            &sources,
+            health.as_ref(),
+            &maintenance_rx,
+            &load_rx,
+        );
         let (sender, reloads) = mpsc::channel(4);
         let reloader = Reloader(sender);
         let state = Arc::new(AgentState {
@@ -135,6 +142,8 @@ impl Agent {
             listeners_bound: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             maintenance,
+            load,
+            load_ttl: AtomicU64::new(load_ttl_ms(&config)),
             prometheus,
             catalog: ArcSwap::from_pointee(Catalog {
                 registrations: registrations.iter().map(Registration::state).collect(),
@@ -286,4 +295,14 @@ impl Agent {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     Agent::bind(config).await?.run(shutdown).await;
     Ok(())
+}
+
+/// `service.load_ttl` in milliseconds (the default without `[service]`),
+/// for [`AgentState::load_ttl`](crate::admin::AgentState::load_ttl).
+pub(crate) fn load_ttl_ms(config: &Config) -> u64 {
+    let ttl = config
+        .service
+        .as_ref()
+        .map_or(crate::load::DEFAULT_TTL, |s| s.load_ttl);
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
 }

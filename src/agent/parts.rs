@@ -258,6 +258,7 @@ pub(super) fn registrations(
     sources: &[Source],
     health: Option<&Health>,
     maintenance: &watch::Receiver<Maintenance>,
+    load: &watch::Receiver<Reported>,
 ) -> Vec<Registration> {
     match (&config.service, health) {
         (Some(service), Some(health)) => sources
@@ -270,6 +271,7 @@ pub(super) fn registrations(
                     service,
                     &health.board(),
                     maintenance.clone(),
+                    load.clone(),
                 )
             })
             .collect(),
@@ -283,6 +285,7 @@ pub(super) fn registration(
     service: &ServiceConfig,
     health: &HealthBoard,
     maintenance: watch::Receiver<Maintenance>,
+    load: watch::Receiver<Reported>,
 ) -> Registration {
     let instance = Instance {
         name: service.name.clone(),
@@ -295,6 +298,8 @@ pub(super) fn registration(
         weight: service.weight,
         // Replaced by the health verdict before every write.
         status: Status::Unknown,
+        // Replaced by the reported load before every write.
+        load: None,
     };
     Registration::new(
         source.name.clone(),
@@ -304,6 +309,7 @@ pub(super) fn registration(
         config.timeout,
         health.subscribe(),
         maintenance,
+        (load, service.load_ttl),
         service.deregister_critical_after,
     )
 }
@@ -349,6 +355,7 @@ pub(super) fn upstream(service: &str, config: &UpstreamConfig, listen: SocketAdd
     )
     .with_slow_start(config.slow_start)
     .with_prefer(config.prefer.clone())
+    .with_load_ttl(config.load_ttl)
     .with_metrics(service, listen);
     Upstream::new(service, config.filter.clone(), balancer).with_ranges(config.ranges.clone())
 }

@@ -183,7 +183,7 @@ impl Running {
         };
         let health = match (&config.service, service_changed) {
             (Some(service), true) => match Health::new(&service.checks) {
-                Ok(health) => Some(health),
+                Ok(health) => Some(health.with_load(self.state.load.clone())),
                 Err(e) => return ReloadOutcome::Failed(format!("health checks: {e}")),
             },
             _ => None,
@@ -297,6 +297,9 @@ impl Running {
         summary.discovery_stopped = discoveries.stopped;
         summary.discovery_restarted = discoveries.restarted;
         if service_changed {
+            self.state
+                .load_ttl
+                .store(super::load_ttl_ms(&self.config), Ordering::Relaxed);
             if let Some(old) = self.health.take() {
                 old.stop().await;
             }
@@ -304,6 +307,7 @@ impl Running {
         }
         if deregister {
             let maintenance = self.state.maintenance.subscribe();
+            let load = self.state.load.subscribe();
             let board = self.health.as_ref().map(|h| h.board.clone());
             let registrations = match (&self.config.service, board) {
                 (Some(service), Some(board)) => self
@@ -311,7 +315,14 @@ impl Running {
                     .iter()
                     .zip(&self.config.registries)
                     .map(|(source, registry)| {
-                        registration(source, registry, service, &board, maintenance.clone())
+                        registration(
+                            source,
+                            registry,
+                            service,
+                            &board,
+                            maintenance.clone(),
+                            load.clone(),
+                        )
                     })
                     .collect(),
                 _ => Vec::new(),

@@ -36,6 +36,8 @@ pub struct Balancer {
     slow_start: SlowStart,
     /// Which endpoints to keep traffic within while enough are routable.
     prefer: Prefer,
+    /// A load an endpoint reported longer ago than this is unknown.
+    load_ttl: Duration,
     metrics: BalancerMetrics,
 }
 
@@ -48,6 +50,7 @@ struct BalancerMetrics {
     panic: Gauge,
     /// 1 while a preference does not hold and traffic spills over.
     spillover: Gauge,
+    full: Gauge,
 }
 
 impl Balancer {
@@ -63,12 +66,14 @@ impl Balancer {
             in_panic: AtomicBool::new(false),
             slow_start: SlowStart::default(),
             prefer: Prefer::default(),
+            load_ttl: crate::load::DEFAULT_TTL,
             metrics: BalancerMetrics {
                 labels: None,
                 ejections: Counter::noop(),
                 ejected: Gauge::noop(),
                 panic: Gauge::noop(),
                 spillover: Gauge::noop(),
+                full: Gauge::noop(),
             },
         }
     }
@@ -84,6 +89,7 @@ impl Balancer {
             ejected: metrics::gauge!(m::EJECTED, &labels),
             panic: metrics::gauge!(m::PANIC_MODE, &labels),
             spillover: metrics::gauge!(m::SPILLOVER, &labels),
+            full: metrics::gauge!(m::FULL, &labels),
             labels: Some((upstream.to_owned(), listen.to_string())),
         };
         self
@@ -116,6 +122,17 @@ impl Balancer {
             let spilling = if snapshot.spilling { 1.0 } else { 0.0 };
             self.metrics.spillover.set(spilling);
         }
+    }
+
+    /// Reads the endpoints' reported loads as stale `ttl` after they were
+    /// reported (`upstream.load_ttl`; default [`crate::load::DEFAULT_TTL`]).
+    pub fn with_load_ttl(mut self, ttl: Duration) -> Self {
+        self.load_ttl = ttl;
+        self
+    }
+
+    pub fn load_ttl(&self) -> Duration {
+        self.load_ttl
     }
 
     pub fn strategy(&self) -> Strategy {
@@ -270,6 +287,8 @@ impl Balancer {
         let panic = self.panic_threshold > 0.0 && self.below_panic_threshold(snapshot, now);
         self.in_panic.store(panic, Ordering::Relaxed);
         self.metrics.panic.set(if panic { 1.0 } else { 0.0 });
+        // Loads go stale and come back without an event too.
+        self.metrics.full.set(snapshot.full(now) as f64);
     }
 
     /// Ejected routable endpoints at `now` (for the admin API).

@@ -37,9 +37,16 @@
 //! - [`prefer`]: keeping traffic within preferred instances (a zone)
 //!   while enough are routable, and spilling over below that.
 //! - [`slow_start`]: the ramp of an instance that just became routable.
+//! - `least_loaded` and `packed` pick over the load the instances report
+//!   (see [`crate::load`]).
 //! - [`hash`]: the stable hash of affinity keys and instance ids.
 //! - here: what one pick knows ([`Context`]), what a strategy picks from
 //!   (`Candidates`) and the per-thread random numbers strategies share.
+//!
+//! Under every strategy an endpoint whose fresh reported load is full
+//! (players >= capacity) gets no new connection: the one test of
+//! `Candidates::usable`. An unknown (never reported, or stale) load is
+//! never full.
 
 mod balancer;
 mod consistent_hash;
@@ -49,6 +56,8 @@ pub mod hash;
 mod ip_hash;
 mod least_connections;
 pub mod pinned;
+mod least_loaded;
+mod packed;
 pub mod policy;
 pub mod prefer;
 mod random;
@@ -70,7 +79,7 @@ pub use pinned::PinRefusal;
 pub use policy::{OwnAddrs, Ranges, Refusal, Refused, Resolved};
 pub use prefer::Prefer;
 pub use slow_start::SlowStart;
-pub use snapshot::{Endpoint, Snapshot};
+pub use snapshot::{Endpoint, EndpointLoad, Snapshot};
 pub use stats::{now_ms, ActiveGuard, EndpointStats};
 pub use strategy::{bytes_key, client_key, HashKey, Strategy};
 pub use upstream::Upstream;
@@ -121,12 +130,19 @@ pub(crate) struct Candidates<'a> {
 }
 
 impl Candidates<'_> {
+    /// The one test every strategy applies to an endpoint: not tried yet,
+    /// not full by its fresh reported load (under every strategy, panic
+    /// mode included), not ejected (except in panic mode).
     #[inline]
     fn usable(&self, i: usize) -> bool {
         if self.tried.contains(&i) || self.skip == Some(i) {
             return false;
         }
-        !self.skip_ejected || !self.endpoints[i].stats.is_ejected(self.now)
+        let endpoint = &self.endpoints[i];
+        if endpoint.is_full(self.now) {
+            return false;
+        }
+        !self.skip_ejected || !endpoint.stats.is_ejected(self.now)
     }
 }
 

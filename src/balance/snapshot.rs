@@ -4,11 +4,13 @@
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use super::consistent_hash::Maglev;
 use super::ejection::Census;
 use super::least_connections::LeastConnections;
+use super::least_loaded::LeastLoaded;
+use super::packed::Packed;
 use super::random::Random;
 use super::response_time::ResponseTime;
 use super::round_robin::RoundRobin;
@@ -27,6 +29,51 @@ pub struct Endpoint {
     /// resolved to when the snapshot was built. Connects never resolve.
     pub addrs: Arc<[SocketAddr]>,
     pub stats: Arc<EndpointStats>,
+    /// The instance's reported load, with until when it is fresh on the
+    /// process clock ([`now_ms`]), fixed at rebuild: picks compare, never
+    /// read a wall clock.
+    pub load: Option<EndpointLoad>,
+}
+
+/// A reported load as picks see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointLoad {
+    pub players: u32,
+    /// Greater than zero.
+    pub capacity: u32,
+    /// [`now_ms`] from which on it counts as unknown.
+    pub fresh_until: u64,
+}
+
+impl EndpointLoad {
+    /// `load` as of `now` (process clock) and `wall` (the same moment on
+    /// the wall clock), stale `ttl` after it was reported.
+    pub fn of(load: &crate::load::Load, now: u64, wall: SystemTime, ttl: Duration) -> Self {
+        let left = load.fresh_for(wall, ttl).as_millis();
+        EndpointLoad {
+            players: load.players,
+            capacity: load.capacity,
+            fresh_until: now.saturating_add(u64::try_from(left).unwrap_or(u64::MAX)),
+        }
+    }
+}
+
+impl Endpoint {
+    /// The load if fresh at `now`: `(players, capacity)`; `None` is unknown.
+    #[inline]
+    pub fn load(&self, now: u64) -> Option<(u32, u32)> {
+        self.load
+            .filter(|l| now < l.fresh_until)
+            .map(|l| (l.players, l.capacity))
+    }
+
+    /// Whether a fresh load says there is no room (players >= capacity).
+    /// An unknown load is never full.
+    #[inline]
+    pub fn is_full(&self, now: u64) -> bool {
+        self.load(now)
+            .is_some_and(|(players, capacity)| players >= capacity)
+    }
 }
 
 /// A strategy's structure over one set of endpoints, built at rebuild.
@@ -39,6 +86,8 @@ pub(super) enum Selector {
     /// `consistent_hash` and `ip_hash` (which differ only in the key).
     Hash(Maglev),
     ResponseTime(ResponseTime),
+    LeastLoaded(LeastLoaded),
+    Packed(Packed),
 }
 
 impl Selector {
@@ -62,6 +111,8 @@ impl Selector {
                 Selector::Hash(Maglev::build(endpoints, members, &weights()))
             }
             Strategy::ResponseTime => Selector::ResponseTime(ResponseTime::build(members)),
+            Strategy::LeastLoaded => Selector::LeastLoaded(LeastLoaded::build(members)),
+            Strategy::Packed => Selector::Packed(Packed::build(members)),
         }
     }
 
@@ -88,6 +139,8 @@ impl Selector {
             Selector::LeastConnections(s) => s.pick(c),
             Selector::Hash(s) => s.pick(key, c),
             Selector::ResponseTime(s) => s.pick(c),
+            Selector::LeastLoaded(s) => s.pick(c),
+            Selector::Packed(s) => s.pick(c),
         }
     }
 }
@@ -162,6 +215,8 @@ impl Snapshot {
         balancer: &Balancer,
     ) -> Snapshot {
         let now = now_ms();
+        let wall = SystemTime::now();
+        let load_ttl = balancer.load_ttl();
         let mut initial_rtt = None;
         let mut endpoint = |instance: &Instance, addrs: &Arc<[SocketAddr]>| {
             let known = previous
@@ -180,6 +235,10 @@ impl Snapshot {
                 authority: instance.authority(),
                 addrs: addrs.clone(),
                 stats,
+                load: instance
+                    .load
+                    .as_ref()
+                    .map(|load| EndpointLoad::of(load, now, wall, load_ttl)),
             }
         };
         let mut endpoints = Vec::with_capacity(instances.len());
@@ -252,6 +311,15 @@ impl Snapshot {
     /// critical, not yet healthy): only panic mode routes to them.
     pub fn standby(&self) -> &[Endpoint] {
         &self.endpoints[self.routable..]
+    }
+
+    /// Routable endpoints taking traffic whose fresh load says they are
+    /// full at `now`: what `squire_upstream_full_endpoints` shows.
+    pub fn full(&self, now: u64) -> usize {
+        self.eligible
+            .iter()
+            .filter(|&&i| self.endpoints[i as usize].is_full(now))
+            .count()
     }
 
     /// Number of routable endpoints.

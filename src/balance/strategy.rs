@@ -14,10 +14,12 @@ pub enum Strategy {
     ConsistentHash,
     IpHash,
     ResponseTime,
+    LeastLoaded,
+    Packed,
 }
 
 impl Strategy {
-    pub const ALL: [Strategy; 7] = [
+    pub const ALL: [Strategy; 9] = [
         Strategy::RoundRobin,
         Strategy::Random,
         Strategy::WeightedRoundRobin,
@@ -25,6 +27,8 @@ impl Strategy {
         Strategy::ConsistentHash,
         Strategy::IpHash,
         Strategy::ResponseTime,
+        Strategy::LeastLoaded,
+        Strategy::Packed,
     ];
 
     pub fn from_name(name: &str) -> Result<Strategy, String> {
@@ -34,7 +38,8 @@ impl Strategy {
             .ok_or_else(|| {
                 format!(
                     "unknown strategy {name:?}; expected one of round_robin, random, \
-                     weighted_round_robin, least_connections, consistent_hash, ip_hash, response_time"
+                     weighted_round_robin, least_connections, consistent_hash, ip_hash, response_time, \
+                     least_loaded, packed"
                 )
             })
     }
@@ -48,6 +53,8 @@ impl Strategy {
             Strategy::ConsistentHash => "consistent_hash",
             Strategy::IpHash => "ip_hash",
             Strategy::ResponseTime => "response_time",
+            Strategy::LeastLoaded => "least_loaded",
+            Strategy::Packed => "packed",
         }
     }
 

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use proptest::prelude::{any, prop_assert, prop_assert_eq, proptest, ProptestConfig};
 
@@ -698,6 +698,155 @@ fn ejections_count_towards_panic_mode() {
 
 // --- properties ----------------------------------------------------------------
 
+// --- reported load: the full rule, least_loaded, packed ---------------------
+
+/// A healthy instance reporting `players`/`capacity` `age` ago.
+fn loaded(id: &str, players: u32, capacity: u32, age: Duration) -> Instance {
+    Instance {
+        load: Some(
+            crate::load::Load::new(players, capacity, SystemTime::now() - age).expect("valid load"),
+        ),
+        ..instance(id, Status::Healthy, 100)
+    }
+}
+
+fn fresh(id: &str, players: u32, capacity: u32) -> Instance {
+    loaded(id, players, capacity, Duration::ZERO)
+}
+
+#[test]
+fn a_full_instance_gets_no_new_connection_under_every_strategy() {
+    for strategy in Strategy::ALL {
+        let b = balancer(strategy);
+        let instances = vec![fresh("a", 100, 100), instance("b", Status::Healthy, 100)];
+        let snapshot = build(&b, &instances);
+        assert_eq!(snapshot.full(now_ms()), 1, "{strategy:?}");
+        for key in 0..200u64 {
+            let i = pick_key(&b, &snapshot, key);
+            assert_eq!(id(&snapshot, i), "b", "{strategy:?}");
+        }
+        // Every one full: nothing to pick, the caller fails fast.
+        let all_full = build(&b, &[fresh("a", 5, 5), fresh("b", 9, 8)]);
+        assert_eq!(
+            b.pick(&all_full, &Context::new(now_ms())),
+            None,
+            "{strategy:?}"
+        );
+    }
+}
+
+#[test]
+fn a_load_that_stops_being_refreshed_is_unknown_not_full_or_empty() {
+    let b = balancer(Strategy::RoundRobin).with_load_ttl(Duration::from_secs(30));
+    // Reported full 31s ago: stale, so it routes again.
+    let stale = build(
+        &b,
+        &[
+            loaded("a", 100, 100, Duration::from_secs(31)),
+            fresh("b", 1, 100),
+        ],
+    );
+    assert_eq!(stale.full(now_ms()), 0);
+    assert!(
+        histogram(&b, &stale, 100)[0] > 0,
+        "the stale-full one is routed"
+    );
+    // Reported full just now: out; but once its ttl passes on the process
+    // clock without a rebuild, it is unknown and routed again.
+    let now = now_ms();
+    let full = build(&b, &[fresh("a", 100, 100), fresh("b", 1, 100)]);
+    assert_eq!(full.full(now), 1);
+    let later = now + 31_000;
+    assert_eq!(full.full(later), 0);
+    let picked: HashSet<usize> = (0..10)
+        .filter_map(|_| b.pick(&full, &Context::new(later)))
+        .collect();
+    assert!(picked.contains(&0), "unknown again: {picked:?}");
+    // Unknown sorts as half full for packed: between 30% and 70%.
+    let p = balancer(Strategy::Packed);
+    let s = build(
+        &p,
+        &[
+            fresh("a", 30, 100),
+            loaded("b", 90, 100, Duration::from_secs(60)),
+            fresh("c", 70, 100),
+        ],
+    );
+    assert_eq!(id(&s, pick(&p, &s)), "c");
+    let s = build(
+        &p,
+        &[
+            fresh("a", 30, 100),
+            loaded("b", 90, 100, Duration::from_secs(60)),
+        ],
+    );
+    assert_eq!(
+        id(&s, pick(&p, &s)),
+        "b",
+        "unknown (1/2) is fuller than 30%"
+    );
+}
+
+#[test]
+fn least_loaded_prefers_the_emptiest_and_never_the_fullest_of_three() {
+    let b = balancer(Strategy::LeastLoaded);
+    let s = build(
+        &b,
+        &[
+            fresh("a", 90, 100),
+            fresh("b", 10, 100),
+            fresh("c", 50, 100),
+        ],
+    );
+    let counts = histogram(&b, &s, 3000);
+    // Two distinct random choices: the 10% one wins whenever drawn (2/3),
+    // the 90% one never does.
+    assert_eq!(counts[0], 0, "{counts:?}");
+    assert!(counts[1] > 1800 && counts[1] < 2200, "{counts:?}");
+    // Shares, not player counts: 40 of 400 is emptier than 20 of 100.
+    let s = build(&b, &[fresh("a", 20, 100), fresh("b", 40, 400)]);
+    assert!(histogram(&b, &s, 100)[1] == 100);
+}
+
+#[test]
+fn least_loaded_breaks_equal_loads_by_connections_then_at_random() {
+    let b = balancer(Strategy::LeastLoaded);
+    let s = build(&b, &[fresh("a", 5, 10), fresh("b", 5, 10)]);
+    s.endpoints()[0]
+        .stats
+        .active
+        .fetch_add(3, Ordering::Relaxed);
+    assert_eq!(histogram(&b, &s, 100)[1], 100);
+    let s = build(&b, &many(2));
+    assert_shares(&histogram(&b, &s, 4000), &[0.5, 0.5], 0.1);
+}
+
+#[test]
+fn packed_fills_the_fullest_instance_that_still_has_room() {
+    let b = balancer(Strategy::Packed);
+    let mut instances = vec![
+        fresh("a", 10, 100),
+        fresh("b", 90, 100),
+        fresh("c", 100, 100),
+        fresh("d", 50, 100),
+    ];
+    let s = build(&b, &instances);
+    assert_eq!(histogram(&b, &s, 100)[1], 100, "b: fullest with room");
+    // b fills up: d is next, then a.
+    instances[1] = fresh("b", 100, 100);
+    let s = build(&b, &instances);
+    assert_eq!(id(&s, pick(&b, &s)), "d");
+    // A retry skips the tried one.
+    let tried = [3];
+    let i = b
+        .pick(&s, &Context::new(now_ms()).with_tried(&tried))
+        .expect("a pick");
+    assert_eq!(id(&s, i), "a");
+    // Equal shares: the first by id, the same on every sidecar.
+    let s = build(&b, &[fresh("x", 0, 10), fresh("y", 0, 10)]);
+    assert_eq!(histogram(&b, &s, 50)[0], 50);
+}
+
 fn any_strategy() -> impl proptest::strategy::Strategy<Value = Strategy> {
     proptest::sample::select(Strategy::ALL.to_vec())
 }
@@ -705,13 +854,15 @@ fn any_strategy() -> impl proptest::strategy::Strategy<Value = Strategy> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
-    /// Whatever the strategy, statuses, weights, ejections and earlier
-    /// attempts: while some endpoint is routable, takes traffic, is not
-    /// ejected and was not tried, a pick returns such an endpoint.
+    /// Whatever the strategy, statuses, weights, loads, ejections and
+    /// earlier attempts: while some endpoint is routable, takes traffic, is
+    /// not ejected, not full and was not tried, a pick returns such an
+    /// endpoint.
     #[test]
     fn a_pick_is_never_ejected_unroutable_or_tried_while_a_good_one_exists(
         strategy in any_strategy(),
         endpoints in proptest::collection::vec((any::<bool>(), 0u32..3, any::<bool>(), any::<bool>()), 1..40),
+        loads in proptest::collection::vec(proptest::option::of((0u32..4, 1u32..4, any::<bool>())), 40),
         key in any::<u64>(),
     ) {
         let instances: Vec<Instance> = endpoints
@@ -719,7 +870,14 @@ proptest! {
             .enumerate()
             .map(|(i, &(ok, weight, _, _))| {
                 let status = if ok { Status::Healthy } else { Status::Unhealthy };
-                instance(&format!("e{i:03}"), status, weight)
+                let mut instance = instance(&format!("e{i:03}"), status, weight);
+                // Some full, some with room, some stale (unknown), some none.
+                instance.load = loads[i].map(|(players, capacity, stale)| {
+                    let age = Duration::from_secs(if stale { 3600 } else { 0 });
+                    crate::load::Load::new(players, capacity, SystemTime::now() - age)
+                        .expect("valid load")
+                });
+                instance
             })
             .collect();
         let b = balancer(strategy);
@@ -740,6 +898,7 @@ proptest! {
             i < snapshot.len()
                 && snapshot.endpoints()[i].instance.weight > 0
                 && !snapshot.endpoints()[i].stats.is_ejected(now)
+                && !snapshot.endpoints()[i].is_full(now)
                 && !tried.contains(&i)
         };
         let exists = (0..snapshot.endpoints().len()).any(good);

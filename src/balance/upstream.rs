@@ -163,6 +163,7 @@ impl Upstream {
         next.set_discovered(instances.iter().map(|r| r.instance.id.as_str().into()));
         self.balancer.note_spillover(&next);
         self.balancer.rebase(&previous, &next);
+        self.balancer.refresh_gauges(&next);
         self.live.snapshot.store(Arc::new(next));
         self.generation.send_modify(|g| *g += 1);
         refused

@@ -23,6 +23,10 @@ pub struct CheckConfig {
     /// Consecutive failures that make it fail.
     pub fall: u32,
     pub probe: ProbeConfig,
+    /// Take the game's load from the probe's output (`players=N
+    /// capacity=M`, or a JSON object with those keys; see
+    /// [`crate::load::from_output`]); exec, http and https only.
+    pub load_from_output: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -157,6 +161,7 @@ fn validate_check(
             "headers",
             "expect_status",
             "body_contains",
+            "load_from_output",
         ],
         "https" => &[
             "method",
@@ -167,10 +172,11 @@ fn validate_check(
             "ca",
             "server_name",
             "tls_skip_verify",
+            "load_from_output",
         ],
         "tcp" | "udp" => &["send", "expect"],
         "grpc" => &["grpc_service"],
-        "exec" => &["command", "shell"],
+        "exec" => &["command", "shell", "load_from_output"],
         other => {
             problems.push(
                 at("kind"),
@@ -193,6 +199,7 @@ fn validate_check(
         ("grpc_service", raw.grpc_service.is_some()),
         ("command", raw.command.is_some()),
         ("shell", raw.shell.is_some()),
+        ("load_from_output", raw.load_from_output.is_some()),
         ("address", raw.address.is_some() && kind == "exec"),
     ];
     for (key, set) in specific {
@@ -254,6 +261,7 @@ fn validate_check(
     {
         problems.push(at("address"), format!("{address:?} is not host:port"));
     }
+    let load_from_output = raw.load_from_output.unwrap_or(false);
     let probe = match kind {
         "http" | "https" => {
             ProbeConfig::Http(validate_http(path, raw, address, kind == "https", problems))
@@ -297,6 +305,7 @@ fn validate_check(
         rise,
         fall,
         probe,
+        load_from_output,
     })
 }
 

@@ -118,6 +118,7 @@ pub struct RawService {
     pub weight: Option<i64>,
     pub metadata: Option<BTreeMap<String, String>>,
     pub deregister_critical_after: Option<String>,
+    pub load_ttl: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -143,6 +144,7 @@ pub struct RawUpstream {
     pub preamble_max_bytes: Option<i64>,
     /// A number 0-1; integer or float in TOML, checked in validation.
     pub panic_threshold: Option<toml::Value>,
+    pub load_ttl: Option<String>,
     pub retry_backoff: Option<String>,
     #[serde(default)]
     pub ejection: RawEjection,
@@ -242,6 +244,8 @@ pub struct RawCheck {
     // exec
     pub command: Option<ExecCommand>,
     pub shell: Option<bool>,
+    // exec, http, https
+    pub load_from_output: Option<bool>,
 }
 
 /// An exec check's `command`: a program and its arguments, or (with

@@ -24,6 +24,20 @@ pub struct ServiceConfig {
     pub version: String,
     pub weight: u32,
     pub metadata: BTreeMap<String, String>,
+    /// How long a load we publish stays meaningful: a report is re-published
+    /// once the published one is half this old (see [`crate::load`]).
+    pub load_ttl: Duration,
+}
+
+/// `load_ttl` (of `[service]` or an `[[upstream]]`): a duration over zero,
+/// default [`crate::load::DEFAULT_TTL`].
+pub(super) fn load_ttl(path: &str, raw: Option<String>, problems: &mut Problems) -> Duration {
+    let ttl = duration(path, raw, "30s", problems);
+    if ttl.is_zero() {
+        problems.push(path, "must be greater than zero");
+        return crate::load::DEFAULT_TTL;
+    }
+    ttl
 }
 
 pub(super) fn validate_service(
@@ -106,5 +120,6 @@ pub(super) fn validate_service(
         version: raw.version.unwrap_or_else(|| "1.0.0".to_owned()),
         weight,
         metadata: raw.metadata.unwrap_or_default(),
+        load_ttl: load_ttl("service.load_ttl", raw.load_ttl, problems),
     }
 }

@@ -49,6 +49,8 @@ pub struct UpstreamConfig {
     /// `slow_start` and `slow_start_min`: the ramp of an instance that just
     /// became routable.
     pub slow_start: SlowStart,
+    /// A load an instance reported longer ago than this counts as unknown.
+    pub load_ttl: Duration,
     /// Client connections open at once; more are refused and counted.
     pub max_connections: usize,
     /// A connection that moves no byte (tcp), or has no request in flight
@@ -250,6 +252,7 @@ pub(super) fn validate_upstream(
         ejection: balancing.ejection,
         prefer,
         slow_start,
+        load_ttl: super::service::load_ttl(&at("load_ttl"), raw.load_ttl.take(), problems),
         max_connections: limits.max_connections,
         idle_timeout: limits.idle_timeout,
         tcp_keepalive: limits.tcp_keepalive,

@@ -65,6 +65,7 @@ pub(super) fn instance(id: &str, port: u16) -> Instance {
         version: String::new(),
         weight: 100,
         status: Status::Healthy,
+        load: None,
     }
 }
 

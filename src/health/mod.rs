@@ -28,7 +28,9 @@ pub use probe::{Probe, ProbeResult};
 pub use threshold::{CheckStatus, Outcome, Threshold};
 
 use crate::config::CheckConfig;
+use crate::load::Load;
 use crate::metrics as m;
+use crate::registration::Reported;
 use crate::registry::Status;
 use crate::tls::TlsError;
 
@@ -120,6 +122,8 @@ pub fn verdict(checks: impl IntoIterator<Item = CheckStatus>) -> Status {
 pub struct Health {
     checks: Vec<(CheckConfig, Probe)>,
     board: Arc<HealthBoard>,
+    /// Where the checks with `load_from_output` report the game's load.
+    load: Option<watch::Sender<Reported>>,
 }
 
 impl Health {
@@ -155,7 +159,15 @@ impl Health {
                 reports: Mutex::new(reports),
                 verdict,
             }),
+            load: None,
         })
+    }
+
+    /// The checks with `load_from_output` set the load through `load` (the
+    /// channel `PUT /v1/load` writes too): each output that carries one.
+    pub fn with_load(mut self, load: watch::Sender<Reported>) -> Self {
+        self.load = Some(load);
+        self
     }
 
     pub fn board(&self) -> Arc<HealthBoard> {
@@ -165,11 +177,13 @@ impl Health {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut tasks = JoinSet::new();
         for (index, (config, probe)) in self.checks.into_iter().enumerate() {
+            let load = self.load.clone().filter(|_| config.load_from_output);
             tasks.spawn(run_check(
                 index,
                 config,
                 probe,
                 self.board.clone(),
+                load,
                 shutdown.clone(),
             ));
         }
@@ -182,6 +196,7 @@ async fn run_check(
     config: CheckConfig,
     probe: Probe,
     board: Arc<HealthBoard>,
+    load: Option<watch::Sender<Reported>>,
     shutdown: CancellationToken,
 ) {
     let name = config.name.clone();
@@ -206,6 +221,12 @@ async fn run_check(
                 tracing::info!(check = %name, status, output = %result.output, "check changed");
             } else {
                 tracing::warn!(check = %name, status, output = %result.output, "check changed");
+            }
+        }
+        if let Some(sink) = &load {
+            // An output without a load leaves the last one to go stale.
+            if let Some((players, capacity)) = crate::load::from_output(&result.output) {
+                sink.send_replace(Load::new(players, capacity, SystemTime::now()).ok());
             }
         }
         let (streak, streak_up) = threshold.streak();

@@ -32,6 +32,8 @@ use std::fmt;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub use crate::load::Load;
+
 /// One announced instance of a service. Its JSON (serde, and so the
 /// registry value, the local registry's files and the admin API) is Knight
 /// Server's `ServiceInfo`; see [`wire`] for how squire's finer states and
@@ -49,6 +51,9 @@ pub struct Instance {
     pub version: String,
     pub weight: u32,
     pub status: Status,
+    /// What the game process last reported (`None`: never, or cleared).
+    /// Whether it is still fresh is the reader's call ([`Load::is_fresh`]).
+    pub load: Option<Load>,
 }
 
 impl Instance {
@@ -187,6 +192,7 @@ impl Instance {
             version: String::new(),
             weight: 100,
             status: Status::Healthy,
+            load: None,
         }
     }
 }
@@ -254,6 +260,7 @@ mod tests {
             version: "1.0.0".into(),
             weight: 100,
             status: Status::Healthy,
+            load: None,
         };
         assert_eq!(
             instance.to_json(),

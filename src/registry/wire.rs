@@ -20,12 +20,18 @@
 //! `version` may be `null`, unknown fields are ignored. An unknown status
 //! is an error (the entry is skipped and counted); an unknown
 //! `squire_status` is ignored in favour of `status`.
+//!
+//! The load the game process reports travels in `load`, absent when there
+//! is none (Knight entries and older squires never have one; Knight ignores
+//! it): `{"players":37,"capacity":100,"at":"2026-12-03T14:00:00.000Z"}`,
+//! `at` RFC 3339. A `load` that does not parse (missing fields, capacity 0,
+//! a bad time) is read as no load, never as a bad entry.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::{Instance, Status};
+use super::{Instance, Load, Status};
 
 /// The JSON object, in Knight's field order.
 #[derive(Serialize, Deserialize)]
@@ -49,6 +55,58 @@ pub(super) struct Wire {
     status: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     squire_status: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_load"
+    )]
+    load: Option<Load>,
+}
+
+/// A `load` object, or `None` for anything else (see the module doc).
+fn lenient_load<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Load>, D::Error> {
+    let value = Option::<serde_json::Value>::deserialize(deserializer)?;
+    Ok(value.as_ref().and_then(load_from_json))
+}
+
+pub(crate) fn load_from_json(value: &serde_json::Value) -> Option<Load> {
+    let number = |name: &str| {
+        value
+            .get(name)?
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+    };
+    let at = humantime::parse_rfc3339_weak(value.get("at")?.as_str()?).ok()?;
+    Load::new(number("players")?, number("capacity")?, at).ok()
+}
+
+/// The load as flat text fields, for backends that carry string metadata
+/// (Consul `Meta`, Nacos and Eureka metadata): `squire_load_players`,
+/// `squire_load_capacity`, `squire_load_at` (RFC 3339).
+pub(crate) const LOAD_PLAYERS: &str = "squire_load_players";
+pub(crate) const LOAD_CAPACITY: &str = "squire_load_capacity";
+pub(crate) const LOAD_AT: &str = "squire_load_at";
+
+/// Adds the load's three keys to `meta` (nothing without a load).
+pub(crate) fn load_to_meta(load: Option<&Load>, meta: &mut BTreeMap<String, String>) {
+    if let Some(load) = load {
+        meta.insert(LOAD_PLAYERS.to_owned(), load.players.to_string());
+        meta.insert(LOAD_CAPACITY.to_owned(), load.capacity.to_string());
+        meta.insert(
+            LOAD_AT.to_owned(),
+            humantime::format_rfc3339_millis(load.at).to_string(),
+        );
+    }
+}
+
+/// Takes the load's keys out of `meta` (so they do not show as metadata)
+/// and reads them; `None` when absent or invalid.
+pub(crate) fn load_from_meta(meta: &mut BTreeMap<String, String>) -> Option<Load> {
+    let players = meta.remove(LOAD_PLAYERS);
+    let capacity = meta.remove(LOAD_CAPACITY);
+    let at = meta.remove(LOAD_AT);
+    let at = humantime::parse_rfc3339_weak(&at?).ok()?;
+    Load::new(players?.parse().ok()?, capacity?.parse().ok()?, at).ok()
 }
 
 fn default_weight() -> u32 {
@@ -108,6 +166,7 @@ impl From<Instance> for Wire {
             status: Some(announced.as_str().to_owned()),
             squire_status: (announced != instance.status)
                 .then(|| instance.status.as_str().to_owned()),
+            load: instance.load,
         }
     }
 }
@@ -139,6 +198,7 @@ impl TryFrom<Wire> for Instance {
             version: wire.version,
             weight: wire.weight,
             status,
+            load: wire.load,
         })
     }
 }
@@ -206,6 +266,50 @@ mod tests {
         assert_eq!(instance.version, "");
         assert_eq!(instance.weight, 100);
         assert_eq!(instance.status, Status::Critical);
+    }
+
+    #[test]
+    fn the_load_round_trips_and_is_optional_and_lenient_on_read() {
+        let at = humantime::parse_rfc3339("2026-12-03T14:00:00.250Z").expect("time");
+        let instance = Instance {
+            load: Some(Load::new(37, 100, at).expect("valid")),
+            ..Instance::for_tests("a")
+        };
+        let json = instance.to_json();
+        assert_eq!(
+            field(&json, "load"),
+            serde_json::json!({"players": 37, "capacity": 100, "at": "2026-12-03T14:00:00.250Z"})
+        );
+        assert_eq!(Instance::from_json(json.as_bytes()), Ok(instance));
+        // Knight entries and older squires have none; none is written.
+        assert!(!Instance::for_tests("a").to_json().contains("load"));
+        let base = r#""name":"a","id":"a","host":"h","port":1"#;
+        for bad in [
+            r#"null"#,
+            r#"{"players":1}"#,
+            r#"{"players":1,"capacity":0,"at":"2026-12-03T14:00:00Z"}"#,
+            r#"{"players":1,"capacity":2,"at":"yesterday"}"#,
+            r#"{"players":-1,"capacity":2,"at":"2026-12-03T14:00:00Z"}"#,
+            r#""37/100""#,
+        ] {
+            let read = Instance::from_json(format!(r#"{{{base},"load":{bad}}}"#).as_bytes())
+                .expect("a bad load never makes a bad entry");
+            assert_eq!(read.load, None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_load_as_string_metadata_round_trips() {
+        let at = humantime::parse_rfc3339("2026-12-03T14:00:00Z").expect("time");
+        let load = Load::new(3, 8, at).expect("valid");
+        let mut meta = BTreeMap::from([("zone".to_owned(), "a".to_owned())]);
+        load_to_meta(Some(&load), &mut meta);
+        assert_eq!(meta[LOAD_PLAYERS], "3");
+        assert_eq!(meta[LOAD_CAPACITY], "8");
+        assert_eq!(meta[LOAD_AT], "2026-12-03T14:00:00.000Z");
+        assert_eq!(load_from_meta(&mut meta), Some(load));
+        assert_eq!(meta.len(), 1, "the load keys are taken out of the metadata");
+        assert_eq!(load_from_meta(&mut meta), None);
     }
 
     #[test]

@@ -137,6 +137,7 @@ fn instance_of(entry: HealthEntry) -> Result<Instance, String> {
     };
     let mut metadata = service.meta.unwrap_or_default();
     let version = metadata.remove("version").unwrap_or_default();
+    let load = crate::registry::wire::load_from_meta(&mut metadata);
     Ok(Instance {
         name: service.service,
         id: service.id,
@@ -147,6 +148,7 @@ fn instance_of(entry: HealthEntry) -> Result<Instance, String> {
         version,
         weight,
         status: status_of(&entry.checks),
+        load,
     })
 }
 
@@ -173,26 +175,30 @@ fn status_of(checks: &[CheckEntry]) -> Status {
     status
 }
 
-/// The Meta squire sends: the metadata plus `version`. Keys Consul would
+/// The Meta squire sends: the metadata plus `version` and the reported
+/// load's `squire_load_*` keys (see [`crate::registry::wire`]). Keys Consul would
 /// refuse (validation rejects them for kind = "consul") are left out with a
 /// warning rather than failing the whole registration.
 pub(super) fn service_meta(instance: &Instance) -> BTreeMap<String, String> {
     let mut meta = BTreeMap::new();
+    // `version` and the load's three keys are always sent.
+    let ours = 1 + if instance.load.is_some() { 3 } else { 0 };
     for (key, value) in &instance.metadata {
-        if key == "version" {
-            continue; // the version field wins
+        if key == "version" || key.starts_with("squire_load_") {
+            continue; // the version field and the load win
         }
         if let Some(reason) = meta_problem(key, value) {
             tracing::warn!(id = %instance.id, key = %key, %reason, "metadata pair left out of the Consul registration");
             continue;
         }
-        if meta.len() + 1 >= MAX_META_PAIRS {
+        if meta.len() + ours >= MAX_META_PAIRS {
             tracing::warn!(id = %instance.id, key = %key, "metadata pair left out: Consul takes at most 64 pairs");
             continue;
         }
         meta.insert(key.clone(), value.clone());
     }
     meta.insert("version".to_owned(), instance.version.clone());
+    crate::registry::wire::load_to_meta(instance.load.as_ref(), &mut meta);
     meta
 }
 
@@ -339,6 +345,7 @@ mod tests {
             version: "1.0.0".into(),
             weight: 1,
             status: Status::Healthy,
+            load: None,
         };
         assert_eq!(
             service_meta(&instance),

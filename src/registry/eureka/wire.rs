@@ -7,7 +7,9 @@
 //! `squire.weight` and `squire.status` (the exact state; Eureka's own
 //! `status` is one of UP, DOWN, OUT_OF_SERVICE, STARTING). An instance
 //! registered by another Eureka client has none of them: no tags, no
-//! version, weight 100, its status read from Eureka's.
+//! version, weight 100, its status read from Eureka's. The reported load
+//! rides there too, as `squire_load_players`, `squire_load_capacity` and
+//! `squire_load_at` (the keys every string-metadata backend uses).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -61,6 +63,9 @@ pub(super) fn instance_document(instance: &Instance, ttl_secs: u64) -> Value {
         STATUS.into(),
         Value::String(instance.status.as_str().into()),
     );
+    let mut load = BTreeMap::new();
+    crate::registry::wire::load_to_meta(instance.load.as_ref(), &mut load);
+    metadata.extend(load.into_iter().map(|(k, v)| (k, Value::String(v))));
     json!({
         "instance": {
             "instanceId": instance.id,
@@ -197,6 +202,7 @@ fn instance(app: &str, id: &str, status: &str, value: &Value) -> Result<Instance
         None => 100,
     };
     let finer = metadata.remove(STATUS).and_then(|s| Status::from_name(&s));
+    let load = crate::registry::wire::load_from_meta(&mut metadata);
     // Eureka's status wins where it says more than ours could: an operator's
     // OUT_OF_SERVICE override, or DOWN.
     let status = match (from_eureka_status(status), finer) {
@@ -214,6 +220,7 @@ fn instance(app: &str, id: &str, status: &str, value: &Value) -> Result<Instance
         version,
         weight,
         status,
+        load,
     })
 }
 
@@ -304,6 +311,7 @@ mod tests {
             version: "1.2.0".into(),
             weight: 50,
             status,
+            load: None,
         }
     }
 

@@ -12,7 +12,16 @@ use crate::registry::{Entry, Instance, RegistryError, Status};
 
 /// The metadata keys that carry Knight's `ServiceInfo` fields Nacos has no
 /// field for. A service's own metadata may not use them.
-pub const RESERVED_METADATA: [&str; 5] = ["id", "tags", "version", "status", "squire_status"];
+pub const RESERVED_METADATA: [&str; 8] = [
+    "id",
+    "tags",
+    "version",
+    "status",
+    "squire_status",
+    crate::registry::wire::LOAD_PLAYERS,
+    crate::registry::wire::LOAD_CAPACITY,
+    crate::registry::wire::LOAD_AT,
+];
 
 /// Nacos's per-instance heartbeat settings (milliseconds), from our ttl.
 const BEAT_INTERVAL: &str = "preserved.heart.beat.interval";
@@ -40,6 +49,7 @@ pub(super) fn metadata_of(instance: &Instance, ttl: Duration) -> BTreeMap<String
     }
     metadata.insert("id".to_owned(), instance.id.clone());
     metadata.insert("version".to_owned(), instance.version.clone());
+    crate::registry::wire::load_to_meta(instance.load.as_ref(), &mut metadata);
     // Serializing a list of strings cannot fail.
     metadata.insert(
         "tags".to_owned(),
@@ -215,6 +225,7 @@ fn instance_of(service: &str, key: &str, host: Host) -> Result<Instance, String>
     for reserved in [BEAT_INTERVAL, BEAT_TIMEOUT, DELETE_TIMEOUT] {
         metadata.remove(reserved);
     }
+    let load = crate::registry::wire::load_from_meta(&mut metadata);
     let tags: Value = match metadata.remove("tags") {
         None => json!([]),
         Some(text) => {
@@ -245,6 +256,7 @@ fn instance_of(service: &str, key: &str, host: Host) -> Result<Instance, String>
     value["metadata"] = json!(metadata);
     let _ = host.cluster_name; // every cluster of the service is served
     let mut instance = Instance::from_json(value.to_string().as_bytes())?;
+    instance.load = load;
     if host.enabled == Some(false) {
         instance.status = Status::Draining;
     } else if !host.healthy && serving(instance.status) {
@@ -270,6 +282,7 @@ mod tests {
             version: "1.0.0".into(),
             weight: 100,
             status: Status::Healthy,
+            load: None,
         }
     }
 
