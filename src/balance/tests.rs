@@ -1074,11 +1074,14 @@ fn traffic_stays_in_the_preferred_zone_while_enough_are_routable() {
         let snapshot = build(&b, &all);
         assert!(!snapshot.spilling(), "{strategy:?}");
         let ids = picked_ids(&b, &snapshot, 300);
-        assert_eq!(
-            ids,
-            HashSet::from(["a1".into(), "a2".into()]),
-            "{strategy:?}"
-        );
+        let zone_a = HashSet::from(["a1".into(), "a2".into()]);
+        if strategy == Strategy::Packed {
+            // With no loads reported every instance is as full: packed
+            // fills the first by id.
+            assert_eq!(ids, HashSet::from(["a1".into()]), "{strategy:?}");
+        } else {
+            assert_eq!(ids, zone_a, "{strategy:?}");
+        }
     }
 }
 
