@@ -316,7 +316,10 @@ impl Listener {
                     }
                 },
             };
-            let connection = serve(stream, peer);
+            // Boxed: a connection's future is kilobytes (an HTTP one holds
+            // hyper's whole connection state), and the runtime moves an
+            // unboxed one several times on spawn and completion.
+            let connection = Box::pin(serve(stream, peer));
             let turn = drain.turn();
             drain.connections.spawn(async move {
                 let _slot = slot;
