@@ -17,7 +17,7 @@
 //! ([`departed_grace`](crate::metrics::departed_grace)) so a scrape still
 //! sees the last counts and an instance back within it counts on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -143,7 +143,7 @@ pub struct InstancePool {
     /// What to dial (see [`crate::balance::Endpoint::addrs`]).
     addrs: Arc<[SocketAddr]>,
     settings: PoolSettings,
-    http1_idle: Mutex<Vec<Idle>>,
+    http1_idle: Mutex<VecDeque<Idle>>,
     http2: Mutex<Option<http2::SendRequest<RequestBody>>>,
     /// Held across an HTTP/2 connect, so concurrent first requests wait for
     /// the one connection instead of each opening their own. Per instance:
@@ -189,7 +189,7 @@ impl ConnPool {
             authority: authority.to_owned(),
             addrs: addrs.clone(),
             settings: self.settings,
-            http1_idle: Mutex::new(Vec::new()),
+            http1_idle: Mutex::new(VecDeque::new()),
             http2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
             requests,
@@ -278,7 +278,7 @@ impl InstancePool {
     /// sent.
     fn take_idle(&self) -> Option<Idle> {
         let mut idle = lock(&self.http1_idle);
-        while let Some(mut candidate) = idle.pop() {
+        while let Some(mut candidate) = idle.pop_back() {
             if candidate.since.elapsed() < self.settings.idle_timeout
                 && candidate.conn.is_reusable()
             {
@@ -292,15 +292,23 @@ impl InstancePool {
         if self.settings.max_idle == 0 {
             return;
         }
+        let now = Instant::now();
         let mut idle = lock(&self.http1_idle);
+        // Oldest first (connections are taken from the back), so the
+        // expired ones are at the front: no walk over the whole list per
+        // request. One the instance closed is found out when taken.
         let timeout = self.settings.idle_timeout;
-        idle.retain_mut(|c| c.since.elapsed() < timeout && c.conn.is_reusable());
-        if idle.len() < self.settings.max_idle {
-            idle.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+        while idle
+            .front()
+            .is_some_and(|c| now.saturating_duration_since(c.since) >= timeout)
+        {
+            idle.pop_front();
         }
+        if idle.len() >= self.settings.max_idle {
+            // Full: the one just used stays, the least recently used goes.
+            idle.pop_front();
+        }
+        idle.push_back(Idle { conn, since: now });
     }
 
     async fn tcp(&self) -> Result<TcpStream, ConnectError> {
