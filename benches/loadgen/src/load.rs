@@ -156,12 +156,28 @@ async fn drive(run: &Run, window: Window) -> Result<String, String> {
     tokio::time::sleep_until(window.measure.into()).await;
     let cpu_start = procfs::cpu_seconds(&run.pids)?;
     let measured_from = Instant::now();
-    tokio::time::sleep_until(window.end.into()).await;
+    // The window ends at its end, or as soon as every client has stopped
+    // (the --max-ops budget spent), so a bounded run measures only itself.
+    let mut tallies = Vec::with_capacity(conns);
+    let end = tokio::time::sleep_until(window.end.into());
+    tokio::pin!(end);
+    loop {
+        tokio::select! {
+            _ = &mut end => break,
+            joined = clients.join_next() => match joined {
+                Some(tally) => tallies.push(tally),
+                None => break,
+            },
+        }
+    }
     let cpu = procfs::cpu_seconds(&run.pids)? - cpu_start;
     let secs = (Instant::now() - measured_from).as_secs_f64();
 
-    let mut all = Tally::default();
     while let Some(tally) = clients.join_next().await {
+        tallies.push(tally);
+    }
+    let mut all = Tally::default();
+    for tally in tallies {
         let tally = tally.map_err(|e| e.to_string())?;
         all.samples.extend(tally.samples);
         all.errors += tally.errors;
