@@ -14,6 +14,15 @@ use squire::reload::Reloader;
 use squire::{Config, ConfigError};
 use tokio::signal::unix::{signal, SignalKind};
 
+/// mimalloc instead of glibc's malloc: a proxied HTTP request allocates ~28
+/// times (hyper's buffers and header maps, the task, the pooled body) and
+/// glibc spent ~370 instructions per allocation and free here (bins,
+/// consolidation). Built without transparent huge pages (`no_thp`), which
+/// had put idle RSS 10 MB higher; freed memory goes back in
+/// [`squire::memory`].
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for an invalid configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 /// Exit code for a bad command-line argument (as clap's own usage errors).
@@ -336,6 +345,10 @@ fn main() -> ExitCode {
                     builder
                 }
             };
+            // mimalloc frees per thread: each worker gives its freed
+            // memory back when it goes idle (the agent's trim task covers
+            // only the thread it happens to run on).
+            builder.on_thread_park(squire::memory::trim_if_due);
             let runtime = match builder.enable_all().build() {
                 Ok(runtime) => runtime,
                 Err(e) => {

@@ -6,11 +6,18 @@
 //! top of each thread's heap, where glibc never trims on its own.
 //! `malloc_trim(0)` walks the heaps and releases every free page; run every
 //! few seconds it costs microseconds when there is nothing to release.
-//! (mimalloc was tried instead: higher idle RSS, 30 MB, and it kept the
-//! peak too, since its idle threads never purge.)
+//!
+//! The `squire` binary allocates with mimalloc, which frees into each
+//! thread's own heap and purges a page only when that thread allocates or
+//! frees again: an idle thread never would. `mi_collect` purges the calling
+//! thread's heap, so every runtime thread trims itself when it goes idle
+//! ([`trim_if_due`], from the runtime's park hook), and the agent's trim
+//! task trims every [`TRIM_EVERY`] wherever it runs.
 
+use std::cell::Cell;
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// How often freed memory is released.
@@ -28,8 +35,40 @@ pub async fn trim_periodically(stop: CancellationToken) {
     }
 }
 
+/// [`trim`], when this thread last did so [`TRIM_EVERY`] ago or longer:
+/// the runtime calls it each time a worker parks, so it costs a clock read
+/// when not due.
+pub fn trim_if_due() {
+    thread_local! {
+        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+    let now = Instant::now();
+    let due = LAST.with(|last| match last.get() {
+        Some(at) if now.duration_since(at) < TRIM_EVERY => false,
+        _ => {
+            last.set(Some(now));
+            true
+        }
+    });
+    if due {
+        trim();
+    }
+}
+
+/// Releases what both allocators hold free: mimalloc (the `squire`
+/// binary's) and glibc's (which the library's users may keep). Either is a
+/// no-op for the allocator not in use.
+pub fn trim() {
+    // SAFETY: mi_collect only frees and purges pages of mimalloc's own
+    // heaps (this thread's, and abandoned ones with `force`).
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
+    }
+    trim_glibc();
+}
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn trim() {
+fn trim_glibc() {
     // SAFETY: malloc_trim only inspects and releases the allocator's own
     // free memory; it is thread-safe.
     unsafe {
@@ -38,4 +77,4 @@ fn trim() {
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim() {}
+fn trim_glibc() {}
