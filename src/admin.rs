@@ -567,7 +567,25 @@ fn endpoint_view(e: &Endpoint, now: u64) -> serde_json::Value {
         "ejections": stats.ejections.load(Ordering::Relaxed),
         "ejected_for_ms": stats.ejected_until(now).map(|until| until - now),
         "latency_estimate_ms": stats.rtt_estimate(now) / 1e6,
+        "load": endpoint_load(e, now),
     })
+}
+
+/// An endpoint's reported load as this squire's picks see it (`fresh`
+/// under the upstream's `load_ttl`, `full` only when fresh), in the shape
+/// of `/v1/self`'s `load`; null when the instance has none (never reported,
+/// or cleared).
+fn endpoint_load(e: &Endpoint, now: u64) -> serde_json::Value {
+    match (&e.instance.load, e.load) {
+        (Some(load), Some(seen)) => json!({
+            "players": seen.players,
+            "capacity": seen.capacity,
+            "at": humantime::format_rfc3339_millis(load.at).to_string(),
+            "full": e.is_full(now),
+            "fresh": e.load(now).is_some(),
+        }),
+        _ => serde_json::Value::Null,
+    }
 }
 
 fn self_view(state: &AgentState) -> serde_json::Value {

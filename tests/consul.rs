@@ -1,8 +1,9 @@
 //! End to end against the fake Consul (`tests/support/consul.rs`): whole
 //! agents registering, heartbeating, discovering and proxying, and the
 //! Consul backend's lease driven directly where the agent has no outside
-//! handle yet (status changes). No real Consul is involved: see the fake's
-//! own tests in `tests/consul_fake.rs`.
+//! handle yet (status changes), and a reported load carried in `Meta` to a
+//! peer that picks by it (`support::load`). No real Consul is involved: see
+//! the fake's own tests in `tests/consul_fake.rs`.
 
 mod support;
 
@@ -724,4 +725,11 @@ async fn backend_registry_error(registry: Section) -> RegistryError {
         Ok(_) => panic!("registration should fail"),
         Err(e) => e,
     }
+}
+
+#[tokio::test]
+async fn a_reported_load_round_trips_to_a_peer_and_steers_its_picks() {
+    capture_logs();
+    let fake = FakeConsul::start().await;
+    support::load::round_trip(|| Section::consul(&fake)).await;
 }

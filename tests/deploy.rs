@@ -1,8 +1,9 @@
 //! The deployment files as far as they can be checked without a cluster
 //! or a Docker daemon: `deploy/kubernetes/*.yaml` parse; the sidecar's
 //! `agent.toml` (placeholders filled in) is a valid configuration; the
-//! game container's preStop hook is a `squire drain` command line that
-//! drains a real agent; the grace period covers the drain, the game's
+//! game container's preStop hook is a `squire drain --wait` command line
+//! that drains a real agent and returns once its reported players reach 0;
+//! the grace period covers the drain with its player wait, the game's
 //! shutdown and squire's own; the PodMonitor finds squire's admin port;
 //! the Dockerfile's HEALTHCHECK is a `squire health` command line that
 //! says 0 for a ready agent and 1 otherwise; and the image build copies
@@ -143,7 +144,15 @@ fn the_kubernetes_files_parse_and_fit_together() {
 
     // The grace period covers every step of the shutdown.
     let parse = |d: &str| humantime::parse_duration(d).expect("a duration");
-    let drain = parse(flag(&pre_stop, "--timeout")) + parse(flag(&pre_stop, "--wait"));
+    // --wait (for the players to leave) takes no value: --deadline bounds it.
+    assert!(pre_stop.iter().any(|a| a == "--wait"), "{pre_stop:?}");
+    assert!(
+        flag(&pre_stop, "--wait").starts_with("--"),
+        "--wait with a value is the old spelling of --settle: {pre_stop:?}"
+    );
+    let drain = parse(flag(&pre_stop, "--timeout"))
+        + parse(flag(&pre_stop, "--settle"))
+        + parse(flag(&pre_stop, "--deadline"));
     let squire_stop =
         config.agent.drain_delay + config.agent.drain_timeout + config.agent.drain_spread;
     let needed = drain + GAME_SHUTDOWN + squire_stop;
@@ -180,8 +189,23 @@ fn the_kubernetes_files_parse_and_fit_together() {
     );
 }
 
+/// `squire load players/capacity` on `agent` with the token in `token`,
+/// as the game reports its load.
+async fn report_load(agent: &TestAgent, token: &Path, players: u32, capacity: u32) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_squire"))
+        .arg("load")
+        .arg(format!("{players}/{capacity}"))
+        .args(["--admin", &agent.admin.to_string()])
+        .arg("--token-file")
+        .arg(token)
+        .output()
+        .await
+        .expect("run squire load");
+    assert!(out.status.success(), "{out:?}");
+}
+
 #[tokio::test]
-async fn the_pre_stop_hook_drains_a_real_agent() {
+async fn the_pre_stop_hook_drains_a_real_agent_and_waits_for_the_players() {
     let dir = tempfile::tempdir().expect("dir");
     let backend = Backend::start("battle").await;
     let battle = TestAgent::start(
@@ -190,6 +214,7 @@ async fn the_pre_stop_hook_drains_a_real_agent() {
     .await;
     let token = dir.path().join("admin-token");
     support::certs::write_private(&token, battle.token.expose());
+    report_load(&battle, &token, 3, 100).await;
     let docs = documents("deploy/kubernetes/sidecar.yaml");
     let pod = &kind(&docs, "Deployment")["spec"]["template"]["spec"];
     let mut command =
@@ -203,16 +228,50 @@ async fn the_pre_stop_hook_drains_a_real_agent() {
             *arg = token.display().to_string();
         }
     }
-    let wait = command.iter().position(|a| a == "--wait").expect("--wait");
-    command[wait + 1] = "100ms".into();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_squire"))
+    let settle = command
+        .iter()
+        .position(|a| a == "--settle")
+        .expect("--settle");
+    command[settle + 1] = "100ms".into();
+    let deadline = command
+        .iter()
+        .position(|a| a == "--deadline")
+        .expect("--deadline");
+    command[deadline + 1] = format!("{}s", DEADLINE.as_secs());
+    let mut hook = tokio::process::Command::new(env!("CARGO_BIN_EXE_squire"))
         .args(&command[1..])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run squire");
+    eventually("draining announced", DEADLINE, || async {
+        battle.json("/v1/self").await["status"] == "draining"
+    })
+    .await;
+    // Three players on: the hook waits for them (its first progress line
+    // says so) rather than returning.
+    let mut stderr = tokio::io::BufReader::new(hook.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    tokio::time::timeout(
+        DEADLINE,
+        tokio::io::AsyncBufReadExt::read_line(&mut stderr, &mut line),
+    )
+    .await
+    .expect("a progress line within the deadline")
+    .expect("read");
+    assert!(line.contains("waiting: 3/100 players"), "{line}");
+    assert!(hook.try_wait().expect("status").is_none(), "still waiting");
+    report_load(&battle, &token, 0, 100).await;
+    let out = tokio::time::timeout(DEADLINE, hook.wait_with_output())
         .await
+        .expect("the hook returns once the players are gone")
         .expect("run squire");
     assert!(out.status.success(), "{command:?}: {out:?}");
-    let this = battle.json("/v1/self").await;
-    assert_eq!(this["status"], "draining", "{this}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("players reached 0"),
+        "{out:?}"
+    );
     battle.stop().await;
 }
 

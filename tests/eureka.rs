@@ -2,8 +2,9 @@
 //! (`tests/support/eureka.rs`, checked against the Eureka REST operations
 //! in `tests/eureka_fake.rs`): the instance document, renewals, a server
 //! that forgot us, draining as the OUT_OF_SERVICE override, polled
-//! discovery with deltas and the hash-code check, and an unreachable
-//! server.
+//! discovery with deltas and the hash-code check, an unreachable server,
+//! and a reported load carried in the metadata to a peer that picks by it
+//! (`support::load`).
 
 mod support;
 
@@ -216,6 +217,12 @@ async fn a_garbage_instance_is_skipped_and_counted() {
     let services: Value = b.json("/v1/services").await;
     assert_eq!(services["services"][0]["summary"]["total"], 1, "{services}");
     b.stop().await;
+}
+
+#[tokio::test]
+async fn a_reported_load_round_trips_to_a_peer_and_steers_its_picks() {
+    let fake = FakeEureka::start().await;
+    support::load::round_trip(|| registry(&fake)).await;
 }
 
 /// The unchanged PyPI client py-eureka-client against the fake and

@@ -1,7 +1,8 @@
 //! End to end against a real Nacos server (r-nacos, `tests/support/nacos.rs`):
 //! whole agents registering ephemeral instances, beating, draining,
 //! deregistering, discovering and proxying, a server killed and restarted,
-//! auth, and instances written by other clients with garbage metadata.
+//! auth, instances written by other clients with garbage metadata, and a
+//! reported load carried to a peer that picks by it (`support::load`).
 //! Everything squire wrote is read back through the Open API.
 
 mod support;
@@ -848,4 +849,11 @@ async fn a_push_that_cannot_connect_leaves_the_poll_working() {
     })
     .await;
     b.stop().await;
+}
+
+#[tokio::test]
+async fn a_reported_load_round_trips_to_a_peer_and_steers_its_picks() {
+    capture_logs();
+    let nacos = Nacos::start().await;
+    support::load::round_trip(|| Section::nacos(&nacos)).await;
 }

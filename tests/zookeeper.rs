@@ -1,7 +1,8 @@
 //! End to end against a real ZooKeeper (Debian's 3.8): the ephemeral node
 //! and its data, a deleted node and an expired session answered at once,
 //! discovery and proxying between two agents, a server killed and
-//! restarted, garbage data, and digest auth with its ACL.
+//! restarted, garbage data, digest auth with its ACL, and a reported load
+//! carried to a peer that picks by it (`support::load`).
 
 mod support;
 
@@ -688,4 +689,10 @@ async fn a_watch_cancelled_at_every_turn_still_sees_every_change() {
         cancelled > 0,
         "nothing was cancelled: the test proves nothing"
     );
+}
+
+#[tokio::test]
+async fn a_reported_load_round_trips_to_a_peer_and_steers_its_picks() {
+    let zk = ZooKeeper::start().await;
+    support::load::round_trip(|| Section::zookeeper(&zk, "/load")).await;
 }

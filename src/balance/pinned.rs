@@ -27,7 +27,8 @@ impl PinRefusal {
 /// The endpoint index of instance `id` in `snapshot` if it may take a new
 /// connection at `now`: routable (not standby), weight above zero, not
 /// ejected. Panic mode does not apply: a pin asks for one instance, whose
-/// state is known.
+/// state is known. Nor does the full rule: a pinned client is one of the
+/// players the instance's load counts, coming back to its room.
 pub fn pick(snapshot: &Snapshot, id: &str, now: u64) -> Result<usize, PinRefusal> {
     let Some(index) = snapshot.position(id) else {
         return Err(if snapshot.discovered(id) {

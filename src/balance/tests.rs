@@ -1165,6 +1165,18 @@ fn a_pin_reaches_exactly_its_instance_or_says_why_not() {
 }
 
 #[test]
+fn a_pin_reaches_a_full_instance() {
+    // A pinned client already holds a seat its room's server counted: full
+    // keeps out new players the strategies place, not the room's own.
+    let b = balancer(Strategy::ConsistentHash);
+    let snapshot = build(&b, &[fresh("e00", 100, 100), fresh("e01", 1, 100)]);
+    let now = now_ms();
+    assert_eq!(snapshot.full(now), 1);
+    let i = pinned::pick(&snapshot, "e00", now).expect("a full instance takes its pins");
+    assert_eq!(id(&snapshot, i), "e00");
+}
+
+#[test]
 fn a_pin_names_an_instance_the_filter_keeps_out_as_unavailable() {
     let b = balancer(Strategy::RoundRobin);
     let filter = Filter {

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod config;
 pub mod consul;
 pub mod eureka;
+pub mod load;
 pub mod nacos;
 pub mod process;
 pub mod zookeeper;
