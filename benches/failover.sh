@@ -28,7 +28,8 @@
 #
 # Per run: client connections failed (those started after the kill, which
 # retries should save, apart from those in flight at the kill, which nothing
-# can: their server died under them); connect attempts the gate still made
+# can: their server died under them; SIGKILL is asynchronous, so "in flight"
+# runs until the server process has exited, 0.1-5 ms later, gone_us); connect attempts the gate still made
 # to the dead instance and the last one's time (the gate's
 # squire_upstream_picks_total for it stops growing: passive ejection); when
 # the gate ejected it (squire_upstream_ejected_endpoints); when the gate's
@@ -181,6 +182,10 @@ TOML
               --rate "$RATE" --conns "$CONNS" --before "$BEFORE" --after "$AFTER" --poll-ms "$POLL_MS"); then
     printf '%s\t%s\t%s\n' "$scenario" "$rep" "$line" >> "$results"
     echo "[$rep/$REPS] $scenario battle-$((v + 1)): $line" >&2
+    if [[ " $line " != *" failed_after=0 "* ]]; then # keep the logs of a run that failed clients
+      mkdir -p "$OUT.logs/$scenario-$rep" && cp "$dir"/*.log "$dir"/*.toml "$OUT.logs/$scenario-$rep/"
+      echo "  its logs: $OUT.logs/$scenario-$rep" >&2
+    fi
   else
     echo "[$rep/$REPS] $scenario: FAILED" >&2
     tail -n 5 "$dir"/*.log >&2
@@ -190,6 +195,7 @@ TOML
 }
 
 mkdir -p "$(dirname "$OUT")"
+rm -rf "$OUT.logs"
 results=$OUT.tsv
 : > "$results"
 meta() { printf 'meta\t%s\t%s\n' "$1" "$2" >> "$results"; }

@@ -6,7 +6,9 @@
 //! `PING\r\n`, the backend's `+PONG {name}\r\n`, close: every connection is
 //! timestamped and knows which backend answered. At `before` the processes
 //! `kill` are sent SIGKILL (the instant is taken right after, so it is
-//! exact); the load runs on for `after`. Meanwhile the proxy's admin
+//! exact); the load runs on for `after`. The signal is asynchronous: a
+//! connection started before the server process had exited (`gone_us`
+//! later) may still have reached it, and counts as in flight at the kill. Meanwhile the proxy's admin
 //! `/metrics` is polled every `poll`: the victim's pick counter (one per
 //! connect attempt), the ejected-endpoints gauge and the discovered
 //! instances per status. Times are from the kill to the poll that first
@@ -43,7 +45,7 @@ pub struct Failover {
     pub service: String,
     /// The instance id of the victim (also the name its backend answers with).
     pub victim: String,
-    /// Processes to SIGKILL, in this order.
+    /// Processes to SIGKILL, in this order; the last is the server.
     pub kill: Vec<i32>,
     /// Connections started per second.
     pub rate: f64,
@@ -114,6 +116,7 @@ async fn drive(run: &Failover) -> Result<String, String> {
     let mut clients = JoinSet::new();
     let mut skipped = 0u64;
     let mut killed: Option<Instant> = None;
+    let mut gone = None;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / run.rate));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut n = 0u64;
@@ -127,7 +130,11 @@ async fn drive(run: &Failover) -> Result<String, String> {
                         return Err(format!("kill {pid}: {}", io::Error::last_os_error()));
                     }
                 }
-                killed = Some(Instant::now());
+                let at = Instant::now();
+                killed = Some(at);
+                // The last one is the server, whose listener matters.
+                let server = run.kill[run.kill.len() - 1];
+                gone = Some(tokio::task::spawn_local(exit_of(server, at)));
                 continue;
             }
         }
@@ -161,16 +168,33 @@ async fn drive(run: &Failover) -> Result<String, String> {
     scraping.set(false);
     poller.await.map_err(|e| e.to_string())?;
     let killed = killed.ok_or("the run ended before the kill")?;
+    let gone = match gone {
+        Some(task) => task.await.map_err(|e| e.to_string())?,
+        None => killed,
+    };
     let samples = samples.borrow();
     let conns = conns.borrow();
     Ok(summarize(
         run,
         killed,
+        gone,
         &conns,
         &samples,
         skipped,
         scrape_errors.get(),
     ))
+}
+
+/// When process `pid` had exited after the SIGKILL at `killed`: the signal
+/// is asynchronous, and until the server is gone it may still accept a
+/// connection (which then dies with it). Checked between the other tasks'
+/// turns, for at most 2 s.
+async fn exit_of(pid: i32, killed: Instant) -> Instant {
+    let limit = killed + Duration::from_secs(2);
+    while !crate::procfs::exited(pid) && Instant::now() < limit {
+        tokio::task::yield_now().await;
+    }
+    Instant::now()
 }
 
 /// Connect, one request, the backend's name, close.
@@ -263,17 +287,19 @@ fn parse(text: &str, service: &str, victim: &str) -> Sample {
 fn summarize(
     run: &Failover,
     killed: Instant,
+    gone: Instant,
     conns: &[Conn],
     samples: &[Sample],
     skipped: u64,
     scrape_errors: u64,
 ) -> String {
-    let after: Vec<&Conn> = conns.iter().filter(|c| c.start >= killed).collect();
+    // In flight: started before the victim was gone, ended after the kill.
+    let after: Vec<&Conn> = conns.iter().filter(|c| c.start >= gone).collect();
     let failed = |c: &&&Conn| c.answer.is_err();
     let failed_after = after.iter().filter(failed).count();
     let in_flight: Vec<&Conn> = conns
         .iter()
-        .filter(|c| c.start < killed && c.end >= killed)
+        .filter(|c| c.start < gone && c.end >= killed)
         .collect();
     let failed_in_flight = in_flight.iter().filter(failed).count();
     let failed_before = conns
@@ -286,10 +312,6 @@ fn summarize(
             *answers.entry(name.as_str()).or_default() += 1;
         }
     }
-    let first_error = conns
-        .iter()
-        .filter(|c| c.end >= killed)
-        .find_map(|c| c.answer.as_ref().err());
 
     // The proxy's view: the last scrape before the kill is the baseline.
     let split = samples.partition_point(|s| s.at < killed);
@@ -338,20 +360,37 @@ fn summarize(
     let mut line = String::new();
     let _ = write!(
         line,
-        "conns={} conns_after={} failed_after={failed_after} in_flight={} failed_in_flight={failed_in_flight} \
+        "conns={} gone_us={:.0} conns_after={} failed_after={failed_after} in_flight={} failed_in_flight={failed_in_flight} \
          failed_before={failed_before} skipped={skipped} victim_answers_after={} attempts_after={attempts} \
          last_attempt_ms={last_attempt} ejected_ms={ejected} unhealthy_ms={unhealthy} removed_ms={removed} \
          healthy_at_kill={healthy_at_kill} known_at_kill={known_at_kill} poll_ms={poll_ms:.1} \
          scrapes={} scrape_errors={scrape_errors} answers_after={}",
         conns.len(),
+        (gone - killed).as_secs_f64() * 1e6,
         after.len(),
         in_flight.len(),
         answers.get(run.victim.as_str()).copied().unwrap_or(0),
         samples.len(),
         if answered.is_empty() { "-" } else { &answered },
     );
-    if let Some(e) = first_error {
-        eprintln!("squire-loadgen: the first failed connection at or after the kill: {e}");
+    // Each failed connection around the kill (a few), to tell why.
+    let offset = |at: Instant| {
+        if at >= killed {
+            format!("+{:.1}", (at - killed).as_secs_f64() * 1e3)
+        } else {
+            format!("-{:.1}", (killed - at).as_secs_f64() * 1e3)
+        }
+    };
+    let failures = conns.iter().filter(|c| c.end >= killed);
+    for (c, e) in failures
+        .filter_map(|c| Some((c, c.answer.as_ref().err()?)))
+        .take(10)
+    {
+        eprintln!(
+            "squire-loadgen: failed connection, started {} ms, ended {} ms from the kill: {e}",
+            offset(c.start),
+            offset(c.end)
+        );
     }
     line
 }
