@@ -1,13 +1,16 @@
-//! squire-loadgen: the load generator, the backends and the report of
-//! `benches/load.sh`. One binary, so the benchmark needs no other tool.
+//! squire-loadgen: the load generator, the backends and the reports of
+//! `benches/load.sh` and `benches/failover.sh`. One binary, so the
+//! benchmarks need no other tool.
 //!
 //! # Layout
 //! - `net`: the wire protocols (PING/PONG, HTTP/1.1, bulk frames) and
 //!   connects from rotating loopback source addresses
-//! - `serve`: the backends: TCP PING/PONG, HTTP/1.1 with a 128-byte body, a
-//!   bulk sink
+//! - `serve`: the backends: TCP PING/PONG (`--name`: the reply names the
+//!   backend), HTTP/1.1 with a 128-byte body, a bulk sink
 //! - `load`: one timed workload against a target: exact percentiles (every
 //!   request is timed and kept), the proxy's CPU time over the measured window
+//! - `failover`: churn through a proxy while an instance behind it is
+//!   killed, with the proxy's view polled from its `/metrics`; and its report
 //! - `hold`: memory with many idle proxied connections, and a burst of connects
 //! - `idle`: the share of a core the proxy uses with no traffic
 //! - `procfs`: CPU time and RSS of a process from `/proc`
@@ -15,6 +18,7 @@
 //!
 //! Every loop is bounded in time and in count.
 
+mod failover;
 mod hold;
 mod load;
 mod net;
@@ -29,10 +33,13 @@ use std::time::{Duration, Instant};
 const USAGE: &str = "\
 usage:
   squire-loadgen ports N
-  squire-loadgen serve [--tcp ADDR] [--http ADDR] [--sink ADDR] [--max-secs S]
+  squire-loadgen serve [--tcp ADDR] [--http ADDR] [--sink ADDR] [--name NAME] [--max-secs S]
   squire-loadgen wait ADDR,ADDR.. [--secs S]
   squire-loadgen run --workload tcp|tcp-churn|http|http-churn|bulk --targets ADDR,..
                      [--conns N] [--warmup S] [--duration S] [--pids PID,..] [--max-ops N]
+  squire-loadgen failover --target ADDR --admin ADDR --service S --victim ID --kill PID,..
+                     [--rate R] [--conns N] [--before S] [--after S] [--poll-ms MS]
+  squire-loadgen failover-report FILE
   squire-loadgen hold --targets ADDR,.. [--conns N] [--burst N] [--pids PID,..]
   squire-loadgen idle --pids PID,.. [--secs S]
   squire-loadgen calib
@@ -67,6 +74,7 @@ fn dispatch(args: &[String]) -> Result<(), String> {
             flags.addrs("tcp")?,
             flags.addrs("http")?,
             flags.addrs("sink")?,
+            flags.opt("name"),
             Duration::from_secs_f64(flags.num("max-secs", 7200.0)?),
         )),
         "wait" => {
@@ -86,6 +94,28 @@ fn dispatch(args: &[String]) -> Result<(), String> {
             };
             let line = runtime()?.block_on(load::run(run))?;
             println!("{line}");
+            Ok(())
+        }
+        "failover" => {
+            let run = failover::Failover {
+                target: flags.addr("target")?,
+                admin: flags.addr("admin")?,
+                service: flags.get("service")?.to_owned(),
+                victim: flags.get("victim")?.to_owned(),
+                kill: flags.pids_of("kill")?,
+                rate: flags.num("rate", 500.0)?,
+                conns: flags.num("conns", 32.0)? as usize,
+                before: Duration::from_secs_f64(flags.num("before", 2.0)?),
+                after: Duration::from_secs_f64(flags.num("after", 6.0)?),
+                poll: Duration::from_secs_f64(flags.num("poll-ms", 5.0)? / 1e3),
+            };
+            let line = runtime()?.block_on(failover::run(run))?;
+            println!("{line}");
+            Ok(())
+        }
+        "failover-report" => {
+            let text = std::fs::read_to_string(flags.positional(0)?).map_err(|e| e.to_string())?;
+            print!("{}", failover::report(&text)?);
             Ok(())
         }
         "hold" => {
@@ -209,11 +239,25 @@ impl Flags {
     }
 
     fn pids(&self) -> Result<Vec<u32>, String> {
-        self.opt("pids")
+        self.pids_of("pids")
+    }
+
+    fn pids_of<T: std::str::FromStr>(&self, key: &str) -> Result<Vec<T>, String>
+    where
+        T::Err: std::fmt::Display,
+    {
+        self.opt(key)
             .unwrap_or("")
             .split(',')
             .filter(|s| !s.is_empty())
-            .map(|s| s.parse().map_err(|e| format!("pid {s:?}: {e}")))
+            .map(|s| s.parse().map_err(|e| format!("--{key} {s:?}: {e}")))
             .collect()
+    }
+
+    fn addr(&self, key: &str) -> Result<SocketAddr, String> {
+        match self.addrs(key)?[..] {
+            [addr] => Ok(addr),
+            _ => Err(format!("--{key} takes one address")),
+        }
     }
 }

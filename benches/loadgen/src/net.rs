@@ -25,6 +25,11 @@ pub const GET_CLOSE: &[u8] =
 /// The longest response or request head either side accepts.
 pub const MAX_HEAD: usize = 64 * 1024;
 
+/// The reply of a named TCP backend (`serve --name`): `+PONG {name}\r\n`.
+pub fn named_pong(name: &str) -> Vec<u8> {
+    format!("+PONG {name}\r\n").into_bytes()
+}
+
 /// Fresh connections come from 127.0.0.2..=127.0.0.9 in turn, so that
 /// churn does not run out of ephemeral ports (their TIME_WAITs are spread
 /// over eight source addresses).

@@ -36,3 +36,15 @@ pub fn rss_kib(pids: &[u32]) -> Result<u64, String> {
     }
     Ok(total)
 }
+
+/// Whether the process has exited (a zombie waiting for its parent, or
+/// gone): its descriptors, listening sockets included, are closed by then.
+pub fn exited(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    matches!(state, Some('Z' | 'X') | None)
+}

@@ -2,30 +2,39 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::net::{find, invalid, HTTP_BODY_LEN, MAX_HEAD, PING, PONG};
+use crate::net::{find, invalid, named_pong, HTTP_BODY_LEN, MAX_HEAD, PING, PONG};
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Kind {
-    Pong,
+    /// Answers each `PING\r\n` with this reply.
+    Pong(Arc<[u8]>),
     Http,
     Sink,
 }
 
 /// Serves every listener until `max` has passed (the script kills us sooner).
+/// With a `name`, the TCP servers answer `+PONG {name}\r\n` instead of
+/// `+PONG\r\n`, so a client knows which backend answered (`failover`).
 pub async fn serve(
     tcp: Vec<SocketAddr>,
     http: Vec<SocketAddr>,
     sink: Vec<SocketAddr>,
+    name: Option<&str>,
     max: Duration,
 ) -> Result<(), String> {
+    let reply: Arc<[u8]> = match name {
+        Some(name) => named_pong(name).into(),
+        None => PONG.into(),
+    };
     let kinds = tcp
         .iter()
-        .map(|a| (a, Kind::Pong))
+        .map(|a| (a, Kind::Pong(reply.clone())))
         .chain(http.iter().map(|a| (a, Kind::Http)))
         .chain(sink.iter().map(|a| (a, Kind::Sink)));
     for (addr, kind) in kinds {
@@ -59,9 +68,10 @@ async fn accept_loop(listener: TcpListener, kind: Kind) {
         if let Err(e) = stream.set_nodelay(true) {
             eprintln!("nodelay: {e}");
         }
+        let kind = kind.clone();
         tokio::spawn(async move {
             let result = match kind {
-                Kind::Pong => pong(stream).await,
+                Kind::Pong(reply) => pong(stream, &reply).await,
                 Kind::Http => http(stream).await,
                 Kind::Sink => sink(stream).await,
             };
@@ -75,8 +85,8 @@ async fn accept_loop(listener: TcpListener, kind: Kind) {
     }
 }
 
-/// `+PONG\r\n` for every 6 bytes (`PING\r\n`) received.
-async fn pong(mut stream: TcpStream) -> io::Result<()> {
+/// `reply` (`+PONG\r\n`) for every 6 bytes (`PING\r\n`) received.
+async fn pong(mut stream: TcpStream, reply: &[u8]) -> io::Result<()> {
     let mut buf = [0u8; 4096];
     let mut out = Vec::with_capacity(8192);
     let mut carry = 0;
@@ -89,7 +99,7 @@ async fn pong(mut stream: TcpStream) -> io::Result<()> {
         carry = total % PING.len();
         out.clear();
         for _ in 0..total / PING.len() {
-            out.extend_from_slice(PONG);
+            out.extend_from_slice(reply);
         }
         stream.write_all(&out).await?;
     }
