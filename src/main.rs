@@ -52,12 +52,8 @@ enum Command {
     /// Show a running agent: readiness, registrations, each upstream's
     /// endpoints. Exits 1 when the agent is unreachable or not ready.
     Status {
-        /// The running agent's configuration, to find its admin address.
-        #[arg(short, long, default_value = "agent.toml")]
-        config: PathBuf,
-        /// The admin address, instead of reading it from the configuration.
-        #[arg(long)]
-        admin: Option<SocketAddr>,
+        #[command(flatten)]
+        agent: AgentAddress,
         /// Print everything read, as JSON.
         #[arg(long)]
         json: bool,
@@ -101,12 +97,8 @@ enum Command {
         /// not, registered or not.
         #[arg(long)]
         live: bool,
-        /// The running agent's configuration, to find its admin address.
-        #[arg(short, long, default_value = "agent.toml")]
-        config: PathBuf,
-        /// The admin address, instead of reading it from the configuration.
-        #[arg(long)]
-        admin: Option<SocketAddr>,
+        #[command(flatten)]
+        agent: AgentAddress,
     },
     /// Announce our instance `draining` (maintenance on), wait until every
     /// registry holds it and then --settle more so peers see it, and with
@@ -133,16 +125,8 @@ enum Command {
         /// Why, shown in /v1/self.
         #[arg(long, default_value = "drain")]
         reason: String,
-        /// The running agent's configuration, to find its admin address.
-        #[arg(short, long, default_value = "agent.toml")]
-        config: PathBuf,
-        /// The admin address, instead of reading it from the configuration.
-        #[arg(long)]
-        admin: Option<SocketAddr>,
-        /// A file holding the admin token, instead of the one the
-        /// configuration names or the agent generated in its state_dir.
-        #[arg(long)]
-        token_file: Option<PathBuf>,
+        #[command(flatten)]
+        agent: AdminAccess,
     },
     /// Report the game's load, PLAYERS/CAPACITY (e.g. 37/100), published
     /// with our registration (PUT /v1/load); `clear` removes it. The game
@@ -151,16 +135,8 @@ enum Command {
     Load {
         /// PLAYERS/CAPACITY, or `clear`.
         load: String,
-        /// The running agent's configuration, to find its admin address.
-        #[arg(short, long, default_value = "agent.toml")]
-        config: PathBuf,
-        /// The admin address, instead of reading it from the configuration.
-        #[arg(long)]
-        admin: Option<SocketAddr>,
-        /// A file holding the admin token, instead of the one the
-        /// configuration names or the agent generated in its state_dir.
-        #[arg(long)]
-        token_file: Option<PathBuf>,
+        #[command(flatten)]
+        agent: AdminAccess,
     },
     /// Turn maintenance mode on (announce `draining`: peers open no new
     /// connections, open ones continue) or off (back to the health checks).
@@ -170,17 +146,8 @@ enum Command {
         /// Why, shown in /v1/self.
         #[arg(long)]
         reason: Option<String>,
-        /// The running agent's configuration, to find its admin address.
-        #[arg(short, long, default_value = "agent.toml")]
-        config: PathBuf,
-        /// The admin address, instead of reading it from the configuration.
-        #[arg(long)]
-        admin: Option<SocketAddr>,
-        /// A file holding the admin token (private to its owner, as
-        /// agent.admin_token_file), instead of the one the configuration
-        /// names or the agent generated in its state_dir.
-        #[arg(long)]
-        token_file: Option<PathBuf>,
+        #[command(flatten)]
+        agent: AdminAccess,
     },
     /// Print a completion script for a shell, e.g.
     /// `squire completions bash > /etc/bash_completion.d/squire`.
@@ -188,6 +155,30 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+/// Which running agent a command talks to.
+#[derive(clap::Args)]
+struct AgentAddress {
+    /// The running agent's configuration, to find its admin address.
+    #[arg(short, long, default_value = "agent.toml")]
+    config: PathBuf,
+    /// The admin address, instead of reading it from the configuration.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+}
+
+/// Which running agent a command that changes it talks to, and with which
+/// token.
+#[derive(clap::Args)]
+struct AdminAccess {
+    #[command(flatten)]
+    address: AgentAddress,
+    /// A file holding the admin token (private to its owner, as
+    /// agent.admin_token_file), instead of the one the configuration
+    /// names or the agent generated in its state_dir.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -217,32 +208,18 @@ fn main() -> ExitCode {
             output,
             force,
         ),
-        Command::Status {
-            config,
-            admin,
-            json,
-        } => status(&config, admin, json),
-        Command::Health {
-            live,
-            config,
-            admin,
-        } => health(&config, admin, live),
+        Command::Status { agent, json } => status(&agent, json),
+        Command::Health { live, agent } => health(&agent, live),
         Command::Drain {
             settle,
             wait,
             deadline,
             timeout,
             reason,
-            config,
-            admin,
-            token_file,
+            agent,
         } => {
-            let (admin, token) = match admin_and_token(&config, admin, token_file) {
-                Ok(target) => target,
-                Err(code) => return code,
-            };
-            let runtime = match client_runtime() {
-                Ok(runtime) => runtime,
+            let client = match AdminClient::new(agent) {
+                Ok(client) => client,
                 Err(code) => return code,
             };
             // `--wait 5s` is the old `--settle 5s`; a bare `--wait` waits
@@ -252,22 +229,17 @@ fn main() -> ExitCode {
                 Some(Some(old)) => (old, None),
                 Some(None) => (settle, Some(deadline)),
             };
-            print_answer(runtime.block_on(squire::admin::drain(
-                admin,
-                token.as_ref().map_err(String::as_str),
+            client.answer(squire::admin::drain(
+                client.admin,
+                client.token(),
                 &reason,
                 timeout,
                 settle,
                 players_within,
                 |line| eprintln!("squire: {line}"),
-            )))
+            ))
         }
-        Command::Load {
-            load,
-            config,
-            admin,
-            token_file,
-        } => {
+        Command::Load { load, agent } => {
             let load = if load == "clear" {
                 None
             } else {
@@ -279,19 +251,11 @@ fn main() -> ExitCode {
                     }
                 }
             };
-            let (admin, token) = match admin_and_token(&config, admin, token_file) {
-                Ok(target) => target,
+            let client = match AdminClient::new(agent) {
+                Ok(client) => client,
                 Err(code) => return code,
             };
-            let runtime = match client_runtime() {
-                Ok(runtime) => runtime,
-                Err(code) => return code,
-            };
-            print_answer(runtime.block_on(squire::admin::set_load(
-                admin,
-                token.as_ref().map_err(String::as_str),
-                load,
-            )))
+            client.answer(squire::admin::set_load(client.admin, client.token(), load))
         }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "squire", &mut std::io::stdout());
@@ -307,25 +271,18 @@ fn main() -> ExitCode {
         Command::Maintenance {
             mode,
             reason,
-            config,
-            admin,
-            token_file,
+            agent,
         } => {
-            let (admin, token) = match admin_and_token(&config, admin, token_file) {
-                Ok(target) => target,
+            let client = match AdminClient::new(agent) {
+                Ok(client) => client,
                 Err(code) => return code,
             };
-            let runtime = match client_runtime() {
-                Ok(runtime) => runtime,
-                Err(code) => return code,
-            };
-            let enable = matches!(mode, OnOff::On);
-            print_answer(runtime.block_on(squire::admin::set_maintenance(
-                admin,
-                token.as_ref().map_err(String::as_str),
-                enable,
+            client.answer(squire::admin::set_maintenance(
+                client.admin,
+                client.token(),
+                matches!(mode, OnOff::On),
                 reason.as_deref(),
-            )))
+            ))
         }
         Command::Run { config: path } => {
             let config = match Config::load(&path) {
@@ -369,45 +326,67 @@ fn main() -> ExitCode {
 
 /// The agent's answer on stdout (success), or why there is none on
 /// stderr (failure): how `squire maintenance` and `squire drain` end.
-fn print_answer(answer: Result<impl std::fmt::Display, impl std::fmt::Display>) -> ExitCode {
-    match answer {
-        Ok(answer) => {
-            println!("{answer}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("squire: {e}");
-            ExitCode::FAILURE
-        }
-    }
+/// A command's connection to a running agent's admin API: where, with
+/// which token, and the runtime it talks on.
+struct AdminClient {
+    admin: SocketAddr,
+    /// The token, or why none could be read (the request then fails with
+    /// that reason, unsent).
+    token: Result<squire::config::Secret, String>,
+    runtime: tokio::runtime::Runtime,
 }
 
-/// Where `squire maintenance` sends its request and the token it sends:
-/// `--admin` and `--token-file`, else what the configuration says (its
-/// `agent.admin`; its `agent.admin_token_file`, or the token the agent
-/// generated in its `state_dir`, or why it cannot be read). Errors
-/// about the flags and the configuration are printed.
-fn admin_and_token(
-    config: &std::path::Path,
-    admin: Option<SocketAddr>,
-    token_file: Option<PathBuf>,
-) -> Result<(SocketAddr, Result<squire::config::Secret, String>), ExitCode> {
-    let from_file = token_file.map(|file| {
-        squire::config::read_secret_file(&file).map_err(|e| {
-            eprintln!("squire: --token-file: {e}");
-            ExitCode::from(EXIT_CONFIG)
+impl AdminClient {
+    /// `--admin` and `--token-file`, else what the configuration says (its
+    /// `agent.admin`; its `agent.admin_token_file`, or the token the agent
+    /// generated in its `state_dir`, or why it cannot be read). Errors
+    /// about the flags and the configuration are printed.
+    fn new(access: AdminAccess) -> Result<AdminClient, ExitCode> {
+        let AgentAddress { config, admin } = access.address;
+        let from_file = access.token_file.map(|file| {
+            squire::config::read_secret_file(&file).map_err(|e| {
+                eprintln!("squire: --token-file: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            })
+        });
+        let (admin, token) = match (admin, from_file) {
+            (Some(admin), Some(token)) => (admin, Ok(token?)),
+            (admin, from_file) => {
+                let loaded = Config::load(&config).map_err(|e| config_failure(&config, &e))?;
+                let admin = admin.unwrap_or(loaded.agent.admin);
+                let token = match from_file {
+                    Some(token) => Ok(token?),
+                    None => squire::admin::client_token(&loaded.agent, admin),
+                };
+                (admin, token)
+            }
+        };
+        Ok(AdminClient {
+            admin,
+            token,
+            runtime: client_runtime()?,
         })
-    });
-    match (admin, from_file) {
-        (Some(admin), Some(token)) => Ok((admin, Ok(token?))),
-        (admin, from_file) => {
-            let loaded = Config::load(config).map_err(|e| config_failure(config, &e))?;
-            let admin = admin.unwrap_or(loaded.agent.admin);
-            let token = match from_file {
-                Some(token) => Ok(token?),
-                None => squire::admin::client_token(&loaded.agent, admin),
-            };
-            Ok((admin, token))
+    }
+
+    fn token(&self) -> Result<&squire::config::Secret, &str> {
+        self.token.as_ref().map_err(String::as_str)
+    }
+
+    /// Runs the request; prints its answer (exit 0) or its error (exit 1).
+    fn answer<T, E>(&self, request: impl std::future::Future<Output = Result<T, E>>) -> ExitCode
+    where
+        T: std::fmt::Display,
+        E: std::fmt::Display,
+    {
+        match self.runtime.block_on(request) {
+            Ok(answer) => {
+                println!("{answer}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("squire: {e}");
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -424,19 +403,19 @@ fn client_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 /// `--admin`, else the configuration's `agent.admin` (its errors printed).
-fn admin_addr(config: &std::path::Path, admin: Option<SocketAddr>) -> Result<SocketAddr, ExitCode> {
-    match admin {
+fn admin_addr(agent: &AgentAddress) -> Result<SocketAddr, ExitCode> {
+    match agent.admin {
         Some(admin) => Ok(admin),
-        None => Config::load(config)
+        None => Config::load(&agent.config)
             .map(|loaded| loaded.agent.admin)
-            .map_err(|e| config_failure(config, &e)),
+            .map_err(|e| config_failure(&agent.config, &e)),
     }
 }
 
 /// `squire health`: 0 when `/ready` (or `/live`) answers 200, else 1 with
 /// the answer or why there is none on stderr.
-fn health(config: &std::path::Path, admin: Option<SocketAddr>, live: bool) -> ExitCode {
-    let admin = match admin_addr(config, admin) {
+fn health(agent: &AgentAddress, live: bool) -> ExitCode {
+    let admin = match admin_addr(agent) {
         Ok(admin) => admin,
         Err(code) => return code,
     };
@@ -464,8 +443,8 @@ fn health(config: &std::path::Path, admin: Option<SocketAddr>, live: bool) -> Ex
 
 /// `squire status`: the tables (or `--json`); 1 when the agent is
 /// unreachable or not ready.
-fn status(config: &std::path::Path, admin: Option<SocketAddr>, json: bool) -> ExitCode {
-    let admin = match admin_addr(config, admin) {
+fn status(agent: &AgentAddress, json: bool) -> ExitCode {
+    let admin = match admin_addr(agent) {
         Ok(admin) => admin,
         Err(code) => return code,
     };
