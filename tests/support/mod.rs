@@ -52,12 +52,23 @@ where
     }
 }
 
-/// A free loopback port: bound, read, released.
+/// A free loopback port: bound, read, released. Never one this process was
+/// handed before: the kernel may give a just-released port out again, and a
+/// test asking for an admin, a service and a listen port in a row would then
+/// get a config with two listeners on one address.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port();
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// An etcd member `name` with its data in `data`, serving clients and peers
