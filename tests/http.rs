@@ -605,6 +605,8 @@ async fn a_slow_header_client_is_cut_while_others_are_served() {
     slow.write_all(b"GET / HTTP/1.1\r\nHost: gate\r\n")
         .await
         .expect("partial head");
+    // And one that sends nothing at all.
+    let mut silent = TcpStream::connect(agent.listen()).await.expect("connect");
     let started = Instant::now();
     let mut client = h1(agent.listen()).await;
     for _ in 0..5 {
@@ -621,6 +623,13 @@ async fn a_slow_header_client_is_cut_while_others_are_served() {
     assert!(
         took >= Duration::from_millis(400) && took < Duration::from_secs(5),
         "cut after {took:?}"
+    );
+    let read = tokio::time::timeout(DEADLINE, silent.read_to_end(&mut rest)).await;
+    let took = started.elapsed();
+    assert!(read.is_ok(), "the silent client was cut");
+    assert!(
+        took < Duration::from_secs(5),
+        "silent client cut after {took:?}"
     );
     agent.stop().await;
 }

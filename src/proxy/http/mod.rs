@@ -13,6 +13,7 @@
 //! - `h1`: HTTP/1.1 to an instance, in the request's own task.
 //! - `counters`: request counters resolved once per endpoint.
 //! - `activity`: what the idle timeout of a client connection watches.
+//! - `sniff`: HTTP/1.1 or HTTP/2 (prior knowledge), from the first bytes.
 //!
 //! Every failure becomes a response in one place, [`error_response`], by
 //! [`ProxyError::status`].
@@ -25,9 +26,12 @@ mod h1;
 mod headers;
 pub mod pool;
 mod routing;
+mod sniff;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,10 +40,10 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use metrics::{Counter, Histogram};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -51,6 +55,7 @@ use self::counters::RequestCounters;
 use self::headers::Client;
 use self::pool::{ConnPool, PoolSettings};
 use self::routing::{Route, Routes};
+use self::sniff::{sniff, Protocol};
 use super::attempts::{AttemptMetrics, RetryPolicy};
 use super::{Drain, GaugeGuard, ProxyError};
 use crate::balance::Upstream;
@@ -76,7 +81,8 @@ pub struct HttpProxy {
     policy: RetryPolicy,
     attempts: AttemptMetrics,
     metrics: HttpMetrics,
-    server: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
 }
 
 struct HttpMetrics {
@@ -140,15 +146,14 @@ impl HttpProxy {
             // Request latency is `squire_http_request_duration_seconds`.
             latency: Histogram::noop(),
         };
-        let mut server = auto::Builder::new(TokioExecutor::new());
-        server
-            .http1()
+        let mut http1 = http1::Builder::new();
+        http1
             .timer(TokioTimer::new())
             .header_read_timeout(http.header_read_timeout)
             .max_buf_size(http.max_header_bytes)
             .keep_alive(true);
-        server
-            .http2()
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(http.max_header_bytes).unwrap_or(u32::MAX));
         HttpProxy {
@@ -159,7 +164,8 @@ impl HttpProxy {
             routes: Routes::new(routes),
             attempts,
             metrics,
-            server,
+            http1,
+            http2,
         }
     }
 
@@ -178,15 +184,35 @@ impl HttpProxy {
     /// the current request once `drain.stop` fires, and a connection with
     /// no request in flight and no bytes moving for `idle_timeout` is
     /// closed. An upgraded (WebSocket) stream runs on the drain's tracker.
+    /// The first bytes (within `header_read_timeout`) tell HTTP/2 prior
+    /// knowledge from HTTP/1.1.
     pub async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, drain: Drain) {
         let stop = drain.stop.clone();
-        let drain = Arc::new(drain);
         let activity = Arc::new(Activity::default());
-        let io = TokioIo::new(Tracked {
+        let stream = Tracked {
             inner: stream,
             activity: activity.clone(),
-        });
+        };
+        let sniffed = tokio::select! {
+            biased;
+            sniffed = tokio::time::timeout(self.http.header_read_timeout, sniff(stream)) => sniffed,
+            _ = stop.cancelled() => return,
+        };
+        let (protocol, stream) = match sniffed {
+            Ok(Ok(Some(sniffed))) => sniffed,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::debug!(client = %peer, error = %e, "client connection ended before a request");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(client = %peer, "no request within header_read_timeout");
+                return;
+            }
+        };
+        let io = TokioIo::new(stream);
         let proxy = self.clone();
+        let drain = Arc::new(drain);
         let client = Arc::new(Client::new(peer));
         let requests = activity.clone();
         let service = service_fn(move |request| {
@@ -200,8 +226,27 @@ impl HttpProxy {
                 Ok::<_, Infallible>(response)
             }
         });
-        let connection = self.server.serve_connection_with_upgrades(io, service);
-        tokio::pin!(connection);
+        match protocol {
+            Protocol::Http1 => {
+                let connection = self.http1.serve_connection(io, service).with_upgrades();
+                self.drive(pin!(connection), &activity, &stop, peer).await;
+            }
+            Protocol::Http2 => {
+                let connection = self.http2.serve_connection(io, service);
+                self.drive(pin!(connection), &activity, &stop, peer).await;
+            }
+        }
+    }
+
+    /// Runs a client connection to its end, shutting it down gracefully
+    /// on `stop` or once it is idle.
+    async fn drive<C: Graceful>(
+        &self,
+        mut connection: Pin<&mut C>,
+        activity: &Activity,
+        stop: &CancellationToken,
+        peer: SocketAddr,
+    ) {
         let idle = self.config.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
         let mut shutting_down = false;
         loop {
@@ -306,6 +351,39 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
         .headers_mut()
         .insert(REASON_HEADER, HeaderValue::from_static(error.reason()));
     response
+}
+
+/// A served client connection, HTTP/1.1 or HTTP/2: it runs to its end,
+/// and may be asked to finish what is in flight and close.
+trait Graceful: Future<Output = hyper::Result<()>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<I, S, B> Graceful for http2::Connection<I, S, TokioExecutor>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<BoxError>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http2::Connection::graceful_shutdown(self);
+    }
 }
 
 /// The header of squire's own error responses that names the failure (the
