@@ -16,7 +16,7 @@ use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
-use super::headers::{is_upgrade, prepare_request_headers, strip_hop_by_hop, Client};
+use super::headers::{is_upgrade, prepare_request_headers, strip_hop_by_hop, Added, Client};
 use super::pool::{ConnectError, InstancePool, Outgoing, RequestBody};
 use super::routing::{affinity_key, take_pinned, Route};
 use super::{BoxError, HttpProxy, ProxyBody};
@@ -30,6 +30,8 @@ type Reached = Option<Arc<InstancePool>>;
 /// One client request on its way out, across attempts.
 struct Outbound<'a> {
     parts: Parts,
+    /// What squire adds to the client's fields.
+    added: Added,
     /// Taken by the attempt that sends it; an empty body is put back for a
     /// retry.
     body: Option<RequestBody>,
@@ -58,14 +60,14 @@ impl HttpProxy {
         // the instance never sees it.
         let pinned = take_pinned(&mut parts.headers);
         let upgrade = is_upgrade(&parts.headers);
-        prepare_request_headers(&mut parts.headers, parts.version, &parts.uri, client);
+        let added = prepare_request_headers(&mut parts.headers, parts.version, &parts.uri, client);
         let mut client_upgrade = None;
         if upgrade {
             let mut placeholder = Request::new(());
             *placeholder.extensions_mut() = std::mem::take(&mut parts.extensions);
             client_upgrade = Some(hyper::upgrade::on(&mut placeholder));
         }
-        let key = affinity_key(&self.config, &parts, client.addr);
+        let key = affinity_key(&self.config, &parts, &added, client.addr);
         let body = if body.is_end_stream() {
             RequestBody::Empty
         } else {
@@ -84,6 +86,7 @@ impl HttpProxy {
             replayable: matches!(body, RequestBody::Empty),
             body: Some(body),
             parts,
+            added,
             client_upgrade,
             upgrade,
             drain,
@@ -148,6 +151,7 @@ impl HttpProxy {
         };
         let out = Outgoing {
             parts: &outbound.parts,
+            added: &outbound.added,
             authority,
             host: self
                 .http

@@ -36,6 +36,7 @@ use hyper::{Method, Response, StatusCode, Version};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::headers::Added;
 use super::pool::RequestBody;
 use super::BoxError;
 
@@ -111,12 +112,13 @@ impl Conn {
         method: &Method,
         path: &str,
         headers: &HeaderMap,
+        added: &Added,
         host: Option<&HeaderValue>,
         body: RequestBody,
     ) -> Result<Response<Body>, Error> {
         let framing = request_framing(method, headers, &body);
         let mut out = Vec::with_capacity(512);
-        encode_head(&mut out, method, path, headers, host, framing);
+        encode_head(&mut out, method, path, headers, added, host, framing);
         let sent = match body {
             RequestBody::Empty => {
                 if framing == RequestFraming::Chunked {
@@ -341,6 +343,7 @@ fn encode_head(
     method: &Method,
     path: &str,
     headers: &HeaderMap,
+    added: &Added,
     host: Option<&HeaderValue>,
     framing: RequestFraming,
 ) {
@@ -358,6 +361,9 @@ fn encode_head(
             }
         }
         None => encode_fields(out, headers),
+    }
+    for (name, value) in added.iter() {
+        encode_field(out, name, value);
     }
     match framing {
         RequestFraming::AsIs => {}
@@ -763,7 +769,14 @@ mod tests {
         headers.insert(header::HOST, HeaderValue::from_static("game.test"));
         conn(addr)
             .await
-            .send(&method, "/rooms?x=1", &headers, None, RequestBody::Empty)
+            .send(
+                &method,
+                "/rooms?x=1",
+                &headers,
+                &Added::default(),
+                None,
+                RequestBody::Empty,
+            )
             .await
     }
 
@@ -955,12 +968,21 @@ mod tests {
         headers.insert(header::HOST, HeaderValue::from_static("client.test"));
         headers.insert("x-player", HeaderValue::from_static("7"));
         let host = HeaderValue::from_static("10.0.0.1:7000");
+        let client = super::super::headers::Client::new("192.0.2.9:4000".parse().expect("addr"));
+        let uri: hyper::Uri = "/join".parse().expect("uri");
+        let added = super::super::headers::prepare_request_headers(
+            &mut headers,
+            Version::HTTP_11,
+            &uri,
+            &client,
+        );
         let response = conn(&addr)
             .await
             .send(
                 &Method::POST,
                 "/join",
                 &headers,
+                &added,
                 Some(&host),
                 RequestBody::Empty,
             )
@@ -971,7 +993,8 @@ mod tests {
         let request = String::from_utf8(served.await.expect("served")).expect("utf-8");
         assert_eq!(
             request,
-            "POST /join HTTP/1.1\r\nhost: 10.0.0.1:7000\r\nx-player: 7\r\ncontent-length: 0\r\n\r\n"
+            "POST /join HTTP/1.1\r\nhost: 10.0.0.1:7000\r\nx-player: 7\r\n\
+             x-forwarded-for: 192.0.2.9\r\nx-forwarded-proto: http\r\ncontent-length: 0\r\n\r\n"
         );
     }
 }

@@ -37,6 +37,7 @@ use tokio::time::Instant;
 
 use super::counters::RequestCounters;
 use super::h1::{self, Conn};
+use super::headers::Added;
 use super::BoxError;
 use crate::balance::now_ms;
 
@@ -93,6 +94,8 @@ enum Sender {
 /// the `Host` to send instead of the client's one (`rewrite_host`).
 pub struct Outgoing<'a> {
     pub parts: &'a Parts,
+    /// Sent after the client's fields.
+    pub added: &'a Added,
     pub authority: &'a str,
     pub host: Option<HeaderValue>,
 }
@@ -364,7 +367,14 @@ impl Checkout {
                 let parts = out.parts;
                 let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                 let response = conn
-                    .send(&parts.method, path, &parts.headers, out.host.as_ref(), body)
+                    .send(
+                        &parts.method,
+                        path,
+                        &parts.headers,
+                        out.added,
+                        out.host.as_ref(),
+                        body,
+                    )
                     .await?;
                 let mut response = response.map(|body| PooledBody::Http1 {
                     body,
@@ -415,6 +425,7 @@ fn build_request(out: &Outgoing<'_>, body: RequestBody, h2: bool) -> Request<Req
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.headers_mut() = parts.headers.clone();
+    out.added.insert_into(request.headers_mut());
     if let Some(host) = &out.host {
         request.headers_mut().insert(header::HOST, host.clone());
     }

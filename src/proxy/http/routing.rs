@@ -11,6 +11,7 @@ use hyper::header;
 use hyper::http::request::Parts;
 
 use super::counters::RequestCounters;
+use super::headers::Added;
 use super::pool::ConnPool;
 use crate::balance::{self, HashKey, Strategy, Upstream};
 use crate::config::{RouteConfig, UpstreamConfig};
@@ -54,7 +55,12 @@ impl Routes {
 }
 
 /// The request's affinity key, when the strategy hashes one.
-pub fn affinity_key(config: &UpstreamConfig, parts: &Parts, client: SocketAddr) -> Option<u64> {
+pub fn affinity_key(
+    config: &UpstreamConfig,
+    parts: &Parts,
+    added: &Added,
+    client: SocketAddr,
+) -> Option<u64> {
     match (config.strategy, &config.hash_key) {
         (Strategy::IpHash, _) | (Strategy::ConsistentHash, HashKey::ClientIp) => {
             Some(balance::client_key(client))
@@ -62,6 +68,7 @@ pub fn affinity_key(config: &UpstreamConfig, parts: &Parts, client: SocketAddr) 
         (Strategy::ConsistentHash, HashKey::Header(name)) => parts
             .headers
             .get(name.as_str())
+            .or_else(|| added.get(name))
             .map(|v| balance::bytes_key(v.as_bytes())),
         (Strategy::ConsistentHash, HashKey::Cookie(name)) => parts
             .headers
@@ -95,16 +102,15 @@ fn strip_port(host: &str) -> &str {
 /// to exactly that instance or is answered 404 (`pinned_unknown`) or 503
 /// (`pinned_unavailable`), and is never forwarded.
 pub const PINNED_HEADER: &str = "x-squire-instance";
+const PINNED: hyper::header::HeaderName = hyper::header::HeaderName::from_static(PINNED_HEADER);
 
 /// Removes every [`PINNED_HEADER`] from `headers` and returns the first
 /// one's value, trimmed (`None` without one, or when it is empty). A value
 /// that is not text names no instance, so it is refused as unknown.
 pub fn take_pinned(headers: &mut hyper::HeaderMap) -> Option<String> {
-    let mut values = match headers.entry(PINNED_HEADER) {
-        hyper::header::Entry::Occupied(entry) => entry.remove_entry_mult().1,
-        hyper::header::Entry::Vacant(_) => return None,
-    };
-    let value = values.next()?;
+    // `remove` by a ready name: an `entry` by text parsed the name and made
+    // room for an insert (a rehash of the map) on every request.
+    let value = headers.remove(PINNED)?;
     let id = String::from_utf8_lossy(value.as_bytes()).trim().to_owned();
     (!id.is_empty()).then_some(id)
 }
