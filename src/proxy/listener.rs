@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::until::until;
 use crate::time::LogThrottle;
 
 /// How long the loop pauses after a failed accept.
@@ -323,10 +324,7 @@ impl Listener {
             let turn = drain.turn();
             drain.connections.spawn(async move {
                 let _slot = slot;
-                tokio::select! {
-                    _ = turn => {}
-                    _ = connection => {}
-                }
+                until(connection, turn).await;
             });
         }
         tracing::debug!(listener = %self.name, "stopped accepting");

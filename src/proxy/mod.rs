@@ -11,6 +11,7 @@
 //!   -> Upstream balance::Upstream: filter + balancer + current snapshot
 //!   -> attempts attempts.rs: pick -> try -> report -> back off -> retry
 //!   -> copy / forward
+//! until.rs     a connection raced against what ends it (drain, idle)
 //! ```
 //!
 //! [`Proxy`] is one `[[upstream]]` listener: its bound [`Listener`] and its
@@ -30,6 +31,7 @@ mod stream;
 pub mod tcp;
 mod tls;
 pub mod udp;
+mod until;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -22,6 +22,7 @@ use super::routing::{affinity_key, take_pinned, Route};
 use super::{BoxError, HttpProxy, ProxyBody};
 use crate::balance::Endpoint;
 use crate::proxy::attempts::{Attempts, Outcome};
+use crate::proxy::until::until;
 use crate::proxy::{Drain, ProxyError};
 
 /// The instance a request last went to, for its counters.
@@ -282,9 +283,8 @@ fn splice_upgrade(
                     Err(e) => tracing::debug!(%endpoint, error = %e, "upgrade failed"),
                     }
                 };
-                tokio::select! {
-                    _ = turn => tracing::debug!(%endpoint, "upgraded connection closed by the drain"),
-                    _ = splice => {}
+                if until(splice, turn).await.is_none() {
+                    tracing::debug!(%endpoint, "upgraded connection closed by the drain");
                 }
             });
         }

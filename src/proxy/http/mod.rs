@@ -57,6 +57,7 @@ use self::pool::{ConnPool, PoolSettings};
 use self::routing::{Route, Routes};
 use self::sniff::{sniff, Protocol};
 use super::attempts::{AttemptMetrics, RetryPolicy};
+use super::until::until;
 use super::{Drain, GaugeGuard, ProxyError};
 use crate::balance::Upstream;
 use crate::config::{HttpUpstreamConfig, RouteConfig, UpstreamConfig};
@@ -248,30 +249,29 @@ impl HttpProxy {
         peer: SocketAddr,
     ) {
         let idle = self.config.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
-        let mut shutting_down = false;
-        loop {
-            let check_in = idle
-                .saturating_sub(activity.quiet_for())
-                .max(Duration::from_millis(50));
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
-                    }
-                    return;
-                }
-                _ = stop.cancelled(), if !shutting_down => {
-                    shutting_down = true;
-                    connection.as_mut().graceful_shutdown();
-                }
-                _ = tokio::time::sleep(check_in), if !shutting_down => {
-                    if activity.is_idle(idle) {
+        let stop_or_idle = async {
+            loop {
+                let check_in = idle
+                    .saturating_sub(activity.quiet_for())
+                    .max(Duration::from_millis(50));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(check_in) => if activity.is_idle(idle) {
                         tracing::debug!(client = %peer, "closing idle client connection");
-                        shutting_down = true;
-                        connection.as_mut().graceful_shutdown();
-                    }
+                        return;
+                    },
                 }
             }
+        };
+        let result = match until(connection.as_mut(), stop_or_idle).await {
+            Some(result) => result,
+            None => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
         }
     }
 
