@@ -16,8 +16,9 @@ use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
+use super::body::RequestBody;
 use super::headers::{is_upgrade, prepare_request_headers, strip_hop_by_hop, Added, Client};
-use super::pool::{ConnectError, InstancePool, Outgoing, RequestBody};
+use super::pool::{ConnectError, InstancePool, Outgoing};
 use super::routing::{affinity_key, take_pinned, Route};
 use super::{BoxError, HttpProxy, ProxyBody};
 use crate::balance::Endpoint;

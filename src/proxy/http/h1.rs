@@ -36,8 +36,8 @@ use hyper::{Method, Response, StatusCode, Version};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::body::RequestBody;
 use super::headers::Added;
-use super::pool::RequestBody;
 use super::BoxError;
 
 /// The most a response head (or a chunked body's trailers) may take.

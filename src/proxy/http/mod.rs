@@ -10,6 +10,7 @@
 //! - `headers`: hop-by-hop headers, `X-Forwarded-*`.
 //! - `budget`: the retry budget, a share of requests.
 //! - [`pool`]: connections to the instances, per route and instance.
+//! - `body`: the request body going out, the response body coming back.
 //! - `h1`: HTTP/1.1 to an instance, in the request's own task.
 //! - `counters`: request counters resolved once per endpoint.
 //! - `activity`: what the idle timeout of a client connection watches.
@@ -19,6 +20,7 @@
 //! [`ProxyError::status`].
 
 mod activity;
+mod body;
 mod budget;
 mod counters;
 mod forward;
@@ -194,10 +196,9 @@ impl HttpProxy {
             inner: stream,
             activity: activity.clone(),
         };
-        let sniffed = tokio::select! {
-            biased;
-            sniffed = tokio::time::timeout(self.http.header_read_timeout, sniff(stream)) => sniffed,
-            _ = stop.cancelled() => return,
+        let first_bytes = tokio::time::timeout(self.http.header_read_timeout, sniff(stream));
+        let Some(sniffed) = until(first_bytes, stop.cancelled()).await else {
+            return;
         };
         let (protocol, stream) = match sniffed {
             Ok(Ok(Some(sniffed))) => sniffed,

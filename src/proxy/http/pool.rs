@@ -20,13 +20,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::header::{self, HeaderValue};
 use hyper::http::request::Parts;
@@ -35,47 +32,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::body::{PooledBody, RequestBody};
 use super::counters::RequestCounters;
-use super::h1::{self, Conn};
+use super::h1::Conn;
 use super::headers::Added;
 use super::BoxError;
 use crate::balance::now_ms;
-
-/// A request body going upstream: the client's own, streamed, or nothing
-/// (which can be sent again on a retry).
-pub enum RequestBody {
-    Streamed(Incoming),
-    Empty,
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            RequestBody::Streamed(body) => Pin::new(body).poll_frame(cx),
-            RequestBody::Empty => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            RequestBody::Streamed(body) => body.is_end_stream(),
-            RequestBody::Empty => true,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            RequestBody::Streamed(body) => body.size_hint(),
-            RequestBody::Empty => SizeHint::with_exact(0),
-        }
-    }
-}
 
 /// Why no connection could be had.
 #[derive(Debug)]
@@ -291,7 +253,7 @@ impl InstancePool {
         None
     }
 
-    fn put_back(&self, conn: Conn) {
+    pub(super) fn put_back(&self, conn: Conn) {
         if self.settings.max_idle == 0 {
             return;
         }
@@ -448,71 +410,10 @@ fn build_request(out: &Outgoing<'_>, body: RequestBody, h2: bool) -> Request<Req
     request
 }
 
-/// An upstream response body. An HTTP/1.1 one returns its connection to
-/// the pool when read to the end; dropped early, the connection is dropped
-/// (closed) too.
-pub enum PooledBody {
-    Http1 {
-        body: h1::Body,
-        /// Where the connection goes back to; taken when it does.
-        instance: Option<Arc<InstancePool>>,
-    },
-    Http2(Incoming),
-}
-
-impl PooledBody {
-    fn release_if_done(&mut self) {
-        if let PooledBody::Http1 { body, instance } = self {
-            if body.is_end_stream() {
-                if let Some(instance) = instance.take() {
-                    if let Some(conn) = body.take_reusable() {
-                        instance.put_back(conn);
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl Body for PooledBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        match this {
-            PooledBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
-            PooledBody::Http1 { body, .. } => {
-                let polled = Pin::new(body).poll_frame(cx);
-                if polled.is_ready() {
-                    this.release_if_done();
-                }
-                polled
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            PooledBody::Http1 { body, .. } => body.is_end_stream(),
-            PooledBody::Http2(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            PooledBody::Http1 { body, .. } => body.size_hint(),
-            PooledBody::Http2(body) => body.size_hint(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     use hyper::server::conn::http2 as server;
     use hyper::service::service_fn;
