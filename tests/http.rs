@@ -257,6 +257,26 @@ async fn connections_to_the_instance_are_kept_alive_and_reused() {
     assert_eq!(headers["x-forwarded-proto"], "http");
     assert_eq!(headers["x-game"], "kept");
     assert!(!headers.contains_key("x-hop"));
+
+    // Without a chain of the client's, squire starts one; a proto the
+    // client sent is kept.
+    let request = Request::get("/")
+        .header("host", "login.game.local")
+        .header("x-forwarded-proto", "https")
+        .body(Full::default())
+        .expect("request");
+    client.send_request(request).await.expect("response");
+    let (_, headers) = backend
+        .seen
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .expect("a request");
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(headers.get_all("x-forwarded-for").iter().count(), 1);
+    assert_eq!(headers["x-forwarded-proto"], "https");
+    assert_eq!(headers.get_all("x-forwarded-proto").iter().count(), 1);
     agent.stop().await;
 }
 
@@ -297,6 +317,12 @@ async fn h2c_from_the_client_and_to_the_instance() {
         seen.iter()
             .all(|(version, _)| *version == hyper::Version::HTTP_2),
         "h2 to the instance"
+    );
+    assert!(
+        seen.iter()
+            .all(|(_, headers)| headers["x-forwarded-for"] == "127.0.0.1"
+                && headers["x-forwarded-proto"] == "http"),
+        "X-Forwarded-* reach an h2 instance too"
     );
     assert_eq!(
         backend.connections.load(Ordering::SeqCst),
