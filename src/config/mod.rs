@@ -18,7 +18,8 @@
 //! - a file per section: `agent` (`[agent]`), `registry` (`[registry]` or
 //!   `[[registry]]`, and `[discovery]`), `etcd`, `consul` and `zookeeper`
 //!   (each backend's own keys), `service` (`[service]`), `check` (`[[service.check]]`),
-//!   `upstream` (`[[upstream]]` with its balancing and ejection keys), `http`
+//!   `upstream` (`[[upstream]]`), `balancing` (its balancing, ejection,
+//!   preferred-instance and slow-start keys), `http`
 //!   (the keys of `protocol = "http"` upstreams), `udp` (those of
 //!   `protocol = "udp"`, and the keys it refuses).
 //! - `tls`: the TLS keys (CA, client certificate, a listener's
@@ -29,6 +30,7 @@
 //!   tests share.
 
 mod agent;
+mod balancing;
 mod check;
 mod consul;
 mod etcd;
