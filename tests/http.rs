@@ -36,6 +36,12 @@ struct Backend {
 }
 
 impl Backend {
+    /// The header fields of the last request it served.
+    fn last_headers(&self) -> hyper::HeaderMap {
+        let seen = self.seen.lock().expect("lock");
+        seen.last().expect("a request").1.clone()
+    }
+
     async fn start(name: &'static str) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -245,13 +251,7 @@ async fn connections_to_the_instance_are_kept_alive_and_reused() {
         .body(Full::default())
         .expect("request");
     client.send_request(request).await.expect("response");
-    let (_, headers) = backend
-        .seen
-        .lock()
-        .expect("lock")
-        .last()
-        .cloned()
-        .expect("a request");
+    let headers = backend.last_headers();
     assert_eq!(headers["host"], "login.game.local");
     assert_eq!(headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
     assert_eq!(headers["x-forwarded-proto"], "http");
@@ -266,13 +266,7 @@ async fn connections_to_the_instance_are_kept_alive_and_reused() {
         .body(Full::default())
         .expect("request");
     client.send_request(request).await.expect("response");
-    let (_, headers) = backend
-        .seen
-        .lock()
-        .expect("lock")
-        .last()
-        .cloned()
-        .expect("a request");
+    let headers = backend.last_headers();
     assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(headers.get_all("x-forwarded-for").iter().count(), 1);
     assert_eq!(headers["x-forwarded-proto"], "https");
